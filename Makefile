@@ -1,0 +1,39 @@
+# cqil — quick start: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CQIL   := $(VENV)/bin/cqil
+# The CPU wheel of torch; pyproject keeps a range so GPU users keep their own build.
+TORCH_PIN ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: install test test-fast demo lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(CQIL) assets fetch
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration" tests
+
+demo: install
+	@mkdir -p $(DEMO_OUT)
+	$(CQIL) analyze default --json $(DEMO_OUT)/analyze.json --plot $(DEMO_OUT)/similarity.png
+	@echo
+	@echo "Results: $(DEMO_OUT)/analyze.json (report) and $(DEMO_OUT)/similarity.png (heatmap)"
+
+lint: install
+	$(PY) -m ruff check cqil_cli tests
+	$(PY) -m ruff format --check cqil_cli tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

