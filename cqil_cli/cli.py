@@ -163,9 +163,10 @@ def _threads() -> None:
               help="Number N of calibration samples.")
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens L per sample; also the prompt length of the latency test.")
-@click.option("--window", default=4, show_default=True, type=int,
+@click.option("--window", default=None, type=int,
               help="W: similarity for layer pairs up to W apart; sensitivity for every group of "
-                   "2..W adjacent layers (cost grows with W).")
+                   "2..W adjacent layers (cost grows with W).  [default: 4, at most the number "
+                   "of layers]")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
               help="Samples per forward pass (memory, not results).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
@@ -198,15 +199,16 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
 
     json_target = check_writable(json_path, "the JSON report")
     plot_target = check_writable(plot_path, "the heatmap")
-    if window < 2:
+    if window is not None and window < 2:
         raise CqilError(f"bad window {window}: it must be at least 2")
     _threads()
     with state.err.status("loading model") if not state.quiet else _nothing():
         loaded = load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    num_layers = loaded.num_layers
+    window = min(4, num_layers) if window is None else window
     options = AnalyzeOptions(window=window, batch_size=batch_size, repeats=repeats,
                              sensitivity=not no_sensitivity, latency=not no_latency)
-    num_layers = loaded.num_layers
     check_window(window, num_layers)
     ids = token_samples(loaded.tokenizer, calib, samples, seq_len, seed)
     with state.progress() as progress:
@@ -260,6 +262,9 @@ def assets_fetch(state: State):
         state.err.print(f"default:{split}: {len(text.documents)} documents, "
                         f"{text.num_chars:,} characters")
 
+
+from .bench_cli import bench_command  # noqa: E402
+cli.add_command(bench_command, "bench")
 
 if __name__ == "__main__":
     main()

@@ -41,3 +41,56 @@ def similarity_heatmap(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def tradeoff_chart(report: dict, path: Path) -> None:
+    """`cqil bench --plot`: decode latency ratio to the baseline (x) against perplexity (y).
+
+    One labelled point per model (the baseline at x = 1), marker by engine; dotted lines at the
+    baseline's ratio and perplexity split the plane: lower left is faster and better.
+    """
+    plt = _pyplot()
+    base = report["baseline"]
+    rows = [(base, f"{base['model']} (baseline)")]
+    if report.get("engine_baseline"):
+        eng = report["engine_baseline"]
+        rows.append((eng, f"{eng['model']} (baseline, cqil engine)"))
+    rows += [(r, r["model"]) for r in report["results"]]
+    markers = {"transformers": "o", "cqil": "s"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+    seen_engines = set()
+    for i, (row, label) in enumerate(rows):
+        x = row["ratio_to_baseline"]["decode"]
+        y = (row.get("quality") or {}).get("ppl")
+        if x is None or y is None:
+            continue
+        engine = row["engine"]
+        ax.scatter([x], [y], s=70, marker=markers.get(engine, "o"),
+                   color=colors[i % len(colors)], edgecolors="black", linewidths=0.6, zorder=3)
+        seen_engines.add(engine)
+        short = label if len(label) <= 40 else "…" + label[-39:]
+        ax.annotate(short, (x, y), textcoords="offset points", xytext=(6, 6 + 10 * (i % 2)),
+                    fontsize=8)
+    base_ppl = (base.get("quality") or {}).get("ppl")
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    if base_ppl is not None:
+        ax.axhline(base_ppl, color="grey", linestyle=":", linewidth=1)
+    ax.margins(x=0.25, y=0.25)
+    settings = report["settings"]
+    ax.set_xlabel(f"decode latency per token, ratio to the baseline (p50, batch "
+                  f"{settings['batches'][0]}; < 1 is faster)")
+    ax.set_ylabel(f"perplexity on {settings['eval_spec']} (lower is better)")
+    ax.set_title(f"Speed vs quality against {base['model']} on {report['device']['name']}\n"
+                 f"(lower left is better)")
+    if seen_engines:
+        from matplotlib.lines import Line2D
+
+        proxies = [Line2D([], [], linestyle="", marker=markers.get(e, "o"), markersize=8,
+                          markerfacecolor="white", markeredgecolor="black",
+                          label=f"{e} engine") for e in sorted(seen_engines)]
+        ax.legend(handles=proxies, loc="best", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

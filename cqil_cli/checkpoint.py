@@ -1,0 +1,191 @@
+"""Build, save and load CQIL-converted checkpoints (design.md §4).
+
+- `parse_groups(spec, num_layers)`      "14-15,16-17" / "none" -> the ordered steps
+- `convert_manual(model, groups, D)`    a loaded transformers Llama-family model -> CqilForCausalLM
+- `save_converted(model, tok, out_dir)` an atomic Hugging Face folder (config with auto_map,
+                                        safetensors with the base names, tokenizer, modeling file)
+- `load_converted(path)`                load such a folder back (cqil's classes, no remote code)
+- `register_auto_classes()`             make AutoConfig/AutoModelForCausalLM know model_type "cqil"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .modeling_cqil import SUPPORTED_BASE_TYPES, CqilConfig, CqilForCausalLM, check_groups
+
+MODELING_FILE = Path(__file__).with_name("modeling_cqil.py")
+AUTO_MAP = {
+    "AutoConfig": "modeling_cqil.CqilConfig",
+    "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM",
+}
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+
+
+def register_auto_classes() -> None:
+    """Register model_type "cqil" with transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register("cqil", CqilConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CqilConfig, CqilForCausalLM, exist_ok=True)
+
+
+def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
+    """Parse a manual grouping into the ordered list of steps.
+
+    SPEC is `none` (no groups) or comma-separated inclusive ranges such as `14-15,16-17`; a
+    bare number is a group of one. Layers not listed stay single steps.
+    """
+    text = str(spec).strip()
+    if text.lower() in ("", "none"):
+        return [[i] for i in range(num_layers)]
+    owner: dict[int, str] = {}
+    groups: list[list[int]] = []
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if not match:
+            raise ValueError(f"bad group '{part.strip()}' in '{spec}': expected START-END (e.g. 14-15) or a layer number")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"bad group '{part.strip()}': end layer {hi} is before start layer {lo}")
+        if hi >= num_layers:
+            raise ValueError(f"group '{part.strip()}' is out of range: the model has layers 0..{num_layers - 1}")
+        for i in range(lo, hi + 1):
+            if i in owner:
+                raise ValueError(f"groups '{owner[i]}' and '{part.strip()}' overlap at layer {i}")
+            owner[i] = part.strip()
+        groups.append(list(range(lo, hi + 1)))
+    steps: list[list[int]] = []
+    starts = {g[0]: g for g in groups}
+    i = 0
+    while i < num_layers:
+        step = starts.get(i, [i])
+        steps.append(step)
+        i = step[-1] + 1
+    return check_groups(steps, num_layers)
+
+
+def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0) -> CqilForCausalLM:
+    """Build a CqilForCausalLM from a loaded transformers Llama/Mistral/Qwen2/Qwen3 causal LM.
+
+    Every base tensor is copied (names and shapes checked); the new bypass weights (gamma, beta)
+    start at 1. The result has the base model's dtype and device and is in eval mode.
+    """
+    config = getattr(base_model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_BASE_TYPES or not type(base_model).__name__.endswith("ForCausalLM"):
+        raise ValueError(
+            f"cannot convert {type(base_model).__name__} (model_type '{kind}'): cqil supports causal LMs of the "
+            f"architectures {', '.join(SUPPORTED_BASE_TYPES)}"
+        )
+    if isinstance(groups, str):
+        groups = parse_groups(groups, config.num_hidden_layers)
+    cfg = CqilConfig.from_base_config(config, groups, bypass_distance)
+    param = next(base_model.parameters())
+    dtype, device = param.dtype, param.device
+    cfg.dtype = dtype
+
+    # Build on the meta device (no random init), then fill every tensor explicitly.
+    with torch.device("meta"):
+        model = CqilForCausalLM(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    source = base_model.state_dict()
+    target = model.state_dict()
+    new_keys = {k for k in target if k.rsplit(".", 1)[-1] in ("cqil_gamma", "cqil_beta")}
+    expected = set(target) - new_keys
+    if cfg.tie_word_embeddings:
+        source = {k: v for k, v in source.items() if k != "lm_head.weight"}
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(source))
+    unexpected = sorted(set(source) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{type(base_model).__name__} tensors do not match the cqil layout: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name in sorted(expected):
+            src, dst = source[name], target[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{name}: shape {tuple(src.shape)} in the base model, cqil expects {tuple(dst.shape)}")
+            dst.copy_(src)
+        for name in new_keys:
+            target[name].fill_(1.0)
+        # Non-persistent buffers (RoPE inverse frequencies) are computed, not loaded.
+        rope = model.model.rotary_emb
+        fresh = type(rope)(cfg).to(device)
+        rope.inv_freq = fresh.inv_freq
+        rope.original_inv_freq = fresh.original_inv_freq
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if getattr(base_model, "generation_config", None) is not None:
+        model.generation_config = base_model.generation_config.__class__.from_dict(base_model.generation_config.to_dict())
+    model.config.name_or_path = getattr(config, "name_or_path", "") or ""
+    return model.eval()
+
+
+def save_converted(model: CqilForCausalLM, tokenizer, out_dir, manifest_extra: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a converted checkpoint folder atomically and return its path.
+
+    Files: config.json (model_type cqil, auto_map), model.safetensors (base names + cqil_gamma /
+    cqil_beta; a tied lm_head is stored once), generation_config.json, tokenizer files,
+    modeling_cqil.py, and manifest.json when `manifest_extra` is given. Everything is written to a
+    temporary sibling folder first and renamed into place, so a crash never leaves half a
+    checkpoint at `out_dir`. An existing `out_dir` is replaced only with `overwrite=True`.
+    """
+    if not isinstance(model, CqilForCausalLM) and type(model).__name__ != "CqilForCausalLM":
+        raise TypeError(f"save_converted expects a CqilForCausalLM, got {type(model).__name__}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.config.architectures = ["CqilForCausalLM"]
+        model.save_pretrained(staging, safe_serialization=True)
+        shutil.copyfile(MODELING_FILE, staging / "modeling_cqil.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if manifest_extra is not None:
+            (staging / "manifest.json").write_text(json.dumps(manifest_extra, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def load_converted(path, dtype: torch.dtype | str | None = None, device: str = "cpu",
+                   engine: str | None = None) -> CqilForCausalLM:
+    """Load a converted folder with cqil's own classes (no remote code executed)."""
+    from transformers import AutoModelForCausalLM
+
+    register_auto_classes()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, trust_remote_code=False)
+    if not isinstance(model, CqilForCausalLM):
+        raise ValueError(f"{path} is not a cqil-converted checkpoint (loaded {type(model).__name__})")
+    if engine is not None:
+        model.set_engine(engine)
+    return model.to(device).eval()
+
+
+__all__ = ["parse_groups", "convert_manual", "save_converted", "load_converted", "register_auto_classes"]

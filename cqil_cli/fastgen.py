@@ -1,0 +1,259 @@
+"""Fast generation for CqilForCausalLM, in the style of gpt-fast.
+
+transformers' generate() pays, per token, for logits processors, stopping criteria, a growing
+DynamicCache (torch.cat of every layer's keys and values) and a fresh causal mask. At batch 1
+on a 135M model that overhead is larger than the arithmetic. Here:
+
+  - the KV cache is preallocated once per step: [B, P*kv_heads, max_len, head_dim]; new keys
+    are written with index_copy_ (no allocation, no concatenation);
+  - the decode mask is one preallocated bool row per sequence [B, 1, 1, max_len], updated in
+    place by one element per token (no mask utilities in the loop);
+  - RoPE cos/sin come from a table computed once;
+  - the loop calls the fused steps directly (model.model.fused_steps()), then norm + lm_head on
+    the last position only;
+  - optionally the decode step is compiled with torch.compile (static shapes, so one graph).
+
+A plain transformers Llama/Mistral/Qwen2/Qwen3 model is first converted to a CqilForCausalLM
+with every layer its own step ("our engine with no groups"); the conversion copies weights.
+Greedy tokens equal those of generate() on the same model (tested).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .modeling_cqil import CqilForCausalLM, build_attention_mask
+
+_TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # [B, n_new] generated ids
+    sequences: torch.Tensor  # [B, prompt + n_new] prompt (as given, padded) followed by tokens
+    prefill_s: float  # prompt forward + first token, seconds
+    decode_s: list[float] = field(default_factory=list)  # one entry per later token, seconds
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Median decode latency per token in milliseconds (nan when nothing was decoded)."""
+        if not self.decode_s:
+            return float("nan")
+        ordered = sorted(self.decode_s)
+        return 1000.0 * ordered[len(ordered) // 2]
+
+
+class StaticKVCache:
+    """Preallocated keys/values, one entry per step, with the transformers Cache.update signature.
+
+    Before each forward the caller sets `write_pos` (cache positions of the new tokens, a
+    LongTensor [T]) and `kv_len` (how many leading positions attention should see; None = all,
+    which keeps shapes static for the decode loop).
+    """
+
+    def __init__(self, model: CqilForCausalLM, batch: int, max_len: int, dtype, device):
+        cfg = model.config
+        shape = lambda p: (batch, p * cfg.num_key_value_heads, max_len, cfg.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(len(g)), dtype=dtype, device=device) for g in cfg.groups]
+        self.v = [torch.zeros(shape(len(g)), dtype=dtype, device=device) for g in cfg.groups]
+        self.batch, self.max_len = batch, max_len
+        self.write_pos: torch.Tensor | None = None
+        self.kv_len: int | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, step_idx: int):
+        """k, v [B, P*G, T, hd] -> the step's keys and values [B, P*G, kv_len, hd]."""
+        ck, cv = self.k[step_idx], self.v[step_idx]
+        ck.index_copy_(2, self.write_pos, k)
+        cv.index_copy_(2, self.write_pos, v)
+        if self.kv_len is None:
+            return ck, cv
+        return ck[:, :, : self.kv_len], cv[:, :, : self.kv_len]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FastGenerator:
+    """Static-cache generation for a CqilForCausalLM (or a plain Llama-family model).
+
+    gen = FastGenerator(model)                  # converts a plain HF model (all single steps)
+    out = gen.generate(input_ids, attention_mask, max_new_tokens=64)
+    out.tokens, out.prefill_s, out.decode_s
+
+    compile=True compiles the decode step with torch.compile (needs a C++ compiler on CPU);
+    the first call then includes compilation, so warm up before timing.
+    """
+
+    def __init__(self, model, compile: bool = False):
+        if not isinstance(model, CqilForCausalLM) and type(model).__name__ != "CqilForCausalLM":
+            from .checkpoint import convert_manual
+
+            model = convert_manual(model, None, 0)
+        self.model = model.eval()
+        self.config = model.config
+        self.compile = compile
+        self._decode_fn = None
+        self._cache: StaticKVCache | None = None
+
+    # -- pieces of one forward
+
+    def _rope(self, max_len: int, device, dtype):
+        """cos/sin tables [max_len, hd] (None when the RoPE type depends on the length)."""
+        rope = self.model.model.rotary_emb
+        if rope.rope_type not in _TABLE_ROPE_TYPES:
+            return None, None
+        dummy = torch.empty(1, dtype=dtype, device=device)
+        cos, sin = rope(dummy, torch.arange(max_len, device=device)[None])
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def _cos_sin(self, positions: torch.Tensor, dtype):
+        if self._cos is not None:
+            return self._cos[positions], self._sin[positions]  # [B, T, hd]
+        dummy = torch.empty(1, dtype=dtype, device=positions.device)
+        return self.model.model.rotary_emb(dummy, positions)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, d] last hidden state -> logits [B, V] (final norm, lm_head)."""
+        norm = self.model.model.norm
+        h = F.rms_norm(h, (h.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
+        return self.model.lm_head(h)
+
+    def _decode(self, tok, pos, write_pos, mask):
+        """One token for every sequence: tok/pos [B, 1], write_pos [1] -> logits [B, V]."""
+        x = self.model.model.embed_tokens(tok)  # [B, 1, d]
+        cos, sin = self._cos_sin(pos, x.dtype)  # [B, 1, hd]
+        self._cache.write_pos = write_pos
+        for s, step in enumerate(self._steps):
+            x = step(x, cos, sin, mask, False, self._cache, s)
+        return self._logits(x[:, -1])
+
+    # -- the public entry point
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Generate `max_new_tokens` tokens after a (left-padded) prompt batch.
+
+        attention_mask [B, T]: 1 = token, 0 = left padding. With `eos_token_id`, a finished
+        sequence continues with `pad_token_id` (default: the eos id) and the loop stops once
+        all sequences have finished; without it exactly max_new_tokens are produced.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        model, cfg = self.model, self.config
+        device = model.lm_head.weight.device
+        dtype = model.lm_head.weight.dtype
+        input_ids = input_ids.to(device)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        attention_mask = attention_mask.to(device)
+        max_len = T + max_new_tokens
+        window = cfg.sliding_window if cfg.sliding_window is not None else None
+        if window is not None and any(t != "sliding_attention" for t in cfg.layer_types):
+            raise NotImplementedError("fastgen supports models whose layers all use the same attention type")
+        eos = None
+        if eos_token_id is not None:
+            eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+            pad = int(pad_token_id if pad_token_id is not None else eos[0])
+        gen = None
+        if do_sample:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B]
+            if not do_sample:
+                return logits.argmax(-1)
+            logits = logits.float() / max(temperature, 1e-5)
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+        # Static state for this call: cache, RoPE table, decode mask row, positions.
+        if self._cache is None or (self._cache.batch, self._cache.max_len) != (B, max_len) \
+                or self._cache.k[0].dtype != dtype or self._cache.k[0].device != device:
+            self._cache = StaticKVCache(model, B, max_len, dtype, device)
+            self._cos, self._sin = self._rope(max_len, device, dtype)
+            self._decode_fn = None  # shapes changed: a compiled step would recompile
+        self._steps = model.model.fused_steps()
+        cache = self._cache
+        padded = not bool(attention_mask.all())
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # like generate()
+
+        # Prefill: the prompt through every step, keys written to positions 0..T-1.
+        _sync(device)
+        t0 = time.perf_counter()
+        x = model.model.embed_tokens(input_ids)  # [B, T, d]
+        cos, sin = self._cos_sin(positions, dtype)
+        mask, is_causal = build_attention_mask(attention_mask if padded else None, B, T, 0, window, device)
+        cache.write_pos, cache.kv_len = torch.arange(T, device=device), T
+        for s, step in enumerate(self._steps):
+            x = step(x, cos, sin, mask, is_causal, cache, s)
+        tok = pick(self._logits(x[:, -1]))  # [B]
+        finished = torch.isin(tok, eos) if eos is not None else None
+        out = [tok]
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+
+        # Decode state, preallocated: everything below is updated in place.
+        cache.kv_len = None
+        mask_row = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=device)
+        mask_row[:, 0, 0, :T] = attention_mask.bool()
+        if window is not None and T - window > 0:
+            mask_row[..., : T - window] = False  # left of the first decode query's window
+        pos = positions[:, -1:].clone()  # [B, 1] position of the last token per sequence
+        write_pos = torch.tensor([T - 1], device=device)
+        decode = self._decode
+        if self.compile:
+            if self._decode_fn is None:
+                self._decode_fn = torch.compile(self._decode, dynamic=False)
+            decode = self._decode_fn
+        decode_s: list[float] = []
+        for i in range(1, max_new_tokens):
+            if finished is not None and bool(finished.all()):
+                break
+            t1 = time.perf_counter()
+            write_pos += 1
+            pos += 1
+            q = T + i - 1  # cache position of this token
+            mask_row[..., q] = True
+            if window is not None and q - window >= 0:
+                mask_row[..., q - window] = False
+            logits = decode(tok[:, None], pos, write_pos, mask_row)
+            nxt = pick(logits)
+            if finished is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                finished |= torch.isin(nxt, eos)
+            tok = nxt
+            out.append(tok)
+            _sync(device)
+            decode_s.append(time.perf_counter() - t1)
+        tokens = torch.stack(out, dim=1)  # [B, n_new]
+        return GenerationResult(
+            tokens=tokens, sequences=torch.cat([input_ids, tokens], dim=1), prefill_s=prefill_s, decode_s=decode_s
+        )
+
+
+def fast_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, **kwargs) -> GenerationResult:
+    """One-off convenience wrapper around FastGenerator(model).generate(...)."""
+    return FastGenerator(model).generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+
+__all__ = ["FastGenerator", "GenerationResult", "StaticKVCache", "fast_generate"]
