@@ -225,6 +225,15 @@ def token_stream(tokenizer, text: TextSet):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def token_samples_up_to(tokenizer, spec: str, max_samples: int, seq_len: int, seed: int = 0,
+                        min_samples: int = 1):
+    """Like token_samples, but takes as many windows as the text has, up to max_samples."""
+    text = load_text(spec)
+    available = token_stream(tokenizer, text).numel() // seq_len
+    return token_samples(tokenizer, spec, max(min_samples, min(max_samples, available)),
+                         seq_len, seed)
+
+
 def token_samples(tokenizer, spec: str, num_samples: int, seq_len: int, seed: int = 0):
     """num_samples windows of seq_len tokens: a LongTensor [num_samples, seq_len].
 

@@ -1,0 +1,106 @@
+"""Decode latency of a grouping, predicted from a few measurements on the target device.
+
+A converted model's decode step costs  O + Σ_steps t(|step|):  O outside the layers (embedding,
+final norm, LM head, the loop), t(1) one sequential layer, t(s) one fused group of s layers
+(more than t(1), less than s·t(1)). cqil measures them with its own engine, batch 1:
+  - O: the embedding + final norm + head of one token, median of repeats;
+  - T(1): the model with every layer single  ->  t(1) = (T(1) − O) / N;
+  - T(s): the model with as many groups of s as fit  ->  t(s) = (T(s) − O − singles·t(1)) / k.
+Budgets and predicted ratios are relative to T(1): the original model on the same engine and
+device, so they measure what the grouping gains, not what the engine gains.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class LatencyModel:
+    outside_ms: float
+    step_ms: dict[int, float]  # group size -> ms per decode step
+    original_ms: float  # T(1): every layer single, whole model
+    num_layers: int
+    device: str
+    dtype: str
+
+    def predict_ms(self, groups: list[list[int]]) -> float:
+        return self.outside_ms + sum(self.step_ms[len(g)] for g in groups)
+
+    def ratio(self, groups: list[list[int]]) -> float:
+        return self.predict_ms(groups) / self.original_ms
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["step_ms"] = {str(k): v for k, v in self.step_ms.items()}
+        return data
+
+
+def decode_ms(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Median decode ms per token of a CqilForCausalLM on cqil's fast path (warm-up apart)."""
+    from .fastgen import FastGenerator
+
+    generator = FastGenerator(model)
+    generator.generate(prompt, max_new_tokens=4)  # warm-up: fused weights, caches
+    per_run = [generator.generate(prompt, max_new_tokens=new_tokens).decode_ms_per_token
+               for _ in range(repeats)]
+    return statistics.median(per_run)
+
+
+@torch.no_grad()
+def _outside_ms(model, prompt: torch.Tensor, repeats: int = 50) -> float:
+    inner = model.model
+    token = prompt[:, -1:]
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        h = inner.norm(inner.embed_tokens(token))
+        model.lm_head(h[:, -1]).argmax(-1)
+        if h.device.type == "cuda":
+            torch.cuda.synchronize(h.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:]) * 1e3
+
+
+def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
+                          new_tokens: int = 24, repeats: int = 3,
+                          on_progress=None) -> LatencyModel:
+    """Measure O, t(1)..t(max_size) on the base model's device and dtype (see module doc)."""
+    from .checkpoint import convert_manual
+
+    param = next(base_model.parameters())
+    n = base_model.config.num_hidden_layers
+    vocab = base_model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(param.device)
+    variants = {1: [[i] for i in range(n)]}
+    for s in range(2, max_size + 1):
+        k = (n - 2) // s  # keep the first and the last layer single, like real groupings
+        if k < 1:
+            break
+        variants[s] = [[0]] + [list(range(1 + j * s, 1 + (j + 1) * s)) for j in range(k)] + \
+            [[i] for i in range(1 + k * s, n)]
+    models = {s: convert_manual(base_model, groups, 0) for s, groups in variants.items()}
+    totals: dict[int, list[float]] = {s: [] for s in models}
+    for _ in range(repeats):  # interleaved, so drift hits every variant alike
+        for s, model in models.items():
+            totals[s].append(decode_ms(model, prompt, new_tokens, 1))
+            if on_progress:
+                on_progress()
+    total = {s: statistics.median(v) for s, v in totals.items()}
+    outside = min(_outside_ms(models[1], prompt), 0.5 * total[1])
+    t1 = (total[1] - outside) / n
+    step = {1: t1}
+    for s, groups in variants.items():
+        if s == 1:
+            continue
+        k = sum(1 for g in groups if len(g) == s)
+        singles = len(groups) - k
+        step[s] = max(t1, (total[s] - outside - singles * t1) / k)
+    del models
+    return LatencyModel(outside, step, total[1], n, str(param.device),
+                        str(param.dtype).replace("torch.", ""))

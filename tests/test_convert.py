@@ -1,0 +1,114 @@
+"""`cqil convert` on a tiny model: outputs, manifest, atomicity, tamper refusal, search."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cqil_cli.errors import CqilError
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "cqil_cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def long_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "long.txt"
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly box".split()
+    import random
+
+    rng = random.Random(0)
+    path.write_text(" ".join(rng.choice(words) for _ in range(12000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(llama_folder, long_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "out"
+    proc = run("convert", llama_folder, "--out", out, "--groups", "1-2", "--bypass", "1",
+               "--tune-steps", "2", "--lora-rank", "2", "--calib", long_text, "--eval",
+               long_text, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_output_is_a_complete_hf_folder_with_manifest(converted):
+    names = {p.name for p in converted.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_cqil.py", "manifest.json",
+            "README.md", "tokenizer.json", "generation_config.json"} <= names
+    manifest = json.loads((converted / "manifest.json").read_text())
+    for key in ("schema", "strategy", "base_model", "steps", "bypass_distance", "devices",
+                "placement", "predicted", "quality", "files"):
+        assert key in manifest
+    assert manifest["steps"] == [[0], [1, 2], [3], [4]]
+    assert manifest["predicted"]["latency_ratio"] > 0
+    assert {"ppl_original", "ppl_untuned", "ppl_tuned"} <= set(manifest["quality"])
+    assert manifest["quality"]["ppl_tuned"] <= manifest["quality"]["ppl_untuned"]
+    assert set(manifest["files"]) == {n for n in names if n != "manifest.json"}
+    held = [layer for rank in manifest["placement"]["ranks"] for layer in rank["layers"]]
+    assert sorted(held) == list(range(5))
+    assert not any(p.name.startswith(".") for p in converted.parent.iterdir())
+
+
+def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path):
+    import shutil
+
+    from cqil_cli.models import load_model
+
+    loaded = load_model(str(converted))
+    assert loaded.model_type == "cqil" and loaded.model.config.groups[1] == [1, 2]
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    with open(copy / "model.safetensors", "r+b") as handle:
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\0" * 8)
+    with pytest.raises(CqilError, match="changed or truncated"):
+        load_model(str(copy))
+    (copy / "model.safetensors").write_bytes(b"")
+    proc = run("analyze", copy)
+    assert proc.returncode == 2 and "changed or truncated" in proc.stderr
+
+
+def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("convert", llama_folder, "--out", out, "--groups", "1-2")
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_interrupted_conversion_leaves_nothing(llama_folder, long_text, tmp_path, monkeypatch):
+    from cqil_cli import convert as conv
+    from cqil_cli import manifest as manifest_module
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest_module, "write_manifest", boom)
+    out = tmp_path / "never"
+    opts = conv.ConvertOptions(out=out, groups="1-2", tune_steps=0, tune_minutes=None,
+                               calib=str(long_text), eval=str(long_text))
+    with pytest.raises(KeyboardInterrupt):
+        conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tmp_path):
+    from cqil_cli import convert as conv
+
+    opts = conv.ConvertOptions(out=tmp_path / "s", steps=4, devices=2, tune_steps=0,
+                               tune_minutes=None, calib=str(long_text), eval=str(long_text))
+    manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
+    assert len(manifest["steps"]) <= 4 and manifest["grouping"]["source"] == "search"
+    assert manifest["grouping"]["measured_kl"] >= 0
+    opts = conv.ConvertOptions(out=tmp_path / "t", steps=2, devices=2, tune_steps=0,
+                               tune_minutes=None, calib=str(long_text), eval=str(long_text))
+    with pytest.raises(CqilError, match="cannot be met.*fewest is 3"):
+        conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
+    assert not (tmp_path / "t").exists()
