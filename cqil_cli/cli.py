@@ -246,8 +246,10 @@ class _nothing:
 @cli.command()
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder to write.")
-@click.option("--strategy", type=click.Choice(["cqil"]), default="cqil", show_default=True,
-              help="cqil: concurrent groups of adjacent layers with a learned bypass.")
+@click.option("--strategy", type=click.Choice(["cqil", "prune"]), default="cqil",
+              show_default=True,
+              help="cqil: concurrent groups of adjacent layers with a learned bypass; prune: "
+                   "remove the layers of lowest block influence (ShortGPT), a plain model.")
 @click.option("--devices", default=2, show_default=True, type=int,
               help="P: the largest group, and the number of ranks in the placement.")
 @click.option("--budget", type=float, help="Decode latency as a fraction of the original's "

@@ -12,6 +12,7 @@ Pipeline (design.md §4–§6):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -263,8 +264,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     from .models import load_model, require_llama_family
     from .text import token_samples_up_to
 
-    if opts.strategy != "cqil":
-        raise CqilError(f"strategy '{opts.strategy}' is not available yet (only cqil)")
+    if opts.strategy not in ("cqil", "prune"):
+        raise CqilError(f"strategy '{opts.strategy}' is not available (cqil or prune)")
+    if opts.strategy == "prune" and (opts.groups or opts.start is not None):
+        raise CqilError("--groups and --start/--end/--parallel apply to --strategy cqil only")
     if opts.devices < 1:
         raise CqilError(f"bad --devices {opts.devices}: at least 1")
     if opts.bypass < 0:
@@ -283,6 +286,9 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     calib_ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.tune_samples,
                                     opts.seq_len, opts.seed, min_samples=4)
 
+    if opts.strategy == "prune":
+        return _convert_prune(model_spec, loaded, opts, fraction, eval_ids, calib_ids, cb,
+                              started)
     tick = cb.progress("measuring latency", 3 * max(1, opts.devices))
     latency = measure_latency_model(base, max(1, opts.devices), on_progress=tick)
     groups, choice = choose_groups(loaded, opts, fraction, latency, cb)
@@ -425,3 +431,122 @@ tokenizer = AutoTokenizer.from_pretrained("PATH")
 grouping, the device placement, the measurements and the sha256 of every file (cqil refuses a
 changed file).
 """
+
+
+def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids, calib_ids,
+                   cb: Callbacks, started: float) -> dict:
+    """ShortGPT: drop the layers of lowest block influence; write a plain base-architecture
+    model. Tuned by distillation from the original (kept in memory: the pruned model no
+    longer holds the removed layers), LoRA on the layers next to each removed run."""
+    import copy
+
+    from .analyze import AnalyzeOptions, analyze_model, progress_steps
+    from .distill import TuneOptions, detach_lora, distill_from_teacher, perplexity
+    from .latency_model import measure_latency_model
+    from .strategies import neighbours_of_removed, prune_kept_layers, remove_layers
+    from .text import token_samples_up_to
+
+    base, n = loaded.model, loaded.num_layers
+    if opts.report is not None:
+        influence = load_report(opts.report, n, 1)["block_influence"]
+    else:
+        options = AnalyzeOptions(window=2, latency=False, sensitivity=False)
+        ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.calib_samples, 128,
+                                  opts.seed)
+        tick = cb.progress("block influence", progress_steps(len(ids), options, n))
+        influence = analyze_model(loaded, ids, options, lambda _label: tick())["block_influence"]
+    tick = cb.progress("measuring latency", 3)
+    latency = measure_latency_model(base, 1, on_progress=tick)
+    if opts.steps is not None:
+        keep = opts.steps
+    else:
+        per_layer = latency.step_ms[1]
+        keep = math.floor((fraction * latency.original_ms - latency.outside_ms) / per_layer + 1e-9)
+        if keep < 1:
+            raise CqilError(f"the budget {fraction:.3f} cannot be met by pruning: even one layer "
+                            f"needs {(latency.outside_ms + per_layer) / latency.original_ms:.3f}")
+    if not 1 <= keep <= n:
+        raise CqilError(f"cannot keep {keep} of {n} layers")
+    kept = prune_kept_layers(influence, keep)
+    cb.status("held-out perplexity of the original")
+    ppl_original = perplexity(base, eval_ids)
+    teacher = base
+    student = copy.deepcopy(base)
+    remove_layers(student, kept)
+    ppl_untuned = perplexity(student, eval_ids)
+    tune = TuneOptions(steps=opts.tune_steps, minutes=opts.tune_minutes,
+                       lora_rank=opts.lora_rank, seed=opts.seed)
+    tuned_info = {"steps": 0, "seconds": 0.0, "kept": False}
+    ppl_tuned = ppl_untuned
+    lora_layers = neighbours_of_removed(n, kept)
+    if keep < n and (opts.tune_steps or 0) + (opts.tune_minutes or 0) > 0 and opts.lora_rank:
+        cb.tune_start(opts.tune_steps, opts.tune_minutes)
+        result = distill_from_teacher(teacher, student, lora_layers, calib_ids, tune,
+                                      on_step=cb.tune_step)
+        candidate = perplexity(student, eval_ids)
+        keep_tuned = candidate < ppl_untuned
+        detach_lora(student, merge=keep_tuned)
+        ppl_tuned = candidate if keep_tuned else ppl_untuned
+        tuned_info = {"steps": result.steps, "seconds": round(result.seconds, 1),
+                      **asdict(tune), "kept": keep_tuned, "lora_layers": lora_layers,
+                      "final_loss": result.losses[-1] if result.losses else None,
+                      "precision": result.precision}
+    del teacher, loaded.model, base
+    removed = [i for i in range(n) if i not in kept]
+    predicted_ms = latency.outside_ms + keep * latency.step_ms[1]
+    manifest = {
+        "cqil_version": __version__,
+        "strategy": "prune",
+        "base_model": {"spec": model_spec, "name": loaded.name,
+                       "path": str(loaded.path) if loaded.path else None,
+                       "weights_sha256": base_weight_digests(loaded.path)},
+        "steps": [[i] for i in kept],
+        "num_steps": keep,
+        "num_layers": n,
+        "removed_layers": removed,
+        "bypass_distance": 0,
+        "devices": 1,
+        "placement": {"ranks": [{"rank": 0, "layers": kept,
+                                 "bytes": sum(p.numel() * p.element_size()
+                                              for p in student.parameters())}],
+                      "embedding_and_head": 0},
+        "predicted": {"latency_ratio": predicted_ms / latency.original_ms,
+                      "decode_ms_per_token": predicted_ms,
+                      "original_decode_ms_per_token": latency.original_ms,
+                      "step_depth_ratio": keep / n,
+                      "latency_model": latency.to_json(),
+                      "engine": "cqil fused (one device)"},
+        "grouping": {"source": "block influence", "block_influence": influence},
+        "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
+                    "ppl_original": ppl_original, "ppl_untuned": ppl_untuned,
+                    "ppl_tuned": ppl_tuned},
+        "calibration": {"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
+                        "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
+                        "seed": opts.seed},
+        "tuning": tuned_info,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_plain_output(student, loaded.tokenizer, opts, manifest)
+    return manifest
+
+
+def write_plain_output(model, tokenizer, opts: ConvertOptions, manifest: dict) -> None:
+    """A plain base-architecture folder (loadable by any tool) with card and manifest."""
+    from .manifest import write_manifest
+
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        folder = stage_root / "model"
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "README.md").write_text(model_card(manifest))
+        full = write_manifest(folder, manifest)
+        manifest.clear()
+        manifest.update(full)
+        if out.exists():
+            os.replace(out, stage_root / "previous")
+        os.replace(folder, out)
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)

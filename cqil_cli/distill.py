@@ -285,3 +285,60 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
 
 __all__ = ["TuneOptions", "TuneResult", "distill", "detach_lora", "perplexity",
            "snapshot_bypass", "restore_bypass", "copy"]
+
+
+def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
+                         options: TuneOptions,
+                         on_step: Callable[[int, float, float], None] | None = None
+                         ) -> TuneResult:
+    """Distil a separate teacher into a plain student (comparison strategies, e.g. prune).
+
+    Unlike `distill`, the teacher is another model (the original, kept in memory): a pruned
+    student no longer holds the removed layers. Trainable: LoRA on student layers
+    `lora_layers` only (plain models have no bypass weights). Adapters stay attached.
+    """
+    if options.lora_rank <= 0 or not lora_layers:
+        return TuneResult()
+    device = next(student.parameters()).device
+    precision = resolve_precision(options.precision, device)
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    for model in (teacher, student):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    adapters = attach_lora(student, lora_layers, options.lora_rank)
+    params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
+    optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    result = TuneResult(precision=precision)
+    start = time.perf_counter()
+    deadline = start + options.minutes * 60 if options.minutes is not None else math.inf
+    n = calib_ids.shape[0]
+    order, cursor = torch.randperm(n, generator=generator), 0
+    student.train()
+    try:
+        while (options.steps is None or result.steps < options.steps) and \
+                time.perf_counter() < deadline:
+            if cursor + options.batch_size > n:
+                order, cursor = torch.randperm(n, generator=generator), 0
+            ids = calib_ids[order[cursor:cursor + options.batch_size]].to(device)
+            cursor += options.batch_size
+            with autocast:
+                with torch.no_grad():
+                    target = torch.log_softmax(
+                        teacher(input_ids=ids, use_cache=False).logits.float(), -1)
+                guess = torch.log_softmax(
+                    student(input_ids=ids, use_cache=False).logits.float(), -1)
+            loss = F.kl_div(guess.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                            reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.steps += 1
+            result.losses.append(loss.item())
+            if on_step:
+                on_step(result.steps, result.losses[-1], time.perf_counter() - start)
+    finally:
+        student.eval()
+    result.seconds = time.perf_counter() - start
+    return result

@@ -247,10 +247,9 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
     raw = read_config(folder)
     model_type = raw.get("model_type", "?")
     _check_weights_are_safe(folder, allow_pickle)
-    if model_type == "cqil":
-        from .manifest import verify_folder  # refuse a tampered converted checkpoint
+    from .manifest import verify_folder  # refuse a tampered cqil-written checkpoint
 
-        verify_folder(folder)
+    verify_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dt, trust_remote_code=trust_remote_code,

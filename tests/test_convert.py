@@ -112,3 +112,22 @@ def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tm
     with pytest.raises(CqilError, match="cannot be met.*fewest is 3"):
         conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
     assert not (tmp_path / "t").exists()
+
+
+def test_prune_writes_a_plain_model_any_tool_loads(llama_folder, long_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cqil_cli import convert as conv
+    from cqil_cli.strategies import prune_kept_layers, skip_kept_layers
+
+    opts = conv.ConvertOptions(out=tmp_path / "p", strategy="prune", steps=3, tune_steps=2,
+                               tune_minutes=None, lora_rank=2, calib=str(long_text),
+                               eval=str(long_text))
+    manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
+    assert len(manifest["removed_layers"]) == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 3
+    assert model(input_ids=__import__("torch").tensor([[1, 2, 3]])).logits.shape[-1] > 0
+    assert prune_kept_layers([0.5, 0.1, 0.3, 0.05, 0.9], 3) == [0, 2, 4]
+    assert skip_kept_layers(30, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 29]
+    assert len(skip_kept_layers(30, 1.25)) == 24
