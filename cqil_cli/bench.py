@@ -211,7 +211,8 @@ class PeakMemory:
     cuda: torch.cuda.max_memory_allocated (reset before the block): the peak of tensors the
           caching allocator handed out, weights of every loaded model included.
     cpu:  the process's peak resident set size (VmHWM from /proc/self/status, reset through
-          /proc/self/clear_refs; where that is not possible, ru_maxrss, which cannot be reset).
+          /proc/self/clear_refs after glibc's malloc_trim returned freed pages to the system;
+          where that is not possible, ru_maxrss, which cannot be reset), weights included.
     `peak_mb` is the absolute peak, `extra_mb` the peak above the level when the block began
     (the working memory of the run: activations, KV cache, logits).
     """
@@ -255,12 +256,24 @@ def _proc_status(field_name: str) -> int | None:
 
 
 def _reset_rss_peak() -> bool:
+    _malloc_trim()  # hand freed heap pages back first, so the peak shows this run's own growth
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
         return _proc_status("VmHWM") is not None
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _rss_bytes() -> int:
@@ -350,7 +363,7 @@ class TransformersRunner:
         tokens = out[:, ids.shape[1]:]
         if tokens.shape[1] != new_tokens or len(stamps) != new_tokens:
             raise CqilError(f"generate() made {tokens.shape[1]} tokens instead of {new_tokens}")
-        decode = [b - a for a, b in zip(stamps, stamps[1:])]
+        decode = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         return Timing(stamps[0] - start, decode, end - start, tokens)
 
     def greedy(self, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -479,6 +492,29 @@ def base_model_of(spec: str) -> tuple[str | None, str | None]:
                 Path(value).expanduser().resolve() != folder.resolve():
             return value, "config"
     return None, None
+
+
+def base_weights_match(entry_loaded, baseline_loaded, cache: dict) -> bool | None:
+    """Whether the baseline's weight files are the ones a converted folder was made from.
+
+    None when it cannot be told (not a converted folder, no digests in its manifest, or a
+    baseline without local safetensors files).
+    """
+    if not is_converted(entry_loaded) or entry_loaded.path is None:
+        return None
+    from .manifest import read_manifest
+
+    base = (read_manifest(entry_loaded.path) or {}).get("base_model")
+    expected = base.get("weights_sha256") if isinstance(base, dict) else None
+    folder = getattr(baseline_loaded, "path", None)
+    if not expected or folder is None:
+        return None
+    key = str(folder)
+    if key not in cache:
+        from .assets import sha256_file
+
+        cache[key] = {p.name: sha256_file(p) for p in sorted(Path(folder).glob("*.safetensors"))}
+    return cache[key] == expected if cache[key] else None
 
 
 def _loadable(value: str) -> bool:
@@ -657,13 +693,17 @@ def run_quality(entries: list[Entry], baseline: Entry, tokens: BenchTokens,
         entry.quality = dict(results[entry.quality_key])
 
 
-def progress_steps(num_entries: int, options: BenchOptions) -> int:
+def progress_steps(plan: "BenchPlan", options: BenchOptions) -> int:
+    """How many times run_bench calls `advance` (for a progress bar)."""
+    timed = 1 + (plan.engine_baseline is not None) + len(plan.entries)
     steps = 0
     if options.latency:
-        steps += len(options.batches) * num_entries * (options.warmup + options.repeats)
+        steps += len(options.batches) * timed * (options.warmup + options.repeats)
     if options.quality:
-        windows = options.eval_windows
-        steps += -(-windows // options.eval_batch) + num_entries
+        keys = {plan.baseline.quality_key} | {e.quality_key for e in plan.entries}
+        if plan.engine_baseline is not None:
+            keys.add(plan.engine_baseline.quality_key)
+        steps += -(-options.eval_windows // options.eval_batch) + len(keys)
     return steps
 
 
@@ -716,7 +756,7 @@ def _entry_json(entry: Entry) -> dict:
 
 def _ratios(entry: dict, base: dict) -> dict:
     by_batch = []
-    for mine, theirs in zip(entry["latency_by_batch"], base["latency_by_batch"]):
+    for mine, theirs in zip(entry["latency_by_batch"], base["latency_by_batch"], strict=True):
         by_batch.append({
             "batch": mine["batch"],
             "decode": ratio(mine["decode_ms_per_token"]["p50"], theirs["decode_ms_per_token"]["p50"]),
@@ -746,8 +786,11 @@ def assemble_report(entries: list[Entry], baseline: Entry, engine_baseline: Entr
         eng["ratio_to_baseline_same_engine"] = _ratios(eng, eng)
     base["ratio_to_baseline_same_engine"] = _ratios(base, base)
     results = []
+    digests: dict = {}
     for entry in entries:
         row = _entry_json(entry)
+        if is_converted(entry.loaded):
+            row["base_weights_match"] = base_weights_match(entry.loaded, baseline.loaded, digests)
         row["ratio_to_baseline"] = _ratios(row, base)
         same = eng if (eng is not None and entry.engine == engine_baseline.engine) else (
             base if entry.engine == baseline.engine else None)

@@ -1,4 +1,7 @@
-"""`cqil bench`: the click command, a thin layer over cqil_cli.bench (docs/bench.md)."""
+"""`cqil bench`: the click command, a thin layer over cqil_cli.bench (docs/bench.md).
+
+cli.py registers this command at its end; import `cqil_cli.cli` (not this module first).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .cli import State, _nothing, _threads, check_writable, model_options, write_json_atomic
-from .cli import write_png_atomic
+from .cli import (
+    State,
+    _nothing,
+    _threads,
+    check_writable,
+    model_options,
+    write_json_atomic,
+    write_png_atomic,
+)
 from .errors import CqilError
 
 
@@ -68,8 +78,14 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
 
     See docs/bench.md for how every number is measured, the JSON schema and the chart.
     """
-    from .bench import BenchOptions, parse_batches, plan_entries, progress_steps, \
-        resolve_baseline, run_bench
+    from .bench import (
+        BenchOptions,
+        parse_batches,
+        plan_entries,
+        progress_steps,
+        resolve_baseline,
+        run_bench,
+    )
     from .models import load_model, resolve_device, torch_dtype
 
     json_target = check_writable(json_path, "the JSON report")
@@ -82,6 +98,9 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
         cqil_engine=cqil_engine, compile=compile_, latency=not no_latency,
         quality=not no_quality)
     options.check()
+    if plot_target and not (options.latency and options.quality):
+        raise CqilError("--plot draws latency against perplexity: it needs both measurements "
+                        "(drop --no-latency / --no-quality)")
     device = resolve_device(device)  # a device that is not there fails here, before loading
     torch_dtype(dtype)
     models = list(models)
@@ -94,15 +113,19 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
     plan = plan_entries(models, baseline_spec, source, options, load)
-    entries = 1 + (plan.engine_baseline is not None) + len(plan.entries)
     with state.progress() as progress:
-        task = progress.add_task("benchmarking", total=progress_steps(entries, options))
+        task = progress.add_task("benchmarking", total=progress_steps(plan, options))
 
         def advance(label: str) -> None:
             progress.update(task, advance=1, description=label)
 
         report = run_bench(plan, options, device, dtype, advance)
     bench_tables(report, state.out)
+    for row in report["results"]:
+        if row.get("base_weights_match") is False:
+            state.err.print(f"warning: the baseline '{report['baseline']['model']}' is not the "
+                            f"checkpoint '{row['model']}' was converted from (its weight files "
+                            "differ from the manifest's sha256)", style="yellow")
     if json_target:
         write_json_atomic(json_target, report)
         state.err.print(f"report: {json_target}")
@@ -127,60 +150,77 @@ def _times(value) -> str:
 
 
 def bench_tables(report: dict, console: Console) -> None:
-    """One row per model (baseline first), latency at the first batch size, ratios to it."""
+    """One row per model (baseline first), latency at the first batch size, ratios to it.
+
+    Latency and quality share one table on a wide terminal and get one table each otherwise.
+    """
     settings = report["settings"]
     rows = [report["baseline"]] + ([report["engine_baseline"]] if report["engine_baseline"]
                                    else []) + report["results"]
-    first_batch = settings["batches"][0] if settings["latency"] else None
+    first_batch = settings["batches"][0]
     title = f"cqil bench on {report['device']['name']} ({report['device']['dtype']})"
+    latency_note = (f"batch {first_batch}, prompt {settings['prompt_len']}, "
+                    f"{settings['new_tokens']} new tokens, p50 of {settings['repeats']} rounds; "
+                    "× = ratio to the baseline")
+    latency_cols = ["prefill ms", "decode ms/tok", "tok/s", "peak MB"]
+    quality_cols = ["ppl", "KL", "top-1", "greedy"]
+
+    def label(i: int, row: dict) -> str:
+        if i == 0 or row is report["engine_baseline"]:
+            return f"{row['model']} (baseline)"
+        return row["model"]
+
+    def latency_cells(row: dict) -> list[str]:
+        lat, rat = row["latency"], row["ratio_to_baseline"]
+        return [f"{_num(lat['prefill_ms']['p50'], '.1f')} {_times(rat['prefill'])}",
+                f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} {_times(rat['decode'])}",
+                _num(lat["tokens_per_s"], ".1f"), _num(lat["peak_memory"]["peak_mb"], ".0f")]
+
+    def quality_cells(row: dict) -> list[str]:
+        q = row["quality"]
+        return [f"{_num(q['ppl'], '.3f')} {_times(row['ratio_to_baseline']['ppl'])}",
+                _num(q["kl"], ".2e"), _num(q["top1_agreement"], ".3f"),
+                _num(q["greedy_match"], ".3f")]
+
+    def table(heading: str, columns: list[str], cells) -> Table:
+        t = Table(title=heading)
+        for name in ["model", "engine", "steps"] + columns:
+            t.add_column(name, justify="left" if name in ("model", "engine") else "right")
+        for i, row in enumerate(rows):
+            t.add_row(label(i, row), row["engine"], f"{row['num_steps']}/{row['num_layers']}",
+                      *cells(row))
+        return t
+
+    parts = []
     if settings["latency"]:
-        title += (f" — batch {first_batch}, prompt {settings['prompt_len']}, "
-                  f"{settings['new_tokens']} new tokens, p50 of {settings['repeats']} rounds")
-    table = Table(title=title)
-    table.add_column("model")
-    table.add_column("engine")
-    table.add_column("steps", justify="right")
-    if settings["latency"]:
-        for name in ("prefill ms", "× base", "decode ms/tok", "× base", "tok/s", "peak MB"):
-            table.add_column(name, justify="right")
+        parts.append((latency_note, latency_cols, latency_cells))
     if settings["quality"]:
-        for name in ("ppl", "KL", "top-1", "greedy"):
-            table.add_column(name, justify="right")
-    for i, row in enumerate(rows):
-        label = row["model"]
-        if i == 0:
-            label += " (baseline)"
-        elif row is report["engine_baseline"]:
-            label += " (baseline)"
-        cells = [label, row["engine"], f"{row['num_steps']}/{row['num_layers']}"]
-        if settings["latency"]:
-            lat, rat = row["latency"], row["ratio_to_baseline"]
-            cells += [_num(lat["prefill_ms"]["p50"], ".1f"), _times(rat["prefill"]),
-                      _num(lat["decode_ms_per_token"]["p50"], ".2f"), _times(rat["decode"]),
-                      _num(lat["tokens_per_s"], ".1f"), _num(lat["peak_memory"]["peak_mb"], ".0f")]
-        if settings["quality"]:
-            q = row["quality"]
-            cells += [_num(q["ppl"], ".3f"), _num(q["kl"], ".2e"),
-                      _num(q["top1_agreement"], ".3f"), _num(q["greedy_match"], ".3f")]
-        table.add_row(*cells)
-    console.print(table)
+        parts.append((f"quality on {settings['eval_spec']}", quality_cols, quality_cells))
+    if len(parts) == 2 and console.width >= 140:
+        console.print(table(f"{title}\n{latency_note}", latency_cols + quality_cols,
+                            lambda row: latency_cells(row) + quality_cells(row)))
+    else:
+        for heading, columns, cells in parts:
+            console.print(table(f"{title}: {heading}", columns, cells))
     if settings["latency"] and len(settings["batches"]) > 1:
-        by_batch = Table(title="decode ms/token p50 (× baseline) by batch size")
+        by_batch = Table(title="decode ms/token, p50 (ratio to the baseline), by batch size")
         by_batch.add_column("model")
         by_batch.add_column("engine")
         for b in settings["batches"]:
             by_batch.add_column(f"batch {b}", justify="right")
-        for row in rows:
-            cells = [row["model"], row["engine"]]
-            for lat, rat in zip(row["latency_by_batch"], row["ratio_to_baseline"]["by_batch"]):
+        for i, row in enumerate(rows):
+            cells = [label(i, row), row["engine"]]
+            for lat, rat in zip(row["latency_by_batch"], row["ratio_to_baseline"]["by_batch"],
+                                strict=True):
                 cells.append(f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} "
                              f"({_times(rat['decode'])})")
             by_batch.add_row(*cells)
         console.print(by_batch)
     if settings["quality"]:
-        console.print(f"quality on '{settings['eval_spec']}': {settings['eval_windows']} windows "
-                      f"of {settings['eval_window']} tokens; greedy: {settings['greedy_prompts']}"
-                      f" prompts × {settings['greedy_tokens']} tokens", style="dim")
+        console.print(f"quality: {settings['eval_windows']} windows of {settings['eval_window']}"
+                      f" tokens of '{settings['eval_spec']}'; greedy: "
+                      f"{settings['greedy_prompts']} prompts, {settings['greedy_tokens']} tokens "
+                      "each", style="dim")
 
 
 __all__ = ["bench_command", "bench_tables", "CqilError"]

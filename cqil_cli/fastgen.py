@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .modeling_cqil import CqilForCausalLM, build_attention_mask
+from .modeling_cqil import CqilForCausalLM, FusedLinear, build_attention_mask, rope_tables
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
@@ -100,34 +100,46 @@ class FastGenerator:
         self.compile = compile
         self._decode_fn = None
         self._cache: StaticKVCache | None = None
+        self._cos = self._sin = None
+        self._lm_w, self._lm_key = None, None
 
     # -- pieces of one forward
 
     def _rope(self, max_len: int, device, dtype):
-        """cos/sin tables [max_len, hd] (None when the RoPE type depends on the length)."""
+        """RoPE tables [max_len, 1, hd] in the fused form (None if the RoPE type depends on length)."""
         rope = self.model.model.rotary_emb
         if rope.rope_type not in _TABLE_ROPE_TYPES:
             return None, None
         dummy = torch.empty(1, dtype=dtype, device=device)
-        cos, sin = rope(dummy, torch.arange(max_len, device=device)[None])
+        cos, sin = rope_tables(*rope(dummy, torch.arange(max_len, device=device)[None]))
         return cos[0].contiguous(), sin[0].contiguous()
 
     def _cos_sin(self, positions: torch.Tensor, dtype):
+        """positions [B, T] -> cos, sign-folded sin [B, T, 1, hd]."""
         if self._cos is not None:
-            return self._cos[positions], self._sin[positions]  # [B, T, hd]
+            return self._cos[positions], self._sin[positions]
         dummy = torch.empty(1, dtype=dtype, device=positions.device)
-        return self.model.model.rotary_emb(dummy, positions)
+        return rope_tables(*self.model.model.rotary_emb(dummy, positions))
+
+    def _lm_matrix(self) -> torch.Tensor:
+        """lm_head in the faster layout (a transposed copy in fp32 on CPU, prepacked in bf16)."""
+        w = self.model.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if self._lm_key != key:
+            with torch.no_grad():
+                self._lm_w, self._lm_key = FusedLinear(w), key
+        return self._lm_w
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, d] last hidden state -> logits [B, V] (final norm, lm_head)."""
         norm = self.model.model.norm
         h = F.rms_norm(h, (h.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
-        return self.model.lm_head(h)
+        return self._lm_w(h)
 
     def _decode(self, tok, pos, write_pos, mask):
         """One token for every sequence: tok/pos [B, 1], write_pos [1] -> logits [B, V]."""
         x = self.model.model.embed_tokens(tok)  # [B, 1, d]
-        cos, sin = self._cos_sin(pos, x.dtype)  # [B, 1, hd]
+        cos, sin = self._cos_sin(pos, x.dtype)  # [B, 1, 1, hd]
         self._cache.write_pos = write_pos
         for s, step in enumerate(self._steps):
             x = step(x, cos, sin, mask, False, self._cache, s)
@@ -193,6 +205,7 @@ class FastGenerator:
             self._cos, self._sin = self._rope(max_len, device, dtype)
             self._decode_fn = None  # shapes changed: a compiled step would recompile
         self._steps = model.model.fused_steps()
+        self._lm_matrix()
         cache = self._cache
         padded = not bool(attention_mask.all())
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # like generate()
@@ -212,12 +225,13 @@ class FastGenerator:
         _sync(device)
         prefill_s = time.perf_counter() - t0
 
-        # Decode state, preallocated: everything below is updated in place.
+        # Decode state, preallocated: everything below is updated in place. The mask is additive
+        # (0 = visible, -inf = hidden): SDPA would otherwise convert a bool mask on every call.
         cache.kv_len = None
-        mask_row = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=device)
-        mask_row[:, 0, 0, :T] = attention_mask.bool()
+        mask_row = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+        mask_row[:, 0, 0, :T].masked_fill_(attention_mask.bool(), 0.0)
         if window is not None and T - window > 0:
-            mask_row[..., : T - window] = False  # left of the first decode query's window
+            mask_row[..., : T - window] = float("-inf")  # left of the first decode query's window
         pos = positions[:, -1:].clone()  # [B, 1] position of the last token per sequence
         write_pos = torch.tensor([T - 1], device=device)
         decode = self._decode
@@ -233,9 +247,9 @@ class FastGenerator:
             write_pos += 1
             pos += 1
             q = T + i - 1  # cache position of this token
-            mask_row[..., q] = True
+            mask_row[..., q] = 0.0
             if window is not None and q - window >= 0:
-                mask_row[..., q - window] = False
+                mask_row[..., q - window] = float("-inf")
             logits = decode(tok[:, None], pos, write_pos, mask_row)
             nxt = pick(logits)
             if finished is not None:

@@ -212,8 +212,8 @@ def formula_forward(model: CqilForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         i = torch.arange(T)
         allowed &= (i[None, :] > i[:, None] - cfg.sliding_window)
 
-    def attention(l, x):  # A_l(N1_l(x)) -> [B, T, d]
-        p = f"model.layers.{l}."
+    def attention(li, x):  # A_l(N1_l(x)) -> [B, T, d]
+        p = f"model.layers.{li}."
         h = rms(x, w(p + "input_layernorm.weight"))
         q = lin(h, p + "self_attn.q_proj").view(B, T, H, hd)
         k = lin(h, p + "self_attn.k_proj").view(B, T, G, hd)
@@ -226,8 +226,8 @@ def formula_forward(model: CqilForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         return lin((probs @ v).transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
 
-    def mlp(l, u):  # F_l(N2_l(u))
-        p = f"model.layers.{l}."
+    def mlp(li, u):  # F_l(N2_l(u))
+        p = f"model.layers.{li}."
         h = rms(u, w(p + "post_attention_layernorm.weight"))
         return lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
 
@@ -237,15 +237,15 @@ def formula_forward(model: CqilForCausalLM, ids: torch.Tensor) -> torch.Tensor:
             h = x + attention(group[0], x)
             x = h + mlp(group[0], h)
             continue
-        a = [attention(l, x) for l in group]
+        a = [attention(li, x) for li in group]
         y = x
-        for j, l in enumerate(group):
+        for j, li in enumerate(group):
             b = torch.zeros_like(x)
             for k in range(max(0, j - D), j):
-                beta = w(f"model.layers.{l}.cqil_beta")  # row r <-> k = j - rows + r
+                beta = w(f"model.layers.{li}.cqil_beta")  # row r <-> k = j - rows + r
                 b = b + beta[k - (j - beta.shape[0])] * a[k]
-            m = mlp(l, x + a[j] + b)
-            y = y + w(f"model.layers.{l}.cqil_gamma") * (a[j] + m)
+            m = mlp(li, x + a[j] + b)
+            y = y + w(f"model.layers.{li}.cqil_gamma") * (a[j] + m)
         x = y
     x = rms(x, w("model.norm.weight"))
     return x @ w("lm_head.weight").T
@@ -351,3 +351,26 @@ def test_config_validation_messages():
     model = CqilForCausalLM(cfg)
     assert model.model.layers[2].cqil_beta.shape == (1, 64)
     assert model.model.layers[1].cqil_beta is None and model.model.layers[0].cqil_gamma is None
+
+
+# --------------------------------------------------------------------------- the real default model
+
+
+@pytest.mark.integration
+def test_default_model_grouped_cache_equals_no_cache():
+    """SmolLM2-135M with pairs 14-15 ... 24-25 and bypass 1: greedy 32 tokens, cache on == off."""
+    models = pytest.importorskip("cqil_cli.models")
+    lm = models.load_model("default")
+    model = convert_manual(lm.model, "14-15,16-17,18-19,20-21,22-23,24-25", 1)
+    assert model.config.num_steps == 24
+    prompt = lm.tokenizer("The history of the English language begins", return_tensors="pt")
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False,
+              pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
+    with torch.no_grad():
+        cached = model.generate(**prompt, use_cache=True, **kw)
+        uncached = model.generate(**prompt, use_cache=False, **kw)
+        model.set_engine("reference")
+        reference = model.generate(**prompt, use_cache=True, **kw)
+    assert cached.shape[1] == prompt["input_ids"].shape[1] + 32
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, reference)

@@ -1,0 +1,158 @@
+"""Decode latency of the cqil runtime on the default model, against transformers' generate().
+
+    python -m cqil_cli.benchmarks.runtime [--dtype fp32|bf16|both] [--repeats R] [--compile]
+
+For each dtype it times, at batch 1, a 128-token prompt (seeded random ids) and 64 new tokens:
+  hf-generate    transformers' own model and generate() (greedy, DynamicCache)
+  ours-30        our engine, no groups (every layer a step; fastgen static cache)
+  ours-24        pairs 14-15,16-17,...,24-25, bypass 1: 24 sequential steps (ideal 0.80)
+  ours-16        pairs 2-3,4-5,...,28-29, bypass 1: 16 sequential steps (ideal 0.53)
+Runs are interleaved (one of each per repeat, after one warm-up of each) and the medians over
+repeats are reported: decode ms/token (median of the per-token times of a run) and prefill ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from ..checkpoint import convert_manual
+from ..fastgen import FastGenerator
+
+PROMPT_LEN = 128
+NEW_TOKENS = 64
+CONFIGS = {  # name -> (groups spec, bypass distance); None = transformers itself
+    "hf-generate": None,
+    "ours-30": ("none", 0),
+    "ours-24": (",".join(f"{i}-{i + 1}" for i in range(14, 26, 2)), 1),
+    "ours-16": (",".join(f"{i}-{i + 1}" for i in range(2, 30, 2)), 1),
+}
+TARGETS = {  # ratio name -> (numerator, denominator, what, target)
+    "decode ours-24 / ours-30": ("ours-24", "ours-30", "decode", 0.88),
+    "decode ours-16 / ours-30": ("ours-16", "ours-30", "decode", 0.59),
+    "prefill ours-24 / ours-30": ("ours-24", "ours-30", "prefill", 0.90),
+    "decode ours-24 / hf-generate": ("ours-24", "hf-generate", "decode", 0.60),
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class _StepClock:
+    """A generate() streamer that timestamps every emitted token (the prompt comes first)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def time_hf_generate(model, ids) -> tuple[float, float]:
+    clock = _StepClock()
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock,
+                       pad_token_id=model.generation_config.pad_token_id or 0)
+    stamps = clock.times[1:]  # [0] is the prompt, put before any forward
+    prefill = stamps[0] - start
+    decode = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return prefill, statistics.median(decode)
+
+
+def time_fastgen(gen: FastGenerator, ids) -> tuple[float, float]:
+    out = gen.generate(ids, max_new_tokens=NEW_TOKENS)
+    return out.prefill_s, statistics.median(out.decode_s)
+
+
+def bench_dtype(base, dtype: torch.dtype, repeats: int, compile: bool) -> dict:
+    base = base.to(dtype).eval()
+    runners = {}
+    for name, spec in CONFIGS.items():
+        if spec is None:
+            runners[name] = lambda ids, m=base: time_hf_generate(m, ids)
+        else:
+            gen = FastGenerator(convert_manual(base, *spec), compile=compile)
+            runners[name] = lambda ids, g=gen: time_fastgen(g, ids)
+    ids = torch.randint(1000, 40000, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    for run in runners.values():  # warm-up (and compilation) apart
+        run(ids)
+    samples = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            samples[name].append(run(ids))
+    result = {}
+    for name, values in samples.items():
+        result[name] = {
+            "prefill_ms": 1000 * statistics.median(v[0] for v in values),
+            "decode_ms_per_token": 1000 * statistics.median(v[1] for v in values),
+            "steps": 30 if CONFIGS[name] is None else convert_steps(name),
+        }
+    ratios = {}
+    for label, (num, den, what, target) in TARGETS.items():
+        key = "decode_ms_per_token" if what == "decode" else "prefill_ms"
+        value = result[num][key] / result[den][key]
+        ratios[label] = {"value": value, "target": target, "met": value <= target}
+    return {"configs": result, "ratios": ratios}
+
+
+def convert_steps(name: str) -> int:
+    spec = CONFIGS[name][0]
+    return 30 if spec == "none" else 30 - len(spec.split(","))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step of our engine")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    from ..models import load_model
+
+    lm = load_model("default")
+    dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    report = {"machine": cpu_name(), "threads": threads, "torch": torch.__version__, "repeats": args.repeats,
+              "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS, "compile": args.compile, "results": {}}
+    print(f"machine: {report['machine']}, torch {torch.__version__}, {threads} threads, "
+          f"batch 1, prompt {PROMPT_LEN}, new {NEW_TOKENS}, median of {args.repeats} interleaved repeats")
+    for dtype in dtypes:
+        label = "fp32" if dtype == torch.float32 else "bf16"
+        res = bench_dtype(lm.model, dtype, args.repeats, args.compile)
+        report["results"][label] = res
+        print(f"\n[{label}]")
+        print(f"{'config':<13}{'steps':>6}{'prefill ms':>12}{'decode ms/token':>17}")
+        for name, row in res["configs"].items():
+            print(f"{name:<13}{row['steps']:>6}{row['prefill_ms']:>12.1f}{row['decode_ms_per_token']:>17.2f}")
+        for name, r in res["ratios"].items():
+            print(f"  {name:<30} {r['value']:.3f}  (target <= {r['target']:.2f}: {'met' if r['met'] else 'NOT met'})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

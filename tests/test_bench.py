@@ -1,0 +1,343 @@
+"""`cqil bench`: the metrics against direct computation, the report schema, the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cqil_cli.bench import (
+    SCHEMA,
+    BenchOptions,
+    PeakMemory,
+    QualityAccumulator,
+    greedy_match,
+    parse_batches,
+    percentile,
+    resolve_baseline,
+    summarize,
+)
+from cqil_cli.errors import CqilError
+
+SMALL = ["--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "1",
+         "--eval-tokens", "128", "--eval-window", "32", "--greedy-prompts", "3",
+         "--greedy-tokens", "5", "--device", "cpu"]
+
+STAT_KEYS = {"p50", "p90", "mean", "stdev"}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _save(model, folder: Path, tokenizer_dir: Path, extra_token: bool = False) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if extra_token:
+        tokenizer.add_tokens(["<cqil-not-in-the-baseline>"])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory, default_tokenizer_dir):
+    """Two tiny random Llamas with the same tokenizer, and one with a different tokenizer."""
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("bench")
+    a = _save(tiny_model("llama-gqa", seed=0), root / "a", default_tokenizer_dir)
+    b = _save(tiny_model("llama-gqa", seed=1), root / "b", default_tokenizer_dir)
+    odd = _save(tiny_model("llama-gqa", seed=2), root / "odd", default_tokenizer_dir,
+                extra_token=True)
+    return a, b, odd
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_pair, tmp_path_factory):
+    """A converted folder (layers 1-2 and 3-4 grouped) whose manifest names tiny model a."""
+    from cqil_cli.checkpoint import convert_manual, save_converted
+    from cqil_cli.models import load_model
+
+    a = tiny_pair[0]
+    loaded = load_model(str(a))
+    model = convert_manual(loaded.model, "1-2,3-4")
+    out = tmp_path_factory.mktemp("conv") / "grouped"
+    from cqil_cli.assets import sha256_file
+
+    digests = {p.name: sha256_file(p) for p in a.glob("*.safetensors")}
+    save_converted(model, loaded.tokenizer, out, manifest_extra={
+        "base_model": {"name": "a", "path": str(a), "weights_sha256": digests}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
+             "boxing matches near the old river bank and sing of kings").split()
+    rng = np.random.default_rng(0)
+    path.write_text(" ".join(rng.choice(words, size=3000)))
+    return path
+
+
+def invoke(args, capsys):
+    """Run `cqil ARGS` in this process the way the console script does; (code, out, err)."""
+    from cqil_cli import cli as cli_module
+
+    argv = sys.argv
+    sys.argv = ["cqil", *map(str, args)]
+    try:
+        cli_module.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def bench_json(args, capsys, tmp_path, name="r.json"):
+    path = tmp_path / name
+    code, out, err = invoke(["bench", *args, "--json", path], capsys)
+    assert code == 0, err
+    return json.loads(path.read_text()), out
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_percentile_and_summary_match_numpy():
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0]
+    for q in (0, 10, 50, 90, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    s = summarize(values)
+    assert s["p50"] == pytest.approx(np.median(values))
+    assert s["p90"] == pytest.approx(np.percentile(values, 90))
+    assert s["mean"] == pytest.approx(np.mean(values))
+    assert s["stdev"] == pytest.approx(np.std(values, ddof=1))
+    assert s["n"] == len(values)
+    assert summarize([2.0])["stdev"] == 0.0
+
+
+@pytest.mark.parametrize("text,expected", [("1", (1,)), ("1,4,8", (1, 4, 8)), (" 2 , 3", (2, 3)),
+                                           (4, (4,))])
+def test_parse_batches(text, expected):
+    assert parse_batches(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,,2", "a", "1,-2", "2,2", "1.5"])
+def test_parse_batches_refuses_bad_lists(text):
+    with pytest.raises(CqilError, match="bad batch list"):
+        parse_batches(text)
+
+
+def test_quality_metrics_match_direct_computation():
+    torch.manual_seed(0)
+    base = torch.randn(3, 7, 50) * 3
+    model = base + torch.randn(3, 7, 50)
+    targets = torch.randint(0, 50, (3, 7))
+    acc = QualityAccumulator()
+    acc.update(base[:2], model[:2], targets[:2], chunk=5)  # batches and chunks must not matter
+    acc.update(base[2:], model[2:], targets[2:], chunk=3)
+    got = acc.result()
+    p = F.log_softmax(base.double(), -1)
+    q = F.log_softmax(model.double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    nll = F.cross_entropy(model.double().reshape(-1, 50), targets.reshape(-1))
+    agree = (base.argmax(-1) == model.argmax(-1)).double().mean()
+    assert got["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert got["top1_agreement"] == pytest.approx(float(agree))
+    assert got["tokens"] == 21
+    same = QualityAccumulator()
+    same.update(base, base.clone(), targets)
+    assert same.result()["kl"] < 1e-7 and same.result()["top1_agreement"] == 1.0
+
+
+def test_greedy_match_counts_whole_continuations():
+    a = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]])
+    b = torch.tensor([[1, 2, 3], [4, 5, 0], [7, 8, 9], [0, 0, 0]])
+    seq, tok = greedy_match(a, b)
+    assert seq == pytest.approx(0.5)
+    assert tok == pytest.approx(8 / 12)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64, 1024, 1024)  # 256 MB
+        del block
+    assert mem.peak_mb > 0
+    assert mem.extra_mb > 100 or mem.kind != "cpu_peak_rss"
+
+
+def test_options_are_checked():
+    with pytest.raises(CqilError, match="new-tokens"):
+        BenchOptions(new_tokens=1).check()
+    with pytest.raises(CqilError, match="eval-tokens"):
+        BenchOptions(eval_tokens=10, eval_window=256).check()
+
+
+# ---------------------------------------------------------------- baseline resolution
+
+
+def test_baseline_comes_from_the_manifest(converted, tiny_pair):
+    assert resolve_baseline([str(converted)], None) == (str(tiny_pair[0]), "manifest")
+    assert resolve_baseline([str(converted)], "other") == ("other", "option")
+
+
+def test_plain_model_without_baseline_is_refused(tiny_pair):
+    with pytest.raises(CqilError, match="--baseline"):
+        resolve_baseline([str(tiny_pair[0])], None)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_identical_models_have_no_quality_loss_and_schema(tiny_pair, eval_text, capsys, tmp_path):
+    a = tiny_pair[0]
+    plot = tmp_path / "chart.png"
+    report, out = bench_json([a, "--baseline", a, "--eval", eval_text, "--batch", "1,2",
+                              "--plot", plot, *SMALL], capsys, tmp_path)
+    assert report["schema"] == SCHEMA == "cqil.bench/1"
+    assert {"schema", "device", "baseline", "results", "settings"} <= set(report)
+    assert report["device"]["type"] == "cpu"
+    assert report["baseline"]["model"] == str(a) and report["baseline"]["source"] == "option"
+    (row,) = report["results"]
+    assert row["model"] == str(a) and row["engine"] == "transformers"
+    for entry in (report["baseline"], row):
+        lat = entry["latency"]
+        assert STAT_KEYS <= set(lat["prefill_ms"]) and STAT_KEYS <= set(lat["decode_ms_per_token"])
+        assert lat["decode_ms_per_token"]["n"] == 2 * 3  # repeats × (new tokens - 1)
+        assert lat["tokens_per_s"] > 0 and len(lat["warmup_ms"]) == 1
+        assert [b["batch"] for b in entry["latency_by_batch"]] == [1, 2]
+        assert {"ppl", "kl", "top1_agreement", "greedy_match"} <= set(entry["quality"])
+        assert {"decode", "prefill"} <= set(entry["ratio_to_baseline"])
+    assert report["baseline"]["ratio_to_baseline"]["decode"] == 1.0
+    assert row["ratio_to_baseline"]["decode"] > 0
+    q = row["quality"]
+    assert q["kl"] < 1e-6 and q["top1_agreement"] == 1.0 and q["greedy_match"] == 1.0
+    assert q["ppl"] == pytest.approx(report["baseline"]["quality"]["ppl"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ppl" in out and "decode" in out
+
+
+def test_quality_against_a_different_model_matches_direct_computation(tiny_pair, eval_text,
+                                                                      capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cqil_cli.bench import bench_tokens
+
+    a, b, _ = tiny_pair
+    report, _ = bench_json([b, a, "--baseline", a, "--eval", eval_text, "--no-latency", *SMALL],
+                           capsys, tmp_path)
+    assert [r["model"] for r in report["results"]] == [str(b), str(a)]  # order as given
+    options = BenchOptions(eval_spec=str(eval_text), eval_tokens=128, eval_window=32,
+                           greedy_prompts=3, greedy_prompt_len=5, greedy_tokens=5, latency=False)
+    tokens = bench_tokens(AutoTokenizer.from_pretrained(a), options)
+    ma = AutoModelForCausalLM.from_pretrained(a).eval()
+    mb = AutoModelForCausalLM.from_pretrained(b).eval()
+    ids = tokens.eval_windows
+    with torch.no_grad():
+        la = F.log_softmax(ma(ids[:, :-1]).logits.double(), -1)
+        lb = F.log_softmax(mb(ids[:, :-1]).logits.double(), -1)
+    kl = float((la.exp() * (la - lb)).sum(-1).mean())
+    ppl = math.exp(float(-lb.gather(-1, ids[:, 1:, None]).mean()))
+    agree = float((la.argmax(-1) == lb.argmax(-1)).double().mean())
+    got = report["results"][0]["quality"]
+    assert got["kl"] == pytest.approx(kl, rel=1e-4) and got["kl"] > 1e-3
+    assert got["ppl"] == pytest.approx(ppl, rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(agree)
+    with torch.no_grad():
+        ga = ma.generate(tokens.greedy_prompts, do_sample=False, max_new_tokens=5,
+                         min_new_tokens=5)[:, 5:]
+        gb = mb.generate(tokens.greedy_prompts, do_sample=False, max_new_tokens=5,
+                         min_new_tokens=5)[:, 5:]
+    assert got["greedy_match"] == pytest.approx(float((ga == gb).all(1).float().mean()))
+    assert report["results"][1]["quality"]["kl"] < 1e-6
+    assert report["results"][0]["latency"] is None
+
+
+def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_pair, eval_text,
+                                                                capsys, tmp_path):
+    report, _ = bench_json([converted, "--eval", eval_text, "--cqil-engine", *SMALL], capsys,
+                           tmp_path)
+    assert report["baseline"]["model"] == str(tiny_pair[0])
+    assert report["baseline"]["source"] == "manifest"
+    assert report["baseline"]["engine"] == "transformers"
+    eng = report["engine_baseline"]
+    assert eng["engine"] == "cqil" and eng["quality"]["kl"] < 1e-8
+    (row,) = report["results"]
+    assert row["engine"] == "cqil" and row["num_steps"] == 3 and row["groups"] == [[1, 2], [3, 4]]
+    assert row["quality"]["kl"] > 0  # grouping changes the outputs: the loss is reported
+    assert row["base_weights_match"] is True
+    other, _ = bench_json([converted, "--baseline", tiny_pair[1], "--eval", eval_text,
+                           "--no-latency", *SMALL], capsys, tmp_path, "other.json")
+    assert other["results"][0]["base_weights_match"] is False
+    assert row["ratio_to_baseline_same_engine"]["decode"] > 0
+
+
+def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, capsys, tmp_path):
+    a = tiny_pair[0]
+    report, _ = bench_json([a, "--baseline", a, "--eval", eval_text, "--cqil-engine",
+                            "--no-latency", *SMALL], capsys, tmp_path)
+    rows = report["results"]
+    assert [r["engine"] for r in rows] == ["transformers", "cqil"]
+    assert rows[1]["quality"]["greedy_match"] == 1.0 and rows[1]["quality"]["kl"] < 1e-8
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--batch", "1,x"], "bad batch list"),
+    (["--batch", "0"], "bad batch list"),
+    (["--eval-tokens", "100000"], "too little evaluation text"),
+    (["--device", "cuda:7"], "not available"),
+    (["--baseline", "{odd}"], "tokenizers"),
+    (["--json", "/no/such/dir/r.json"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line(extra, fragment, tiny_pair, eval_text, capsys):
+    a, _, odd = tiny_pair
+    if fragment == "not available" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    args = ["bench", a, "--baseline", a, "--eval", eval_text, *SMALL, *extra]
+    args = [str(x).replace("{odd}", str(odd)) for x in args]
+    code, _, err = invoke(args, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("cqil: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_plain_model_without_baseline_is_one_clear_line(tiny_pair, capsys):
+    code, _, err = invoke(["bench", tiny_pair[0], "--device", "cpu"], capsys)
+    assert code == 2 and "--baseline" in err
+
+
+def test_console_script_exit_code(tiny_pair, eval_text):
+    a = tiny_pair[0]
+    proc = subprocess.run([sys.executable, "-m", "cqil_cli", "bench", str(a), "--baseline",
+                           str(a), "--batch", "2,,3"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("cqil: error: bad batch list")
+
+
+# ---------------------------------------------------------------- the real default model
+
+
+@pytest.mark.integration
+def test_default_against_itself_is_the_noise_floor(capsys, tmp_path):
+    report, _ = bench_json(["default", "--baseline", "default", "--prompt-len", "32",
+                            "--new-tokens", "8", "--repeats", "3", "--eval-tokens", "1024",
+                            "--greedy-prompts", "4", "--device", "cpu"], capsys, tmp_path)
+    (row,) = report["results"]
+    assert row["quality"]["kl"] < 1e-4
+    assert row["quality"]["top1_agreement"] == 1.0 and row["quality"]["greedy_match"] == 1.0
+    assert row["ratio_to_baseline"]["decode"] > 0 and row["ratio_to_baseline"]["prefill"] > 0
