@@ -183,7 +183,7 @@ def search_grouping(loaded, opts: ConvertOptions, fraction: float | None, latenc
     tick = cb.progress("re-measuring the best groupings", len(candidates))
     measured = []
     for p in candidates:
-        measured.append((grouping_kl(loaded.model, p.groups(), 0, ids), p))
+        measured.append((grouping_kl(loaded.model, p.groups(), opts.bypass, ids), p))
         tick()
     measured.sort(key=lambda pair: pair[0])
     kl, best = measured[0]
