@@ -76,11 +76,17 @@ def tradeoff_chart(report: dict, path: Path) -> None:
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     if base_ppl is not None:
         ax.axhline(base_ppl, color="grey", linestyle=":", linewidth=1)
+    ppls = [(r.get("quality") or {}).get("ppl") for r, _ in rows]
+    ppls = [p for p in ppls if p is not None and p > 0]
+    log_y = bool(ppls) and max(ppls) / min(ppls) > 3  # one bad model must not flatten the rest
+    if log_y:
+        ax.set_yscale("log")
     ax.margins(x=0.25, y=0.25)
     settings = report["settings"]
     ax.set_xlabel(f"decode latency per token, ratio to the baseline (p50, batch "
                   f"{settings['batches'][0]}; < 1 is faster)")
-    ax.set_ylabel(f"perplexity on {settings['eval_spec']} (lower is better)")
+    ax.set_ylabel(f"perplexity on {settings['eval_spec']} (lower is better"
+                  f"{'; log scale' if log_y else ''})")
     ax.set_title(f"Speed vs quality against {base['model']} on {report['device']['name']}\n"
                  f"(lower left is better)")
     if seen_engines:

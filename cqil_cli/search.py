@@ -50,6 +50,9 @@ def best_partitions(num_layers: int, max_size: int, step_latency: dict[int, floa
     if max_size < 1:
         raise CqilError("the largest group size must be at least 1")
     sizes = [s for s in range(1, max_size + 1) if s in step_latency]
+    if all(float(step_latency[s]).is_integer() for s in sizes) and \
+            float(latency_budget).is_integer():
+        resolution = int(latency_budget)  # integer costs (e.g. counting steps): exact, unit 1
     unit = latency_budget / resolution
     # Latency in integer units; round up so that a partition that fits here fits for real.
     lat_units = {s: max(1, math.ceil(step_latency[s] / unit - 1e-9)) for s in sizes}

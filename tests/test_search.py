@@ -54,3 +54,10 @@ def test_papers_notation():
     assert len(steps) == 24
     with pytest.raises(CqilError):
         uniform_groups(14, 25, 2, 30)
+
+
+def test_counting_steps_is_exact():
+    n = 30
+    cost = {(i, i + 1): 1.0 + i / 100 for i in range(n - 1)}
+    found = best_partitions(n, 2, {1: 1.0, 2: 1.0}, cost, 24.0, keep=1)
+    assert found[0].num_steps == 24  # 6 pairs, not 7: an exact fit must not be rounded away
