@@ -39,7 +39,7 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check cqil_cli tests
-	$(PY) -m ruff format --check cqil_cli tests
+
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -194,7 +194,7 @@ def _measure_latency(model, proxies: list[LayerProxy], prompt: torch.Tensor, rep
     decode_layers = [[] for _ in proxies]
     prefill_total, decode_total = [], []
     for rep in range(repeats + 1):  # repetition 0 is the warm-up, measured and thrown away
-        for p, timer in zip(proxies, prefill_layers):
+        for p, timer in zip(proxies, prefill_layers, strict=True):
             p.timer = timer
         _sync(device)
         start = time.perf_counter()
@@ -202,7 +202,7 @@ def _measure_latency(model, proxies: list[LayerProxy], prompt: torch.Tensor, rep
         _sync(device)
         prefill_total.append(time.perf_counter() - start)
         next_token = out.logits[:, -1:].argmax(-1)
-        for p, timer in zip(proxies, decode_layers):
+        for p, timer in zip(proxies, decode_layers, strict=True):
             p.timer = timer
         _sync(device)
         start = time.perf_counter()

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import __version__
 from .errors import CqilError
@@ -253,7 +260,7 @@ class _nothing:
 @click.option("--devices", default=2, show_default=True, type=int,
               help="P: the largest group, and the number of ranks in the placement.")
 @click.option("--budget", type=float, help="Decode latency as a fraction of the original's "
-              "on this device (cqil's engine, whole model). Default when nothing else is given: 0.8.")
+              "on this device (cqil's engine, whole model). Default when nothing else is given: 0.9.")
 @click.option("--speedup", type=float, help="Decode speed-up instead of --budget (1/budget).")
 @click.option("--steps", type=int, help="Number of sequential steps instead of a budget.")
 @click.option("--groups", metavar="SPEC", help="Groups by hand: 14-15,16-17 (inclusive ranges; "
@@ -286,7 +293,7 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
 
     \b
     The grouping comes from a search under a latency budget (--budget, --speedup, --steps;
-    default --budget 0.8) on measured sensitivity and latency, or is given by hand (--groups,
+    default --budget 0.9) on measured sensitivity and latency, or is given by hand (--groups,
     or --start/--end/--parallel). The bypass weights (and LoRA, merged) are then distilled
     briefly from the original; the tuned model is kept only if held-out perplexity improves.
     The folder loads with transformers (trust_remote_code=True, or after `import cqil_cli`)
@@ -367,6 +374,7 @@ def assets_fetch(state: State):
 
 
 from .bench_cli import bench_command  # noqa: E402
+
 cli.add_command(bench_command, "bench")
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .errors import CqilError
 
-DEFAULT_BUDGET = 0.8
+DEFAULT_BUDGET = 0.9
 
 
 @dataclass
@@ -258,8 +258,14 @@ def placement(model, groups: list[list[int]], devices: int) -> dict:
 
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Callbacks) -> dict:
     from .checkpoint import convert_manual
-    from .distill import (TuneOptions, detach_lora, distill, perplexity, restore_bypass,
-                          snapshot_bypass)
+    from .distill import (
+        TuneOptions,
+        detach_lora,
+        distill,
+        perplexity,
+        restore_bypass,
+        snapshot_bypass,
+    )
     from .latency_model import measure_latency_model
     from .models import load_model, require_llama_family
     from .text import token_samples_up_to

@@ -264,7 +264,7 @@ def snapshot_bypass(model) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def restore_bypass(model, saved: list[torch.Tensor]) -> None:
-    for p, value in zip(bypass_parameters(model), saved):
+    for p, value in zip(bypass_parameters(model), saved, strict=True):
         p.copy_(value)
 
 

@@ -242,7 +242,7 @@ def read_config(folder: Path) -> dict:
 
 def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
                  allow_pickle: bool) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     raw = read_config(folder)
     model_type = raw.get("model_type", "?")

@@ -19,9 +19,10 @@ import functools
 import json
 import re
 import tarfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from .assets import fetch_pypi_file
 from .errors import CqilError

@@ -6,8 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-
 from tiny_models import FAMILIES, tiny_model  # noqa: E402
 
 

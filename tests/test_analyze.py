@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import FAMILIES, tiny_model
 
 from cqil_cli.analyze import AnalyzeOptions, analyze_model, candidate_groups
 from cqil_cli.errors import CqilError
 from cqil_cli.models import LoadedModel
-
-from tiny_models import FAMILIES, tiny_model
 
 
 def _loaded(model, name="tiny"):
@@ -102,7 +101,7 @@ def test_results_do_not_depend_on_batch_size():
                                                             latency=False))
     all_ = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, batch_size=6,
                                                              latency=False))
-    for a, b in zip(one["groups"], all_["groups"]):
+    for a, b in zip(one["groups"], all_["groups"], strict=True):
         assert a["layers"] == b["layers"]
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
     assert one["similarity"][1][2] == pytest.approx(all_["similarity"][1][2], rel=1e-5)
