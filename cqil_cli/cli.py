@@ -122,6 +122,21 @@ def cli(ctx, quiet, debug):
     hub:NAME[:CONFIG[:SPLIT]].
     """
     ctx.obj = State(quiet, debug)
+    if quiet:
+        _silence_libraries()
+
+
+def _silence_libraries() -> None:
+    """--quiet also silences transformers' and datasets' own progress bars and warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def main() -> None:
