@@ -335,11 +335,8 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                       "precision": result.precision}
 
     manifest = {
-        "cqil_version": __version__,
-        "strategy": opts.strategy,
-        "base_model": {"spec": model_spec, "name": loaded.name,
-                       "path": str(loaded.path) if loaded.path else None,
-                       "weights_sha256": base_weight_digests(loaded.path)},
+        **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
+                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started),
         "steps": groups,
         "num_steps": len(groups),
         "num_layers": num_layers,
@@ -354,17 +351,28 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                       "latency_model": latency.to_json(),
                       "engine": "cqil fused (one device)"},
         "grouping": choice,
-        "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
-                    "ppl_original": ppl_original, "ppl_untuned": ppl_untuned,
-                    "ppl_tuned": ppl_tuned},
-        "calibration": {"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
-                        "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
-                        "seed": opts.seed},
-        "tuning": tuned_info,
-        "seconds": round(time.perf_counter() - started, 1),
     }
     write_output(model, loaded.tokenizer, opts, manifest)
     return manifest
+
+
+def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_ids,
+                    ppl: tuple[float, float, float], tuning: dict, started: float) -> dict:
+    """The manifest fields every strategy writes."""
+    return {
+        "cqil_version": __version__,
+        "strategy": opts.strategy,
+        "base_model": {"spec": model_spec, "name": loaded.name,
+                       "path": str(loaded.path) if loaded.path else None,
+                       "weights_sha256": base_weight_digests(loaded.path)},
+        "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
+                    "ppl_original": ppl[0], "ppl_untuned": ppl[1], "ppl_tuned": ppl[2]},
+        "calibration": {"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
+                        "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
+                        "seed": opts.seed},
+        "tuning": tuning,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def fingerprint(ids: torch.Tensor) -> str:
@@ -381,8 +389,13 @@ def base_weight_digests(path) -> dict:
     return {p.name: sha256_file(p) for p in sorted(Path(path).glob("*.safetensors"))}
 
 
-def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict) -> None:
-    """Everything goes to a temporary sibling folder, renamed into place at the very end."""
+def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict,
+                 plain: bool = False) -> None:
+    """Everything goes to a temporary sibling folder, renamed into place at the very end.
+
+    plain=False writes a cqil checkpoint (config with auto_map, the modeling file); plain=True
+    a base-architecture folder any tool loads. Both get the model card and the manifest.
+    """
     from .checkpoint import save_converted
     from .manifest import write_manifest
 
@@ -390,14 +403,18 @@ def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict) -> None
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
-        folder = save_converted(model, tokenizer, stage_root / "model")
+        folder = stage_root / "model"
+        if plain:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+        else:
+            save_converted(model, tokenizer, folder)
         (folder / "README.md").write_text(model_card(manifest))
         full = write_manifest(folder, manifest)
         manifest.clear()
         manifest.update(full)
         if out.exists():
-            trash = stage_root / "previous"
-            os.replace(out, trash)
+            os.replace(out, stage_root / "previous")
         os.replace(folder, out)
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
@@ -501,11 +518,8 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
     removed = [i for i in range(n) if i not in kept]
     predicted_ms = latency.outside_ms + keep * latency.step_ms[1]
     manifest = {
-        "cqil_version": __version__,
-        "strategy": "prune",
-        "base_model": {"spec": model_spec, "name": loaded.name,
-                       "path": str(loaded.path) if loaded.path else None,
-                       "weights_sha256": base_weight_digests(loaded.path)},
+        **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
+                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started),
         "steps": [[i] for i in kept],
         "num_steps": keep,
         "num_layers": n,
@@ -523,36 +537,6 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
                       "latency_model": latency.to_json(),
                       "engine": "cqil fused (one device)"},
         "grouping": {"source": "block influence", "block_influence": influence},
-        "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
-                    "ppl_original": ppl_original, "ppl_untuned": ppl_untuned,
-                    "ppl_tuned": ppl_tuned},
-        "calibration": {"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
-                        "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
-                        "seed": opts.seed},
-        "tuning": tuned_info,
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    write_plain_output(student, loaded.tokenizer, opts, manifest)
+    write_output(student, loaded.tokenizer, opts, manifest, plain=True)
     return manifest
-
-
-def write_plain_output(model, tokenizer, opts: ConvertOptions, manifest: dict) -> None:
-    """A plain base-architecture folder (loadable by any tool) with card and manifest."""
-    from .manifest import write_manifest
-
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
-        folder = stage_root / "model"
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        (folder / "README.md").write_text(model_card(manifest))
-        full = write_manifest(folder, manifest)
-        manifest.clear()
-        manifest.update(full)
-        if out.exists():
-            os.replace(out, stage_root / "previous")
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)

@@ -15,7 +15,6 @@ autocast (about 2.7× faster than fp32 at nearly the same KL); the trainable wei
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -189,6 +188,45 @@ class _Runner:
         return self.logits(x)
 
 
+def _batches(calib_ids: torch.Tensor, batch_size: int, seed: int):
+    """Endless random batches of calib_ids [n, L], reshuffled each epoch, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    n = calib_ids.shape[0]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for cursor in range(0, n - batch_size + 1, batch_size):
+            yield calib_ids[order[cursor:cursor + batch_size]]
+
+
+def _optimise(kl_of_batch: Callable[[torch.Tensor], torch.Tensor], optimizer, calib_ids,
+              options: TuneOptions, device, result: TuneResult,
+              on_step: Callable[[int, float, float], None] | None) -> TuneResult:
+    """The loop both distillations share: batches until the step or time bound, one
+    optimizer step per batch on the KL that kl_of_batch(ids) returns."""
+    start = time.perf_counter()
+    deadline = start + options.minutes * 60 if options.minutes is not None else math.inf
+    batches = _batches(calib_ids, options.batch_size, options.seed)
+    while (options.steps is None or result.steps < options.steps) and \
+            time.perf_counter() < deadline:
+        loss = kl_of_batch(next(batches).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.steps += 1
+        result.losses.append(loss.item())
+        if on_step:
+            on_step(result.steps, result.losses[-1], time.perf_counter() - start)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) from logits [B, T, V]."""
+    teacher = torch.log_softmax(teacher_logits.float(), -1).flatten(0, 1)
+    student = torch.log_softmax(student_logits.float(), -1).flatten(0, 1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def distill(model, calib_ids: torch.Tensor, options: TuneOptions,
             on_step: Callable[[int, float, float], None] | None = None) -> TuneResult:
     """Train the bypass weights (and LoRA) of `model` in place on calib_ids [n, L].
@@ -202,7 +240,6 @@ def distill(model, calib_ids: torch.Tensor, options: TuneOptions,
     device = next(model.parameters()).device
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
-    generator = torch.Generator().manual_seed(options.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     grouped = [i for g in model.config.groups if len(g) > 1 for i in g]
@@ -218,44 +255,26 @@ def distill(model, calib_ids: torch.Tensor, options: TuneOptions,
         return TuneResult(precision=precision)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     runner = _Runner(model)
-    model.train()
-    result = TuneResult(precision=precision)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    start = time.perf_counter()
-    deadline = start + options.minutes * 60 if options.minutes is not None else math.inf
-    n = calib_ids.shape[0]
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
+
+    def kl_of_batch(ids):
+        with autocast:
+            with torch.no_grad():
+                x, cos, sin, masks = runner.prefix(ids)  # shared, computed once
+                set_lora_enabled(model, False)  # the teacher never sees LoRA
+                teacher = runner.teacher(x, cos, sin, masks)
+                set_lora_enabled(model, True)
+            return _kl(runner.student(x, cos, sin, masks), teacher)
+
+    model.train()
     try:
-        while (options.steps is None or result.steps < options.steps) and \
-                time.perf_counter() < deadline:
-            if cursor + options.batch_size > n:
-                order, cursor = torch.randperm(n, generator=generator), 0
-            ids = calib_ids[order[cursor:cursor + options.batch_size]].to(device)
-            cursor += options.batch_size
-            with autocast:
-                with torch.no_grad():
-                    x, cos, sin, masks = runner.prefix(ids)
-                    set_lora_enabled(model, False)
-                    teacher = torch.log_softmax(runner.teacher(x, cos, sin, masks).float(), -1)
-                    set_lora_enabled(model, True)
-                student = torch.log_softmax(runner.student(x, cos, sin, masks).float(), -1)
-            loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
-                            reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.steps += 1
-            result.losses.append(loss.item())
-            if on_step:
-                on_step(result.steps, result.losses[-1], time.perf_counter() - start)
+        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
+                         TuneResult(precision=precision), on_step)
     finally:
         set_lora_enabled(model, True)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def snapshot_bypass(model) -> list[torch.Tensor]:
@@ -283,8 +302,8 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return math.exp(total / count)
 
 
-__all__ = ["TuneOptions", "TuneResult", "distill", "detach_lora", "perplexity",
-           "snapshot_bypass", "restore_bypass", "copy"]
+__all__ = ["TuneOptions", "TuneResult", "distill", "distill_from_teacher", "detach_lora",
+           "perplexity", "snapshot_bypass", "restore_bypass"]
 
 
 def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
@@ -302,7 +321,6 @@ def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: to
     device = next(student.parameters()).device
     precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
-    generator = torch.Generator().manual_seed(options.seed)
     for model in (teacher, student):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -310,35 +328,16 @@ def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: to
     params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    result = TuneResult(precision=precision)
-    start = time.perf_counter()
-    deadline = start + options.minutes * 60 if options.minutes is not None else math.inf
-    n = calib_ids.shape[0]
-    order, cursor = torch.randperm(n, generator=generator), 0
+
+    def kl_of_batch(ids):
+        with autocast:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            return _kl(student(input_ids=ids, use_cache=False).logits, teacher_logits)
+
     student.train()
     try:
-        while (options.steps is None or result.steps < options.steps) and \
-                time.perf_counter() < deadline:
-            if cursor + options.batch_size > n:
-                order, cursor = torch.randperm(n, generator=generator), 0
-            ids = calib_ids[order[cursor:cursor + options.batch_size]].to(device)
-            cursor += options.batch_size
-            with autocast:
-                with torch.no_grad():
-                    target = torch.log_softmax(
-                        teacher(input_ids=ids, use_cache=False).logits.float(), -1)
-                guess = torch.log_softmax(
-                    student(input_ids=ids, use_cache=False).logits.float(), -1)
-            loss = F.kl_div(guess.flatten(0, 1), target.flatten(0, 1), log_target=True,
-                            reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.steps += 1
-            result.losses.append(loss.item())
-            if on_step:
-                on_step(result.steps, result.losses[-1], time.perf_counter() - start)
+        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
+                         TuneResult(precision=precision), on_step)
     finally:
         student.eval()
-    result.seconds = time.perf_counter() - start
-    return result
