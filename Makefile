@@ -25,8 +25,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
-# The whole pipeline on the default model: analyze -> convert (default budget 0.8, 3 minutes of
-# tuning) -> bench against the original; about 15 minutes on a 2-core CPU.
+# The whole pipeline on the default model: analyze -> convert (default budget 0.9, 3 minutes of
+# tuning) -> bench against the original; about 9 minutes on a 2-core CPU.
 demo: install
 	@mkdir -p $(DEMO_OUT)
 	$(CQIL) analyze default --json $(DEMO_OUT)/analyze.json --plot $(DEMO_OUT)/similarity.png
