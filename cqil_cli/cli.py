@@ -295,6 +295,8 @@ class _nothing:
               help="Calibration text (sensitivity, search, tuning).")
 @click.option("--eval", "eval_spec", default="default:heldout", show_default=True, metavar="TEXT",
               help="Held-out text for the perplexities in the manifest.")
+@click.option("--eval-ood", default="default:ood", show_default=True, metavar="TEXT",
+              help="Out-of-domain text, reported beside --eval ('none' to skip).")
 @click.option("--report", type=click.Path(dir_okay=False), metavar="PATH",
               help="Reuse a `cqil analyze --json` report instead of measuring sensitivity again.")
 @click.option("--seed", default=0, show_default=True)
@@ -303,7 +305,7 @@ class _nothing:
 @click.pass_obj
 def convert(state: State, model, out_dir, strategy, devices, budget, speedup, steps, groups,
             start, end, parallel, bypass, tune_steps, tune_minutes, lora_rank, calib, eval_spec,
-            report, seed, force, device, dtype, trust_remote_code, allow_pickle):
+            eval_ood, report, seed, force, device, dtype, trust_remote_code, allow_pickle):
     """Convert MODEL so that groups of adjacent layers run concurrently.
 
     \b
@@ -323,6 +325,7 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                           tune_minutes=None if tune_steps is not None and tune_minutes == 3.0
                           else tune_minutes,
                           lora_rank=lora_rank, calib=calib, eval=eval_spec,
+                          eval_ood=None if eval_ood.lower() == "none" else eval_ood,
                           report=Path(report) if report else None, seed=seed, force=force)
     _threads()
     with state.progress() as progress:
@@ -362,6 +365,11 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                     "ms/token, cqil engine)")
     state.out.print(f"held-out perplexity ({q['eval']}): original {q['ppl_original']:.3f}, "
                     f"untuned {q['ppl_untuned']:.3f}, tuned {q['ppl_tuned']:.3f}")
+    ood = q.get("ood") or {}
+    if ood.get("ppl_original") is not None:
+        state.out.print(f"out-of-domain perplexity ({ood['eval']}): original "
+                        f"{ood['ppl_original']:.3f}, untuned {ood['ppl_untuned']:.3f}, tuned "
+                        f"{ood['ppl_tuned']:.3f}")
     state.err.print(f"converted model: {out_dir}")
 
 

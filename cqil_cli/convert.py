@@ -47,6 +47,7 @@ class ConvertOptions:
     lora_rank: int = 16
     calib: str = "default"
     eval: str = "default:heldout"
+    eval_ood: str | None = "default:ood"  # out-of-domain text, reported beside --eval
     report: Path | None = None
     seed: int = 0
     force: bool = False
@@ -291,10 +292,13 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                                    opts.seq_len, opts.seed, min_samples=2)
     calib_ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.tune_samples,
                                     opts.seq_len, opts.seed, min_samples=4)
+    ood_ids = (token_samples_up_to(loaded.tokenizer, opts.eval_ood, opts.eval_samples,
+                                   opts.seq_len, opts.seed, min_samples=2)
+               if opts.eval_ood else None)
 
     if opts.strategy == "prune":
-        return _convert_prune(model_spec, loaded, opts, fraction, eval_ids, calib_ids, cb,
-                              started)
+        return _convert_prune(model_spec, loaded, opts, fraction, eval_ids, calib_ids, ood_ids,
+                              cb, started)
     tick = cb.progress("measuring latency", 3 * max(1, opts.devices))
     latency = measure_latency_model(base, max(1, opts.devices), on_progress=tick)
     groups, choice = choose_groups(loaded, opts, fraction, latency, cb)
@@ -307,8 +311,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
 
     cb.status("held-out perplexity of the original")
     ppl_original = perplexity(base, eval_ids)
+    ood = {"original": _ppl(base, ood_ids)}
     model = convert_manual(base, groups, opts.bypass)
     ppl_untuned = perplexity(model, eval_ids)
+    ood["untuned"] = _ppl(model, ood_ids)
     num_layers = loaded.num_layers
     del base, loaded.model  # the teacher is the converted model's own weights, run in sequence
     tune = TuneOptions(steps=opts.tune_steps, minutes=opts.tune_minutes,
@@ -333,10 +339,11 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                       **asdict(tune), "kept": keep,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
+    ood["tuned"] = _ppl(model, ood_ids) if tuned_info["kept"] else ood["untuned"]
 
     manifest = {
         **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
-                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started),
+                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started, ood),
         "steps": groups,
         "num_steps": len(groups),
         "num_layers": num_layers,
@@ -356,8 +363,15 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     return manifest
 
 
+def _ppl(model, ids) -> float | None:
+    from .distill import perplexity
+
+    return None if ids is None else perplexity(model, ids)
+
+
 def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_ids,
-                    ppl: tuple[float, float, float], tuning: dict, started: float) -> dict:
+                    ppl: tuple[float, float, float], tuning: dict, started: float,
+                    ood: dict) -> dict:
     """The manifest fields every strategy writes."""
     return {
         "cqil_version": __version__,
@@ -366,7 +380,9 @@ def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_id
                        "path": str(loaded.path) if loaded.path else None,
                        "weights_sha256": base_weight_digests(loaded.path)},
         "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
-                    "ppl_original": ppl[0], "ppl_untuned": ppl[1], "ppl_tuned": ppl[2]},
+                    "ppl_original": ppl[0], "ppl_untuned": ppl[1], "ppl_tuned": ppl[2],
+                    "ood": {"eval": opts.eval_ood, "ppl_original": ood["original"],
+                            "ppl_untuned": ood["untuned"], "ppl_tuned": ood["tuned"]}},
         "calibration": {"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
                         "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
                         "seed": opts.seed},
@@ -457,7 +473,7 @@ changed file).
 
 
 def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids, calib_ids,
-                   cb: Callbacks, started: float) -> dict:
+                   ood_ids, cb: Callbacks, started: float) -> dict:
     """ShortGPT: drop the layers of lowest block influence; write a plain base-architecture
     model. Tuned by distillation from the original (kept in memory: the pruned model no
     longer holds the removed layers), LoRA on the layers next to each removed run."""
@@ -497,6 +513,7 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
     student = copy.deepcopy(base)
     remove_layers(student, kept)
     ppl_untuned = perplexity(student, eval_ids)
+    ood = {"original": _ppl(base, ood_ids), "untuned": _ppl(student, ood_ids)}
     tune = TuneOptions(steps=opts.tune_steps, minutes=opts.tune_minutes,
                        lora_rank=opts.lora_rank, seed=opts.seed)
     tuned_info = {"steps": 0, "seconds": 0.0, "kept": False}
@@ -514,12 +531,13 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
                       **asdict(tune), "kept": keep_tuned, "lora_layers": lora_layers,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
+    ood["tuned"] = _ppl(student, ood_ids) if tuned_info["kept"] else ood["untuned"]
     del teacher, loaded.model, base
     removed = [i for i in range(n) if i not in kept]
     predicted_ms = latency.outside_ms + keep * latency.step_ms[1]
     manifest = {
         **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
-                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started),
+                          (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started, ood),
         "steps": [[i] for i in kept],
         "num_steps": keep,
         "num_layers": n,

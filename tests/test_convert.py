@@ -46,7 +46,7 @@ def test_output_is_a_complete_hf_folder_with_manifest(converted):
         assert key in manifest
     assert manifest["steps"] == [[0], [1, 2], [3], [4]]
     assert manifest["predicted"]["latency_ratio"] > 0
-    assert {"ppl_original", "ppl_untuned", "ppl_tuned"} <= set(manifest["quality"])
+    assert {"ppl_original", "ppl_untuned", "ppl_tuned", "ood"} <= set(manifest["quality"])
     assert manifest["quality"]["ppl_tuned"] <= manifest["quality"]["ppl_untuned"]
     assert set(manifest["files"]) == {n for n in names if n != "manifest.json"}
     held = [layer for rank in manifest["placement"]["ranks"] for layer in rank["layers"]]
