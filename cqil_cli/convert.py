@@ -426,6 +426,7 @@ def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict,
         else:
             save_converted(model, tokenizer, folder)
         (folder / "README.md").write_text(model_card(manifest))
+        _usual_permissions(folder)
         full = write_manifest(folder, manifest)
         manifest.clear()
         manifest.update(full)
@@ -434,6 +435,16 @@ def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict,
         os.replace(folder, out)
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Temporary folders and files are private (0700/0600); give the output the permissions
+    an ordinary folder would have under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def model_card(m: dict) -> str:

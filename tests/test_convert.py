@@ -130,3 +130,10 @@ def test_prune_writes_a_plain_model_any_tool_loads(llama_folder, long_text, tmp_
     assert prune_kept_layers([0.5, 0.1, 0.3, 0.05, 0.9], 3) == [0, 2, 4]
     assert skip_kept_layers(30, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 29]
     assert len(skip_kept_layers(30, 1.25)) == 24
+
+
+def test_output_has_ordinary_permissions(converted):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (converted.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert ((converted / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
