@@ -566,14 +566,10 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
 def draw_windows(stream: torch.Tensor, count: int, length: int, seed: int,
                  what: str, spec: str, option: str) -> torch.Tensor:
     """count non-overlapping windows of length tokens, drawn deterministically for a seed."""
-    windows = stream.numel() // length
-    if windows < count:
-        raise CqilError(f"too little evaluation text in '{spec}': {stream.numel():,} tokens make "
-                        f"{windows} windows of {length}; {what} needs {count} "
-                        f"({count * length:,} tokens); use more text or lower {option}")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(windows, generator=generator)[:count].sort().values
-    return stream[: windows * length].view(windows, length)[chosen].clone()
+    from .text import draw_windows as draw
+
+    return draw(stream, count, length, seed, spec=spec, purpose=f"for {what}",
+                hint=f"; too little evaluation text: use more or lower {option}")
 
 
 @dataclass

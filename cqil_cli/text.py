@@ -226,32 +226,52 @@ def token_stream(tokenizer, text: TextSet):
     return torch.tensor(ids, dtype=torch.long)
 
 
+_STREAMS: dict[tuple[int, str], tuple] = {}
+
+
+def cached_stream(tokenizer, spec: str):
+    """(TextSet, token stream) of a spec, tokenised once per tokenizer in this process."""
+    key = (id(tokenizer), spec)
+    if key not in _STREAMS:
+        text = load_text(spec)
+        _STREAMS[key] = (tokenizer, text, token_stream(tokenizer, text))  # keeps id valid
+    return _STREAMS[key][1:]
+
+
+def draw_windows(stream, count: int, length: int, seed: int, *, spec: str,
+                 purpose: str = "samples", hint: str = ""):
+    """count non-overlapping windows of `length` tokens of stream: LongTensor [count, length].
+
+    Which windows are drawn depends only on the stream and the seed.
+    """
+    import torch
+
+    windows = stream.numel() // length
+    if windows < count:
+        raise CqilError(f"too little text in '{spec}': {stream.numel():,} tokens make "
+                        f"{windows} windows of {length}; {count} {purpose} need "
+                        f"{count * length:,} tokens{hint}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(windows, generator=generator)[:count].sort().values
+    return stream[: windows * length].view(windows, length)[chosen].clone()
+
+
 def token_samples_up_to(tokenizer, spec: str, max_samples: int, seq_len: int, seed: int = 0,
                         min_samples: int = 1):
     """Like token_samples, but takes as many windows as the text has, up to max_samples."""
-    text = load_text(spec)
-    available = token_stream(tokenizer, text).numel() // seq_len
+    _, stream = cached_stream(tokenizer, spec)
+    available = stream.numel() // seq_len
     return token_samples(tokenizer, spec, max(min_samples, min(max_samples, available)),
                          seq_len, seed)
 
 
 def token_samples(tokenizer, spec: str, num_samples: int, seq_len: int, seed: int = 0):
-    """num_samples windows of seq_len tokens: a LongTensor [num_samples, seq_len].
+    """num_samples windows of seq_len tokens of a text spec: a LongTensor [num_samples, seq_len].
 
-    The windows do not overlap; which windows are drawn depends only on the text, the
-    tokenizer and the seed.
+    The documents are tokenised and joined with the end-of-sequence token; the windows do not
+    overlap; which windows are drawn depends only on the text, the tokenizer and the seed.
     """
-    import torch
-
     if num_samples < 1 or seq_len < 2:
         raise CqilError(f"need at least 1 sample of 2 tokens (got {num_samples} × {seq_len})")
-    text = load_text(spec)
-    stream = token_stream(tokenizer, text)
-    windows = stream.numel() // seq_len
-    if windows < num_samples:
-        raise CqilError(f"too little text in '{spec}': {stream.numel():,} tokens "
-                        f"({text.num_chars:,} characters) make {windows} windows of {seq_len} "
-                        f"tokens; {num_samples} samples need {num_samples * seq_len:,} tokens")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(windows, generator=generator)[:num_samples].sort().values
-    return stream[: windows * seq_len].view(windows, seq_len)[chosen].clone()
+    _, stream = cached_stream(tokenizer, spec)
+    return draw_windows(stream, num_samples, seq_len, seed, spec=spec)

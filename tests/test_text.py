@@ -39,7 +39,7 @@ def test_windows_do_not_overlap_and_come_from_the_text(tokenizer, text_file):
 def test_too_little_text_says_how_much_there_was(tokenizer, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("Too short to calibrate on.")
-    with pytest.raises(CqilError, match=r"too little text .* tokens .* need 2,048 tokens"):
+    with pytest.raises(CqilError, match=r"too little text .* tokens .* 8 samples need 2,048 tokens"):
         token_samples(tokenizer, str(path), 8, 256)
 
 
