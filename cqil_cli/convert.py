@@ -335,8 +335,8 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
             restore_bypass(model, saved)
         model.model.refresh_fused()
         ppl_tuned = perplexity(model, eval_ids) if keep else ppl_untuned
-        tuned_info = {"steps": result.steps, "seconds": round(result.seconds, 1),
-                      **asdict(tune), "kept": keep,
+        tuned_info = {**asdict(tune), "steps": result.steps,
+                      "seconds": round(result.seconds, 1), "kept": keep,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
     ood["tuned"] = _ppl(model, ood_ids) if tuned_info["kept"] else ood["untuned"]
@@ -538,8 +538,9 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
         keep_tuned = candidate < ppl_untuned
         detach_lora(student, merge=keep_tuned)
         ppl_tuned = candidate if keep_tuned else ppl_untuned
-        tuned_info = {"steps": result.steps, "seconds": round(result.seconds, 1),
-                      **asdict(tune), "kept": keep_tuned, "lora_layers": lora_layers,
+        tuned_info = {**asdict(tune), "steps": result.steps,
+                      "seconds": round(result.seconds, 1), "kept": keep_tuned,
+                      "lora_layers": lora_layers,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
     ood["tuned"] = _ppl(student, ood_ids) if tuned_info["kept"] else ood["untuned"]

@@ -137,3 +137,8 @@ def test_output_has_ordinary_permissions(converted):
     os.umask(umask)
     assert (converted.stat().st_mode & 0o777) == 0o777 & ~umask
     assert ((converted / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_manifest_records_the_steps_taken(converted):
+    tuning = json.loads((converted / "manifest.json").read_text())["tuning"]
+    assert tuning["steps"] == 2 and tuning["lora_rank"] == 2
