@@ -5,7 +5,6 @@ cli.py registers this command at its end; import `cqil_cli.cli` (not this module
 
 from __future__ import annotations
 
-import functools
 import math
 
 import click
@@ -18,8 +17,7 @@ from .cli import (
     _threads,
     check_writable,
     model_options,
-    write_json_atomic,
-    write_png_atomic,
+    write_outputs,
 )
 from .errors import CqilError
 
@@ -126,14 +124,9 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
             state.err.print(f"warning: the baseline '{report['baseline']['model']}' is not the "
                             f"checkpoint '{row['model']}' was converted from (its weight files "
                             "differ from the manifest's sha256)", style="yellow")
-    if json_target:
-        write_json_atomic(json_target, report)
-        state.err.print(f"report: {json_target}")
-    if plot_target:
-        from .plots import tradeoff_chart
+    from .plots import tradeoff_chart
 
-        write_png_atomic(plot_target, functools.partial(tradeoff_chart, report))
-        state.err.print(f"chart: {plot_target}")
+    write_outputs(state, report, json_target, plot_target, tradeoff_chart, "chart")
 
 
 # ---------------------------------------------------------------- the table

@@ -101,6 +101,17 @@ def write_png_atomic(path: Path, draw) -> None:
         raise
 
 
+def write_outputs(state, report: dict, json_target: Path | None, plot_target: Path | None,
+                  draw, plot_label: str) -> None:
+    """Write the JSON report and the PNG (draw(report, path)) where asked, atomically."""
+    if json_target:
+        write_json_atomic(json_target, report)
+        state.err.print(f"report: {json_target}")
+    if plot_target:
+        write_png_atomic(plot_target, functools.partial(draw, report))
+        state.err.print(f"{plot_label}: {plot_target}")
+
+
 # ---------------------------------------------------------------- the group
 
 
@@ -244,14 +255,9 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
     from .render import analyze_tables
 
     analyze_tables(report, state.out)
-    if json_target:
-        write_json_atomic(json_target, report)
-        state.err.print(f"report: {json_target}")
-    if plot_target:
-        from .plots import similarity_heatmap
+    from .plots import similarity_heatmap
 
-        write_png_atomic(plot_target, functools.partial(similarity_heatmap, report))
-        state.err.print(f"heatmap: {plot_target}")
+    write_outputs(state, report, json_target, plot_target, similarity_heatmap, "heatmap")
 
 
 class _nothing:

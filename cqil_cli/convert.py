@@ -305,9 +305,6 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     if max(len(g) for g in groups) > opts.devices:
         raise CqilError(f"a group of {max(len(g) for g in groups)} layers needs --devices "
                         f"{max(len(g) for g in groups)} or more")
-    if any(len(g) > 1 for g in groups) and not set(range(1, max(len(g) for g in groups) + 1)) \
-            <= set(latency.step_ms):
-        latency = measure_latency_model(base, max(len(g) for g in groups))
 
     cb.status("held-out perplexity of the original")
     ppl_original = perplexity(base, eval_ids)

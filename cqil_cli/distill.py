@@ -131,8 +131,6 @@ class _Runner:
     """Forward passes of the teacher and the student from shared prefix activations."""
 
     def __init__(self, model):
-        from .modeling_cqil import build_attention_mask, reference_step  # noqa: F401
-
         self.model = model
         self.config = model.config
         groups = self.config.groups

@@ -79,11 +79,14 @@ def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
     prompt = prompt.to(param.device)
     variants = {1: [[i] for i in range(n)]}
     for s in range(2, max_size + 1):
-        k = (n - 2) // s  # keep the first and the last layer single, like real groupings
-        if k < 1:
+        if s > n:
             break
-        variants[s] = [[0]] + [list(range(1 + j * s, 1 + (j + 1) * s)) for j in range(k)] + \
-            [[i] for i in range(1 + k * s, n)]
+        k = (n - 2) // s  # keep the first and the last layer single, like real groupings
+        first = 1 if k >= 1 else 0  # a model too shallow for that: one group from layer 0
+        k = max(k, 1)
+        variants[s] = [[i] for i in range(first)] + \
+            [list(range(first + j * s, first + (j + 1) * s)) for j in range(k)] + \
+            [[i] for i in range(first + k * s, n)]
     models = {s: convert_manual(base_model, groups, 0) for s, groups in variants.items()}
     totals: dict[int, list[float]] = {s: [] for s in models}
     for _ in range(repeats):  # interleaved, so drift hits every variant alike

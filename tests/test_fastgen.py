@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from transformers import (
     LlamaConfig,
@@ -41,14 +42,8 @@ def tiny(kind: str, seed: int = 0):
     return model.eval()
 
 
-def padded_batch(lengths=(11, 7, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(1, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
+def padded_batch():
+    return tiny_models.padded_batch(V, lengths=(11, 7, 4))
 
 
 def greedy_generate(model, ids, mask, n):

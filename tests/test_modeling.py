@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -76,15 +77,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def padded_batch(seed: int = 0, lengths=(12, 9, 5)):
-    """Left-padded ids [B, T] and mask (0 = padding)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(1, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
+def padded_batch():
+    return tiny_models.padded_batch(V, lengths=(12, 9, 5))
 
 
 # --------------------------------------------------------------------------- (a) == transformers

@@ -35,3 +35,14 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 49152):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def padded_batch(vocab_size: int, lengths=(12, 9, 5), seed: int = 0):
+    """Left-padded random ids [B, T] and their mask (1 = token, 0 = padding)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab_size, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
