@@ -11,7 +11,10 @@ on a 135M model that overhead is larger than the arithmetic. Here:
   - RoPE cos/sin come from a table computed once;
   - the loop calls the fused steps directly (model.model.fused_steps()), then norm + lm_head on
     the last position only;
-  - optionally the decode step is compiled with torch.compile (static shapes, so one graph).
+  - optionally the decode step is compiled with torch.compile (static shapes, so one graph);
+  - on CUDA the decode step is captured once as a CUDA graph and replayed for every token
+    (all its inputs live in preallocated buffers updated in place), which removes the
+    per-kernel launch cost that dominates a small model's decode step on a GPU.
 
 A plain transformers Llama/Mistral/Qwen2/Qwen3 model is first converted to a CqilForCausalLM
 with every layer its own step ("our engine with no groups"); the conversion copies weights.
@@ -88,9 +91,12 @@ class FastGenerator:
 
     compile=True compiles the decode step with torch.compile (needs a C++ compiler on CPU);
     the first call then includes compilation, so warm up before timing.
+    cuda_graph (default: on for CUDA models) replays the decode step as a captured CUDA graph;
+    the graph is captured on the first decode step of a call and kept while the batch size,
+    total length, dtype and weights stay the same.
     """
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, cuda_graph: bool | None = None):
         if not isinstance(model, CqilForCausalLM) and type(model).__name__ != "CqilForCausalLM":
             from .checkpoint import convert_manual
 
@@ -98,7 +104,11 @@ class FastGenerator:
         self.model = model.eval()
         self.config = model.config
         self.compile = compile
+        self.cuda_graph = cuda_graph
         self._decode_fn = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._graph_logits: torch.Tensor | None = None
         self._cache: StaticKVCache | None = None
         self._cos = self._sin = None
         self._lm_w, self._lm_key = None, None
@@ -144,6 +154,26 @@ class FastGenerator:
         for s, step in enumerate(self._steps):
             x = step(x, cos, sin, mask, False, self._cache, s)
         return self._logits(x[:, -1])
+
+    def _replay(self, decode) -> torch.Tensor:
+        """Run the decode step as a CUDA graph (captured on first use) -> logits [B, V]."""
+        key = (id(self._steps), self._lm_key, id(self._cache), decode is self._decode_fn)
+        if self._graph is None or self._graph_key != key:
+            args = (self._tok, self._pos, self._write_pos, self._mask_row)
+            # Warm-up on a side stream (also compiles, if compiling); it writes this token's
+            # keys and values into the cache, which the replay below writes again, identically.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    decode(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_logits = decode(*args)
+            self._graph_key = key
+        self._graph.replay()
+        return self._graph_logits
 
     # -- the public entry point
 
@@ -203,7 +233,13 @@ class FastGenerator:
                 or self._cache.k[0].dtype != dtype or self._cache.k[0].device != device:
             self._cache = StaticKVCache(model, B, max_len, dtype, device)
             self._cos, self._sin = self._rope(max_len, device, dtype)
+            # Decode inputs, preallocated and updated in place (a CUDA graph reads these addresses).
+            self._tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] current token
+            self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] its RoPE position
+            self._write_pos = torch.zeros(1, dtype=torch.long, device=device)  # [1] its cache slot
+            self._mask_row = torch.empty(B, 1, 1, max_len, dtype=dtype, device=device)  # additive mask
             self._decode_fn = None  # shapes changed: a compiled step would recompile
+            self._graph = None
         self._steps = model.model.fused_steps()
         self._lm_matrix()
         cache = self._cache
@@ -228,17 +264,21 @@ class FastGenerator:
         # Decode state, preallocated: everything below is updated in place. The mask is additive
         # (0 = visible, -inf = hidden): SDPA would otherwise convert a bool mask on every call.
         cache.kv_len = None
-        mask_row = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+        mask_row, pos, write_pos = self._mask_row, self._pos, self._write_pos
+        mask_row.fill_(float("-inf"))
         mask_row[:, 0, 0, :T].masked_fill_(attention_mask.bool(), 0.0)
         if window is not None and T - window > 0:
             mask_row[..., : T - window] = float("-inf")  # left of the first decode query's window
-        pos = positions[:, -1:].clone()  # [B, 1] position of the last token per sequence
-        write_pos = torch.tensor([T - 1], device=device)
+        pos.copy_(positions[:, -1:])  # [B, 1] position of the last token per sequence
+        write_pos.fill_(T - 1)
         decode = self._decode
         if self.compile:
             if self._decode_fn is None:
                 self._decode_fn = torch.compile(self._decode, dynamic=False)
             decode = self._decode_fn
+        use_graph = self.cuda_graph if self.cuda_graph is not None else device.type == "cuda"
+        if use_graph and device.type != "cuda":
+            raise ValueError("cuda_graph needs a model on a CUDA device")
         decode_s: list[float] = []
         for i in range(1, max_new_tokens):
             if finished is not None and bool(finished.all()):
@@ -250,7 +290,11 @@ class FastGenerator:
             mask_row[..., q] = 0.0
             if window is not None and q - window >= 0:
                 mask_row[..., q - window] = float("-inf")
-            logits = decode(tok[:, None], pos, write_pos, mask_row)
+            self._tok.copy_(tok[:, None])
+            if use_graph:
+                logits = self._replay(decode)
+            else:
+                logits = decode(self._tok, pos, write_pos, mask_row)
             nxt = pick(logits)
             if finished is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)

