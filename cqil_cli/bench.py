@@ -18,7 +18,10 @@ Latency
   time.perf_counter() after every generated token (synchronising CUDA first): the first
   interval is the prefill (prompt forward + first token), every later one a decode step.
 Quality (teacher-forced, against the baseline, on --eval text)
-  --eval-tokens tokens in windows of --eval-window tokens, batch by batch (no logits kept):
+  --eval-tokens tokens in windows of --eval-window tokens, batch by batch (no logits kept);
+  the first --eval-prompt tokens of each window (default: half) are the prompt and are not
+  scored, the rest is scored as the continuation a generation would produce (a
+  layer-skipping model runs the prompt through every layer and the rest through its kept ones):
   perplexity from the model's own next-token loss, mean KL(baseline || model) per token, top-1
   next-token agreement; and greedy continuations (--greedy-tokens new tokens after each of
   --greedy-prompts prompts of --greedy-prompt-len tokens) identical to the baseline's.
@@ -61,6 +64,7 @@ class BenchOptions:
     eval_spec: str = "default:heldout"
     eval_tokens: int = 8192
     eval_window: int = 256
+    eval_prompt: int | None = None  # leading tokens of a window that are prompt, not scored (None: half)
     eval_batch: int = 2  # windows per teacher-forced forward pass (memory, not results)
     greedy_prompts: int = 16
     greedy_prompt_len: int = 32
@@ -81,6 +85,9 @@ class BenchOptions:
             raise CqilError("--repeats must be at least 1 and --warmup at least 0")
         if self.eval_window < 2:
             raise CqilError(f"bad --eval-window {self.eval_window}: it must be at least 2")
+        if not 0 <= self.eval_prompt_tokens <= self.eval_window - 2:
+            raise CqilError(f"bad --eval-prompt {self.eval_prompt_tokens}: between 0 and "
+                            f"{self.eval_window - 2} for windows of {self.eval_window} tokens")
         if self.eval_tokens < self.eval_window:
             raise CqilError(f"bad --eval-tokens {self.eval_tokens}: it must be at least one "
                             f"window of {self.eval_window} tokens")
@@ -89,6 +96,10 @@ class BenchOptions:
                             "and 1 new token")
         if not self.latency and not self.quality:
             raise CqilError("nothing to measure: both latency and quality are switched off")
+
+    @property
+    def eval_prompt_tokens(self) -> int:
+        return self.eval_window // 2 if self.eval_prompt is None else self.eval_prompt
 
     @property
     def eval_windows(self) -> int:
@@ -370,8 +381,13 @@ class TransformersRunner:
         return self.generate(prompts, new_tokens).tokens
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+    def logits(self, ids: torch.Tensor, prompt_tokens: int = 0) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V]; the first prompt_tokens of ids are the prompt (which
+        matters only to a layer-skipping model: it runs its prompt through every layer)."""
+        from .distill import prompt_kwargs
+
+        extra = prompt_kwargs(self.model, prompt_tokens)
+        return self.model(input_ids=ids.to(self.device), use_cache=False, **extra).logits
 
 
 class CqilRunner(TransformersRunner):
@@ -663,12 +679,14 @@ def run_quality(entries: list[Entry], baseline: Entry, tokens: BenchTokens,
         distinct.setdefault(entry.quality_key, entry)
     others = [e for k, e in distinct.items() if k != baseline.quality_key]
     acc = {k: QualityAccumulator() for k in distinct}
+    p = options.eval_prompt_tokens
+    start = max(p - 1, 0)  # the first scored prediction: the prompt's last position
     for batch in tokens.eval_windows.split(options.eval_batch):
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        base_logits = baseline.runner.logits(inputs)
+        inputs, targets = batch[:, :-1], batch[:, 1:][:, start:]
+        base_logits = baseline.runner.logits(inputs, p)[:, start:]
         acc[baseline.quality_key].update(None, base_logits, targets)
         for entry in others:
-            acc[entry.quality_key].update(base_logits, entry.runner.logits(inputs), targets)
+            acc[entry.quality_key].update(base_logits, entry.runner.logits(inputs, p)[:, start:], targets)
         del base_logits
         advance("quality: teacher-forced windows")
     base_greedy = baseline.runner.greedy(tokens.greedy_prompts, options.greedy_tokens).cpu()
@@ -795,6 +813,7 @@ def assemble_report(entries: list[Entry], baseline: Entry, engine_baseline: Entr
     settings = {k: v for k, v in asdict(options).items()}
     settings["batches"] = list(options.batches)
     settings["eval_windows"] = options.eval_windows if options.quality else 0
+    settings["eval_prompt"] = options.eval_prompt_tokens
     settings["eval_text_tokens"] = tokens.stream_tokens
     return {
         "schema": SCHEMA,

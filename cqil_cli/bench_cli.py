@@ -44,6 +44,9 @@ from .errors import CqilError
               help="Tokens of teacher-forced evaluation.")
 @click.option("--eval-window", default=256, show_default=True, type=click.IntRange(min=2),
               help="Tokens per evaluation window.")
+@click.option("--eval-prompt", type=click.IntRange(min=0), metavar="N",
+              help="Leading tokens of each evaluation window that are the prompt, not scored "
+                   "(default: half the window; 0 scores every token).")
 @click.option("--greedy-prompts", default=16, show_default=True, type=click.IntRange(min=1),
               help="Prompts of the greedy-continuation test.")
 @click.option("--greedy-tokens", default=32, show_default=True, type=click.IntRange(min=1),
@@ -62,7 +65,7 @@ from .errors import CqilError
 @click.pass_obj
 def bench_command(state: State, models, baseline, device, dtype, trust_remote_code,
                   allow_pickle, prompt_len, new_tokens, batch, repeats, warmup, eval_spec,
-                  eval_tokens, eval_window, greedy_prompts, greedy_tokens, cqil_engine, compile_,
+                  eval_tokens, eval_window, eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_,
                   no_quality, no_latency, seed, json_path, plot_path):
     """Latency and quality of MODEL(s) side by side with a baseline.
 
@@ -91,7 +94,7 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
     options = BenchOptions(
         prompt_len=prompt_len, new_tokens=new_tokens, batches=parse_batches(batch),
         repeats=repeats, warmup=warmup, eval_spec=eval_spec, eval_tokens=eval_tokens,
-        eval_window=eval_window, greedy_prompts=greedy_prompts,
+        eval_window=eval_window, eval_prompt=eval_prompt, greedy_prompts=greedy_prompts,
         greedy_prompt_len=greedy_tokens, greedy_tokens=greedy_tokens, seed=seed,
         cqil_engine=cqil_engine, compile=compile_, latency=not no_latency,
         quality=not no_quality)
@@ -211,7 +214,8 @@ def bench_tables(report: dict, console: Console) -> None:
         console.print(by_batch)
     if settings["quality"]:
         console.print(f"quality: {settings['eval_windows']} windows of {settings['eval_window']}"
-                      f" tokens of '{settings['eval_spec']}'; greedy: "
+                      f" tokens of '{settings['eval_spec']}', scored after a "
+                      f"{settings['eval_prompt']}-token prompt; greedy: "
                       f"{settings['greedy_prompts']} prompts, {settings['greedy_tokens']} tokens "
                       "each", style="dim")
 

@@ -73,11 +73,13 @@ def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
     return check_groups(steps, num_layers)
 
 
-def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0) -> CqilForCausalLM:
+def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
+                   skip_layers: list[int] | None = None) -> CqilForCausalLM:
     """Build a CqilForCausalLM from a loaded transformers Llama/Mistral/Qwen2/Qwen3 causal LM.
 
     Every base tensor is copied (names and shapes checked); the new bypass weights (gamma, beta)
-    start at 1. The result has the base model's dtype and device and is in eval mode.
+    start at 1. skip_layers: layers only the prompt runs through (Unified Layer Skipping).
+    The result has the base model's dtype and device and is in eval mode.
     """
     config = getattr(base_model, "config", None)
     kind = getattr(config, "model_type", None)
@@ -88,7 +90,7 @@ def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_dist
         )
     if isinstance(groups, str):
         groups = parse_groups(groups, config.num_hidden_layers)
-    cfg = CqilConfig.from_base_config(config, groups, bypass_distance)
+    cfg = CqilConfig.from_base_config(config, groups, bypass_distance, skip_layers=skip_layers)
     param = next(base_model.parameters())
     dtype, device = param.dtype, param.device
     cfg.dtype = dtype

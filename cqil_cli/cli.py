@@ -274,10 +274,12 @@ class _nothing:
 @cli.command()
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder to write.")
-@click.option("--strategy", type=click.Choice(["cqil", "prune"]), default="cqil",
+@click.option("--strategy", type=click.Choice(["cqil", "skip", "prune"]), default="cqil",
               show_default=True,
-              help="cqil: concurrent groups of adjacent layers with a learned bypass; prune: "
-                   "remove the layers of lowest block influence (ShortGPT), a plain model.")
+              help="cqil: concurrent groups of adjacent layers with a learned bypass; skip: "
+                   "Unified Layer Skipping (the prompt runs through every layer, generated "
+                   "tokens through evenly spaced ones; --speedup R uses the paper's rule); "
+                   "prune: remove the layers of lowest block influence (ShortGPT), a plain model.")
 @click.option("--devices", default=2, show_default=True, type=int,
               help="P: the largest group, and the number of ranks in the placement.")
 @click.option("--budget", type=float, help="Decode latency as a fraction of the original's "
@@ -303,6 +305,9 @@ class _nothing:
               help="Held-out text for the perplexities in the manifest.")
 @click.option("--eval-ood", default="default:ood", show_default=True, metavar="TEXT",
               help="Out-of-domain text, reported beside --eval ('none' to skip).")
+@click.option("--eval-prompt", type=int, metavar="N",
+              help="Tokens at the start of each 256-token evaluation window that are the "
+                   "prompt, not scored (skip runs them through every layer). Default: half.")
 @click.option("--report", type=click.Path(dir_okay=False), metavar="PATH",
               help="Reuse a `cqil analyze --json` report instead of measuring sensitivity again.")
 @click.option("--seed", default=0, show_default=True)
@@ -311,7 +316,8 @@ class _nothing:
 @click.pass_obj
 def convert(state: State, model, out_dir, strategy, devices, budget, speedup, steps, groups,
             start, end, parallel, bypass, tune_steps, tune_minutes, lora_rank, calib, eval_spec,
-            eval_ood, report, seed, force, device, dtype, trust_remote_code, allow_pickle):
+            eval_ood, eval_prompt, report, seed, force, device, dtype, trust_remote_code,
+            allow_pickle):
     """Convert MODEL so that groups of adjacent layers run concurrently.
 
     \b
@@ -319,6 +325,9 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
     default --budget 0.9) on measured sensitivity and latency, or is given by hand (--groups,
     or --start/--end/--parallel). The bypass weights (and LoRA, merged) are then distilled
     briefly from the original; the tuned model is kept only if held-out perplexity improves.
+    --strategy skip and prune are the comparison methods, with the same budget and tuning
+    options. Held-out perplexity scores the second half of each window after the first half
+    as a prompt (--eval-prompt).
     The folder loads with transformers (trust_remote_code=True, or after `import cqil_cli`)
     and holds manifest.json: grouping, placement, predictions, quality, sha256 of every file.
     See docs/convert.md.
@@ -332,6 +341,7 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                           else tune_minutes,
                           lora_rank=lora_rank, calib=calib, eval=eval_spec,
                           eval_ood=None if eval_ood.lower() == "none" else eval_ood,
+                          eval_prompt=eval_prompt,
                           report=Path(report) if report else None, seed=seed, force=force)
     _threads()
     with state.progress() as progress:
@@ -361,15 +371,23 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                                          tune_start=tune_start))
     q, p = manifest["quality"], manifest["predicted"]
     grouped = [f"{g[0]}-{g[-1]}" for g in manifest["steps"] if len(g) > 1]
-    state.out.print(f"groups: {','.join(grouped) or 'none'}  ({manifest['num_steps']} steps of "
-                    f"{manifest['num_layers']} layers, bypass {manifest['bypass_distance']})")
+    depth = f"{manifest['num_steps']} steps of {manifest['num_layers']} layers"
+    if manifest["strategy"] == "skip":
+        state.out.print(f"skipped when decoding: {_layer_list(manifest['skipped_layers'])}  ({depth}; "
+                        "the prompt runs through every layer)")
+    elif manifest["strategy"] == "prune":
+        state.out.print(f"removed: {_layer_list(manifest['removed_layers'])}  ({depth})")
+    else:
+        state.out.print(f"groups: {','.join(grouped) or 'none'}  ({depth}, "
+                        f"bypass {manifest['bypass_distance']})")
     if "measured_kl" in manifest["grouping"]:
         state.out.print(f"measured KL of the chosen grouping (untuned): "
                         f"{manifest['grouping']['measured_kl']:.4f}")
     state.out.print(f"predicted decode latency: {p['latency_ratio']:.3f} × the original "
                     f"({p['decode_ms_per_token']:.2f} vs {p['original_decode_ms_per_token']:.2f} "
                     "ms/token, cqil engine)")
-    state.out.print(f"held-out perplexity ({q['eval']}): original {q['ppl_original']:.3f}, "
+    state.out.print(f"held-out perplexity ({q['eval']}, tokens after a {q['prompt_tokens']}-token "
+                    f"prompt): original {q['ppl_original']:.3f}, "
                     f"untuned {q['ppl_untuned']:.3f}, tuned {q['ppl_tuned']:.3f}")
     ood = q.get("ood") or {}
     if ood.get("ppl_original") is not None:
@@ -377,6 +395,10 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                         f"{ood['ppl_original']:.3f}, untuned {ood['ppl_untuned']:.3f}, tuned "
                         f"{ood['ppl_tuned']:.3f}")
     state.err.print(f"converted model: {out_dir}")
+
+
+def _layer_list(layers: list[int]) -> str:
+    return ",".join(str(i) for i in layers) or "none"
 
 
 # ---------------------------------------------------------------- assets

@@ -27,6 +27,7 @@ from . import __version__
 from .errors import CqilError
 
 DEFAULT_BUDGET = 0.9
+STRATEGIES = ("cqil", "skip", "prune")
 
 
 @dataclass
@@ -55,7 +56,13 @@ class ConvertOptions:
     tune_samples: int = 256  # calibration windows for tuning (seq_len tokens each)
     seq_len: int = 256
     eval_samples: int = 16
+    eval_prompt: int | None = None  # tokens of each eval window that are prompt, not scored (None: half)
     candidates: int = 4  # best partitions re-measured whole
+
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.seq_len // 2 if self.eval_prompt is None else self.eval_prompt
 
 
 @dataclass
@@ -271,10 +278,13 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     from .models import load_model, require_llama_family
     from .text import token_samples_up_to
 
-    if opts.strategy not in ("cqil", "prune"):
-        raise CqilError(f"strategy '{opts.strategy}' is not available (cqil or prune)")
-    if opts.strategy == "prune" and (opts.groups or opts.start is not None):
+    if opts.strategy not in STRATEGIES:
+        raise CqilError(f"strategy '{opts.strategy}' is not available ({', '.join(STRATEGIES)})")
+    if opts.strategy != "cqil" and (opts.groups or opts.start is not None):
         raise CqilError("--groups and --start/--end/--parallel apply to --strategy cqil only")
+    if not 0 <= opts.prompt_tokens <= opts.seq_len - 2:
+        raise CqilError(f"bad --eval-prompt {opts.prompt_tokens}: between 0 and {opts.seq_len - 2} "
+                        f"(windows are {opts.seq_len} tokens)")
     if opts.devices < 1:
         raise CqilError(f"bad --devices {opts.devices}: at least 1")
     if opts.bypass < 0:
@@ -296,8 +306,8 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                                    opts.seq_len, opts.seed, min_samples=2)
                if opts.eval_ood else None)
 
-    if opts.strategy == "prune":
-        return _convert_prune(model_spec, loaded, opts, fraction, eval_ids, calib_ids, ood_ids,
+    if opts.strategy in ("prune", "skip"):
+        return _convert_depth(model_spec, loaded, opts, fraction, eval_ids, calib_ids, ood_ids,
                               cb, started)
     tick = cb.progress("measuring latency", 3 * max(1, opts.devices))
     latency = measure_latency_model(base, max(1, opts.devices), on_progress=tick)
@@ -307,11 +317,12 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
                         f"{max(len(g) for g in groups)} or more")
 
     cb.status("held-out perplexity of the original")
-    ppl_original = perplexity(base, eval_ids)
-    ood = {"original": _ppl(base, ood_ids)}
+    p = opts.prompt_tokens
+    ppl_original = perplexity(base, eval_ids, prompt_tokens=p)
+    ood = {"original": _ppl(base, ood_ids, p)}
     model = convert_manual(base, groups, opts.bypass)
-    ppl_untuned = perplexity(model, eval_ids)
-    ood["untuned"] = _ppl(model, ood_ids)
+    ppl_untuned = perplexity(model, eval_ids, prompt_tokens=p)
+    ood["untuned"] = _ppl(model, ood_ids, p)
     num_layers = loaded.num_layers
     del base, loaded.model  # the teacher is the converted model's own weights, run in sequence
     tune = TuneOptions(steps=opts.tune_steps, minutes=opts.tune_minutes,
@@ -324,19 +335,19 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
         cb.tune_start(opts.tune_steps, opts.tune_minutes)
         result = distill(model, calib_ids, tune, on_step=cb.tune_step)
         model.set_engine("reference")  # adapters are attached: the fused weights cannot see them
-        candidate = perplexity(model, eval_ids)
+        candidate = perplexity(model, eval_ids, prompt_tokens=p)
         model.set_engine("fused")
         keep = candidate < ppl_untuned
         detach_lora(model, merge=keep)
         if not keep:
             restore_bypass(model, saved)
         model.model.refresh_fused()
-        ppl_tuned = perplexity(model, eval_ids) if keep else ppl_untuned
+        ppl_tuned = perplexity(model, eval_ids, prompt_tokens=p) if keep else ppl_untuned
         tuned_info = {**asdict(tune), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "kept": keep,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
-    ood["tuned"] = _ppl(model, ood_ids) if tuned_info["kept"] else ood["untuned"]
+    ood["tuned"] = _ppl(model, ood_ids, p) if tuned_info["kept"] else ood["untuned"]
 
     manifest = {
         **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
@@ -360,10 +371,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     return manifest
 
 
-def _ppl(model, ids) -> float | None:
+def _ppl(model, ids, prompt_tokens: int) -> float | None:
     from .distill import perplexity
 
-    return None if ids is None else perplexity(model, ids)
+    return None if ids is None else perplexity(model, ids, prompt_tokens=prompt_tokens)
 
 
 def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_ids,
@@ -377,6 +388,8 @@ def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_id
                        "path": str(loaded.path) if loaded.path else None,
                        "weights_sha256": base_weight_digests(loaded.path)},
         "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
+                    "prompt_tokens": opts.prompt_tokens,
+                    "scored_tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - opts.prompt_tokens)),
                     "ppl_original": ppl[0], "ppl_untuned": ppl[1], "ppl_tuned": ppl[2],
                     "ood": {"eval": opts.eval_ood, "ppl_original": ood["original"],
                             "ppl_untuned": ood["untuned"], "ppl_tuned": ood["tuned"]}},
@@ -447,26 +460,36 @@ def _usual_permissions(folder: Path) -> None:
 def model_card(m: dict) -> str:
     q, p = m["quality"], m["predicted"]
     grouped = [f"{g[0]}-{g[-1]}" for g in m["steps"] if len(g) > 1]
+    if m["strategy"] == "skip":
+        method = (f"each generated token through {m['num_steps']} of the {m['num_layers']} layers "
+                  f"(Unified Layer Skipping, Liu et al., 2024; the prompt runs through all of them). "
+                  f"Skipped when decoding: {', '.join(map(str, m['skipped_layers']))}.")
+    elif m["strategy"] == "prune":
+        method = (f"{m['num_steps']} of the {m['num_layers']} layers kept (ShortGPT-style removal "
+                  f"of the lowest block influence): removed {', '.join(map(str, m['removed_layers']))}. "
+                  "A plain model: no custom code needed.")
+    else:
+        method = (f"{m['num_layers']} layers run in {m['num_steps']} sequential steps. Groups of "
+                  "adjacent layers share their input and run concurrently (CQIL, Zou et al., ACL "
+                  f"2024): {', '.join(grouped) or 'none'}; bypass distance {m['bypass_distance']}.")
     return f"""---
 library_name: transformers
-tags: [cqil, concurrent-layers, depth-reduction]
+tags: [cqil, {m['strategy']}, depth-reduction]
 base_model: {m['base_model']['name']}
 ---
 # {m['base_model']['name']} — cqil ({m['strategy']})
 
-Converted by cqil {m['cqil_version']} from `{m['base_model']['spec']}`: {m['num_layers']} layers
-run in {m['num_steps']} sequential steps. Groups of adjacent layers share their input and run
-concurrently (CQIL, Zou et al., ACL 2024): {', '.join(grouped) or 'none'}; bypass distance
-{m['bypass_distance']}.
+Converted by cqil {m['cqil_version']} from `{m['base_model']['spec']}`: {method}
 
 | | value |
 | --- | --- |
 | predicted decode latency (cqil engine, one device) | {p['latency_ratio']:.3f} × the original |
 | held-out perplexity, original | {q['ppl_original']:.3f} |
-| held-out perplexity, grouped before tuning | {q['ppl_untuned']:.3f} |
-| held-out perplexity, grouped after tuning | {q['ppl_tuned']:.3f} |
+| held-out perplexity, converted before tuning | {q['ppl_untuned']:.3f} |
+| held-out perplexity, converted after tuning | {q['ppl_tuned']:.3f} |
 
-Held-out text: `{q['eval']}` ({q['eval_tokens']:,} tokens). Tuning: {m['tuning'].get('steps', 0)}
+Held-out text: `{q['eval']}` ({q['eval_tokens']:,} tokens; scored: the tokens after the first
+{q['prompt_tokens']} of each window, which serve as the prompt). Tuning: {m['tuning'].get('steps', 0)}
 steps of distillation ({m['tuning'].get('seconds', 0)} s).
 
 ```python
@@ -480,82 +503,133 @@ changed file).
 """
 
 
-def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids, calib_ids,
-                   ood_ids, cb: Callbacks, started: float) -> dict:
-    """ShortGPT: drop the layers of lowest block influence; write a plain base-architecture
-    model. Tuned by distillation from the original (kept in memory: the pruned model no
-    longer holds the removed layers), LoRA on the layers next to each removed run."""
-    import copy
-
-    from .analyze import AnalyzeOptions, analyze_model, progress_steps
-    from .distill import TuneOptions, detach_lora, distill_from_teacher, perplexity
-    from .latency_model import measure_latency_model
-    from .strategies import neighbours_of_removed, prune_kept_layers, remove_layers
-    from .text import token_samples_up_to
-
-    base, n = loaded.model, loaded.num_layers
-    if opts.report is not None:
-        influence = load_report(opts.report, n, 1)["block_influence"]
-    else:
-        options = AnalyzeOptions(window=2, latency=False, sensitivity=False)
-        ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.calib_samples, 128,
-                                  opts.seed)
-        tick = cb.progress("block influence", progress_steps(len(ids), options, n))
-        influence = analyze_model(loaded, ids, options, lambda _label: tick())["block_influence"]
-    tick = cb.progress("measuring latency", 3)
-    latency = measure_latency_model(base, 1, on_progress=tick)
+def _kept_count(opts: ConvertOptions, fraction, latency, n: int) -> int:
+    """How many layers a depth strategy (prune, skip) keeps for --steps or the budget."""
     if opts.steps is not None:
         keep = opts.steps
     else:
         per_layer = latency.step_ms[1]
         keep = math.floor((fraction * latency.original_ms - latency.outside_ms) / per_layer + 1e-9)
         if keep < 1:
-            raise CqilError(f"the budget {fraction:.3f} cannot be met by pruning: even one layer "
-                            f"needs {(latency.outside_ms + per_layer) / latency.original_ms:.3f}")
+            raise CqilError(f"the budget {fraction:.3f} cannot be met by {opts.strategy}: even one "
+                            f"layer needs {(latency.outside_ms + per_layer) / latency.original_ms:.3f}")
     if not 1 <= keep <= n:
         raise CqilError(f"cannot keep {keep} of {n} layers")
-    kept = prune_kept_layers(influence, keep)
+    return keep
+
+
+def _block_influence(loaded, opts: ConvertOptions, cb: Callbacks) -> list[float]:
+    from .analyze import AnalyzeOptions, analyze_model, progress_steps
+    from .text import token_samples_up_to
+
+    n = loaded.num_layers
+    if opts.report is not None:
+        return load_report(opts.report, n, 1)["block_influence"]
+    options = AnalyzeOptions(window=2, latency=False, sensitivity=False)
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.calib_samples, 128, opts.seed)
+    tick = cb.progress("block influence", progress_steps(len(ids), options, n))
+    return analyze_model(loaded, ids, options, lambda _label: tick())["block_influence"]
+
+
+def _convert_depth(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids, calib_ids,
+                   ood_ids, cb: Callbacks, started: float) -> dict:
+    """Depth strategies; both keep `keep` layers for decoding and write singles only.
+
+    prune (ShortGPT): drop the layers of lowest block influence; write a plain
+        base-architecture model. Tuned by distillation from the original (kept in memory:
+        the pruned model no longer holds the removed layers).
+    skip (Unified Layer Skipping): the paper's layer rule; the prompt runs through every
+        layer, generated tokens through the kept ones, so the output is a cqil checkpoint
+        (skip_layers) and the teacher is its own weights run in full.
+    LoRA goes on the kept layers next to each removed run, for both.
+    """
+    import copy
+
+    from .checkpoint import convert_manual
+    from .distill import TuneOptions, detach_lora, distill_from_teacher, distill_skip, perplexity
+    from .latency_model import measure_latency_model
+    from .strategies import (
+        neighbours_of_removed,
+        prune_kept_layers,
+        remove_layers,
+        skip_kept_layers,
+        skip_kept_layers_for_count,
+    )
+
+    base, n, skip = loaded.model, loaded.num_layers, opts.strategy == "skip"
+    tick = cb.progress("measuring latency", 3)
+    latency = measure_latency_model(base, 1, on_progress=tick)
+    if skip:
+        if opts.speedup is not None:  # the paper's rule for a speed-up ratio r
+            kept = skip_kept_layers(n, opts.speedup)
+        else:
+            kept = skip_kept_layers_for_count(n, _kept_count(opts, fraction, latency, n))
+        selection = {"source": "unified layer skipping",
+                     "speedup": opts.speedup if opts.speedup is not None else n / len(kept)}
+    else:
+        influence = _block_influence(loaded, opts, cb)
+        kept = prune_kept_layers(influence, _kept_count(opts, fraction, latency, n))
+        selection = {"source": "block influence", "block_influence": influence}
+    keep = len(kept)
+    removed = [i for i in range(n) if i not in kept]
+    p = opts.prompt_tokens
     cb.status("held-out perplexity of the original")
-    ppl_original = perplexity(base, eval_ids)
-    teacher = base
-    student = copy.deepcopy(base)
-    remove_layers(student, kept)
-    ppl_untuned = perplexity(student, eval_ids)
-    ood = {"original": _ppl(base, ood_ids), "untuned": _ppl(student, ood_ids)}
+    ppl_original = perplexity(base, eval_ids, prompt_tokens=p)
+    ood = {"original": _ppl(base, ood_ids, p)}
+    if skip:
+        student = convert_manual(base, None, 0, skip_layers=removed)
+        teacher = None  # the student's own weights, every layer, LoRA off
+        lora_layers = [kept[i] for i in neighbours_of_removed(n, kept)]
+        del base, loaded.model
+    else:
+        teacher = base
+        student = copy.deepcopy(base)
+        remove_layers(student, kept)
+        lora_layers = neighbours_of_removed(n, kept)  # indices in the pruned model
+    ppl_untuned = perplexity(student, eval_ids, prompt_tokens=p)
+    ood["untuned"] = _ppl(student, ood_ids, p)
     tune = TuneOptions(steps=opts.tune_steps, minutes=opts.tune_minutes,
                        lora_rank=opts.lora_rank, seed=opts.seed)
     tuned_info = {"steps": 0, "seconds": 0.0, "kept": False}
     ppl_tuned = ppl_untuned
-    lora_layers = neighbours_of_removed(n, kept)
     if keep < n and (opts.tune_steps or 0) + (opts.tune_minutes or 0) > 0 and opts.lora_rank:
         cb.tune_start(opts.tune_steps, opts.tune_minutes)
-        result = distill_from_teacher(teacher, student, lora_layers, calib_ids, tune,
-                                      on_step=cb.tune_step)
-        candidate = perplexity(student, eval_ids)
+        if skip:
+            result = distill_skip(student, lora_layers, calib_ids, tune, p, on_step=cb.tune_step)
+        else:
+            result = distill_from_teacher(teacher, student, lora_layers, calib_ids, tune,
+                                          on_step=cb.tune_step)
+        if skip:
+            student.set_engine("reference")  # adapters attached: the fused weights cannot see them
+        candidate = perplexity(student, eval_ids, prompt_tokens=p)
         keep_tuned = candidate < ppl_untuned
         detach_lora(student, merge=keep_tuned)
+        if skip:
+            student.set_engine("fused")
+            student.cqil_refresh_fused()
         ppl_tuned = candidate if keep_tuned else ppl_untuned
         tuned_info = {**asdict(tune), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "kept": keep_tuned,
                       "lora_layers": lora_layers,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "precision": result.precision}
-    ood["tuned"] = _ppl(student, ood_ids) if tuned_info["kept"] else ood["untuned"]
-    del teacher, loaded.model, base
-    removed = [i for i in range(n) if i not in kept]
+    ood["tuned"] = _ppl(student, ood_ids, p) if tuned_info["kept"] else ood["untuned"]
+    del teacher
+    if not skip:
+        del loaded.model, base
     predicted_ms = latency.outside_ms + keep * latency.step_ms[1]
+    kept_bytes = sum(t.numel() * t.element_size() for t in student.parameters())
     manifest = {
         **common_manifest(model_spec, loaded, opts, eval_ids, calib_ids,
                           (ppl_original, ppl_untuned, ppl_tuned), tuned_info, started, ood),
-        "steps": [[i] for i in kept],
+        "steps": [[i] for i in kept],  # what each generated token runs through, in order
         "num_steps": keep,
         "num_layers": n,
-        "removed_layers": removed,
+        ("skipped_layers" if skip else "removed_layers"): removed,
         "bypass_distance": 0,
         "devices": 1,
-        "placement": {"ranks": [{"rank": 0, "layers": kept,
-                                 "bytes": sum(p.numel() * p.element_size()
-                                              for p in student.parameters())}],
+        "placement": {"ranks": [{"rank": 0, "layers": list(range(n)) if skip else kept,
+                                 "bytes": kept_bytes}],
                       "embedding_and_head": 0},
         "predicted": {"latency_ratio": predicted_ms / latency.original_ms,
                       "decode_ms_per_token": predicted_ms,
@@ -563,7 +637,10 @@ def _convert_prune(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
                       "step_depth_ratio": keep / n,
                       "latency_model": latency.to_json(),
                       "engine": "cqil fused (one device)"},
-        "grouping": {"source": "block influence", "block_influence": influence},
+        "grouping": selection,
     }
-    write_output(student, loaded.tokenizer, opts, manifest, plain=True)
+    if skip:
+        manifest["prompt"] = "every layer (decoding skips skipped_layers)"
+    write_output(student, loaded.tokenizer, opts, manifest, plain=not skip)
     return manifest
+

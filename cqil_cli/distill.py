@@ -285,22 +285,35 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
         p.copy_(value)
 
 
+def prompt_kwargs(model, prompt_tokens: int) -> dict:
+    """forward() arguments that make a skip model treat the first prompt_tokens as its prompt."""
+    return {"prompt_length": prompt_tokens} if getattr(model.config, "skip_layers", None) else {}
+
+
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) of model on ids [n, L], batch by batch."""
+def perplexity(model, ids: torch.Tensor, batch_size: int = 4, prompt_tokens: int = 0) -> float:
+    """exp(mean next-token NLL) of model on ids [n, L], batch by batch.
+
+    The first prompt_tokens tokens of each window are the prompt: context, not scored (a model
+    with skip_layers runs them through every layer, as its prompt). Scored are tokens
+    prompt_tokens..L-1, predicted from positions prompt_tokens-1..L-2, i.e. exactly the tokens
+    a generation after that prompt would produce (teacher-forced).
+    """
     device = next(model.parameters()).device
+    start = max(prompt_tokens - 1, 0)
+    extra = prompt_kwargs(model, prompt_tokens)
     total, count = 0.0, 0
     for batch in ids.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
-                              reduction="sum")
+        logits = model(input_ids=batch, use_cache=False, **extra).logits[:, start:-1].float()
+        targets = batch[:, start + 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         total += nll.item()
-        count += batch[:, 1:].numel()
+        count += targets.numel()
     return math.exp(total / count)
 
 
-__all__ = ["TuneOptions", "TuneResult", "distill", "distill_from_teacher", "detach_lora",
+__all__ = ["TuneOptions", "TuneResult", "distill", "distill_from_teacher", "distill_skip", "detach_lora",
            "perplexity", "snapshot_bypass", "restore_bypass"]
 
 
@@ -339,3 +352,47 @@ def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: to
                          TuneResult(precision=precision), on_step)
     finally:
         student.eval()
+
+
+def distill_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: TuneOptions,
+                 prompt_tokens: int,
+                 on_step: Callable[[int, float, float], None] | None = None) -> TuneResult:
+    """Distil a Unified Layer Skipping model (a CqilForCausalLM with skip_layers) in place.
+
+    Each calibration window [L] is a prompt (the first prompt_tokens tokens, every layer)
+    and a continuation (the kept layers only), in one forward (prompt_length). Teacher = the
+    same weights with every layer for every token and LoRA off (no second copy in memory);
+    the loss is KL(teacher ‖ student) on the continuation's predictions. Trainable: LoRA on
+    `lora_layers`. Adapters stay attached, as in `distill`.
+    """
+    if options.lora_rank <= 0 or not lora_layers:
+        return TuneResult()
+    device = next(model.parameters()).device
+    precision = resolve_precision(options.precision, device)
+    torch.manual_seed(options.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = attach_lora(model, lora_layers, options.lora_rank)
+    params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
+    optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    start = max(prompt_tokens - 1, 0)
+
+    def kl_of_batch(ids):
+        with autocast:
+            with torch.no_grad():
+                set_lora_enabled(model, False)  # the teacher: the original model
+                teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
+                set_lora_enabled(model, True)
+            student = model(input_ids=ids, use_cache=False, prompt_length=prompt_tokens).logits
+            return _kl(student[:, start:], teacher)
+
+    model.train()
+    try:
+        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
+                         TuneResult(precision=precision), on_step)
+    finally:
+        set_lora_enabled(model, True)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)

@@ -10,7 +10,8 @@ on a 135M model that overhead is larger than the arithmetic. Here:
     place by one element per token (no mask utilities in the loop);
   - RoPE cos/sin come from a table computed once;
   - the loop calls the fused steps directly (model.model.fused_steps()), then norm + lm_head on
-    the last position only;
+    the last position only; with skip_layers (Unified Layer Skipping) the prompt runs through
+    every step and decoding through the others;
   - optionally the decode step is compiled with torch.compile (static shapes, so one graph);
   - on CUDA the decode step is captured once as a CUDA graph and replayed for every token
     (all its inputs live in preallocated buffers updated in place), which removes the
@@ -151,7 +152,7 @@ class FastGenerator:
         x = self.model.model.embed_tokens(tok)  # [B, 1, d]
         cos, sin = self._cos_sin(pos, x.dtype)  # [B, 1, 1, hd]
         self._cache.write_pos = write_pos
-        for s, step in enumerate(self._steps):
+        for s, step in self._decode_steps:
             x = step(x, cos, sin, mask, False, self._cache, s)
         return self._logits(x[:, -1])
 
@@ -241,6 +242,9 @@ class FastGenerator:
             self._decode_fn = None  # shapes changed: a compiled step would recompile
             self._graph = None
         self._steps = model.model.fused_steps()
+        # Unified Layer Skipping: the prompt runs through every step, decoding skips these.
+        skipped = set(cfg.skip_layers or [])
+        self._decode_steps = [(s, step) for s, step in enumerate(self._steps) if cfg.groups[s][0] not in skipped]
         self._lm_matrix()
         cache = self._cache
         padded = not bool(attention_mask.all())

@@ -4,7 +4,8 @@ prune  ShortGPT (Men et al., 2024): remove the layers of lowest block influence
        1 − cos(input, output); the result is a plain base-architecture model with fewer layers.
 skip   Unified Layer Skipping (Liu et al., 2024): for an integer speed-up r keep M = ⌊N/r⌋
        layers, always the first and the last, the others at multiples of ⌊N/(M−1)⌋; evenly
-       spaced for a fractional r. (Selection only: its runtime is not built yet.)
+       spaced for a fractional r. The prompt runs through every layer, generated tokens
+       through the kept ones (modeling_cqil's skip_layers).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def skip_kept_layers(num_layers: int, speedup: float) -> list[int]:
         if len(kept) == keep:
             return kept
     # Fractional r (or an integer r whose multiples collide): evenly spaced, ends included.
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def skip_kept_layers_for_count(num_layers: int, keep: int) -> list[int]:
+    """ULS layers for a layer count: the integer rule when N/keep is an integer, else evenly spaced."""
+    if not 2 <= keep <= num_layers:
+        raise CqilError(f"layer skipping keeps between 2 and {num_layers} layers, not {keep}")
+    if num_layers % keep == 0:
+        kept = skip_kept_layers(num_layers, num_layers // keep)
+        if len(kept) == keep:
+            return kept
     return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
 
 

@@ -246,11 +246,12 @@ def test_quality_against_a_different_model_matches_direct_computation(tiny_pair,
     ma = AutoModelForCausalLM.from_pretrained(a).eval()
     mb = AutoModelForCausalLM.from_pretrained(b).eval()
     ids = tokens.eval_windows
+    start = 32 // 2 - 1  # the first 16 tokens are the prompt: scored are tokens 16..31
     with torch.no_grad():
-        la = F.log_softmax(ma(ids[:, :-1]).logits.double(), -1)
-        lb = F.log_softmax(mb(ids[:, :-1]).logits.double(), -1)
+        la = F.log_softmax(ma(ids[:, :-1]).logits.double(), -1)[:, start:]
+        lb = F.log_softmax(mb(ids[:, :-1]).logits.double(), -1)[:, start:]
     kl = float((la.exp() * (la - lb)).sum(-1).mean())
-    ppl = math.exp(float(-lb.gather(-1, ids[:, 1:, None]).mean()))
+    ppl = math.exp(float(-lb.gather(-1, ids[:, start + 1:, None]).mean()))
     agree = float((la.argmax(-1) == lb.argmax(-1)).double().mean())
     got = report["results"][0]["quality"]
     assert got["kl"] == pytest.approx(kl, rel=1e-4) and got["kl"] > 1e-3
@@ -341,3 +342,28 @@ def test_default_against_itself_is_the_noise_floor(capsys, tmp_path):
     assert row["quality"]["kl"] < 1e-4
     assert row["quality"]["top1_agreement"] == 1.0 and row["quality"]["greedy_match"] == 1.0
     assert row["ratio_to_baseline"]["decode"] > 0 and row["ratio_to_baseline"]["prefill"] > 0
+
+
+def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eval_text, capsys, tmp_path):
+    """A skip folder runs on cqil's engine; its quality is the perplexity of the continuation
+    after each window's first half, run as its prompt (== distill.perplexity)."""
+    from transformers import AutoTokenizer
+
+    from cqil_cli.bench import bench_tokens
+    from cqil_cli.checkpoint import convert_manual, save_converted
+    from cqil_cli.distill import perplexity
+    from cqil_cli.models import load_model
+
+    a = tiny_pair[0]
+    model = convert_manual(load_model(str(a)).model, None, 0, skip_layers=[1, 3])
+    save_converted(model, AutoTokenizer.from_pretrained(a), tmp_path / "skip")
+    report, _ = bench_json([tmp_path / "skip", "--baseline", a, "--eval", eval_text, *SMALL],
+                           capsys, tmp_path)
+    row = report["results"][0]
+    assert row["engine"] == "cqil" and report["settings"]["eval_prompt"] == 16
+    options = BenchOptions(eval_spec=str(eval_text), eval_tokens=128, eval_window=32,
+                           greedy_prompts=3, greedy_prompt_len=5, greedy_tokens=5, latency=False)
+    windows = bench_tokens(AutoTokenizer.from_pretrained(a), options).eval_windows
+    # bench scores positions 15..30 of the 31 inputs: tokens 16..31 of each 32-token window
+    assert row["quality"]["ppl"] == pytest.approx(perplexity(model, windows, prompt_tokens=16), rel=1e-4)
+    assert row["quality"]["kl"] > 1e-4

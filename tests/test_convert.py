@@ -142,3 +142,45 @@ def test_output_has_ordinary_permissions(converted):
 def test_manifest_records_the_steps_taken(converted):
     tuning = json.loads((converted / "manifest.json").read_text())["tuning"]
     assert tuning["steps"] == 2 and tuning["lora_rank"] == 2
+
+
+def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder, long_text, tmp_path):
+    import torch
+
+    from cqil_cli import convert as conv
+    from cqil_cli.distill import perplexity
+    from cqil_cli.models import load_model
+    from cqil_cli.strategies import skip_kept_layers_for_count
+
+    proc = run("convert", llama_folder, "--out", tmp_path / "k", "--strategy", "skip", "--steps", 3,
+               "--tune-steps", 2, "--lora-rank", 2, "--calib", long_text, "--eval", long_text,
+               "--eval-ood", "none", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped when decoding: 1,3" in proc.stdout
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["strategy"] == "skip" and manifest["skipped_layers"] == [1, 3]
+    assert manifest["steps"] == [[0], [2], [4]] and manifest["tuning"]["steps"] == 2
+    assert manifest["quality"]["prompt_tokens"] == 128
+    loaded = load_model(str(tmp_path / "k"))
+    model = loaded.model
+    assert model.config.skip_layers == [1, 3]
+    ids = torch.randint(5, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # perplexity after a prompt = the NLL of one prompt_length pass on the scored tokens
+        logits = model(ids, prompt_length=12).logits[:, 11:-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 12:].flatten())
+    assert perplexity(model, ids, prompt_tokens=12) == pytest.approx(float(nll.exp()), rel=1e-5)
+    assert out.shape == (2, 24)
+    assert "Unified Layer Skipping" in (tmp_path / "k" / "README.md").read_text()
+    assert skip_kept_layers_for_count(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 29]
+    assert skip_kept_layers_for_count(30, 24) == skip_kept_layers(30, 1.25) and len(skip_kept_layers(30, 1.25)) == 24
+    with pytest.raises(CqilError, match="--eval-prompt"):
+        conv.run_convert(str(llama_folder), conv.ConvertOptions(out=tmp_path / "x", strategy="skip", steps=3,
+                                                                eval_prompt=255), {}, conv.Callbacks())
+
+
+def skip_kept_layers(n, r):
+    from cqil_cli.strategies import skip_kept_layers as rule
+
+    return rule(n, r)

@@ -118,3 +118,11 @@ def test_fastgen_sampling_is_seeded():
 def test_fastgen_rejects_zero_tokens():
     with pytest.raises(ValueError, match="max_new_tokens"):
         FastGenerator(convert_manual(tiny("llama"), "none", 0)).generate(torch.ones(1, 3, dtype=torch.long), None, 0)
+
+
+def test_fastgen_layer_skipping_equals_generate():
+    model = convert_manual(tiny("mistral"), "1-2", 1, skip_layers=[3, 5])
+    ids, mask = padded_batch()
+    want = greedy_generate(model, ids, mask, 12)
+    got = FastGenerator(model).generate(ids, mask, max_new_tokens=12).tokens
+    assert torch.equal(got, want)

@@ -368,3 +368,51 @@ def test_default_model_grouped_cache_equals_no_cache():
     assert cached.shape[1] == prompt["input_ids"].shape[1] + 32
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, reference)
+
+
+# --------------------------------------------------------------------------- layer skipping (ULS)
+
+
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_skip_layers_prompt_runs_every_layer_and_decoding_skips(engine):
+    """The one-pass `prompt_length` evaluation equals cached generation: prompt through every
+    layer, later tokens through the kept layers only, on a left-padded batch."""
+    hf = tiny_hf("mistral")  # 7 layers, one kv head, sliding window 6
+    model = convert_manual(hf, [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
+    randomise_bypass(model)
+    model.set_engine(engine)
+    ids, mask = padded_batch()  # [3, 12]
+    p = 8
+    with torch.no_grad():
+        plain = convert_manual(hf, [[0], [1, 2], [3], [4], [5], [6]], 1)
+        randomise_bypass(plain)
+        # a fresh forward is a prompt: every layer, like the model without skip_layers
+        assert rel(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits) < REL_TOL
+        cache = DynamicCache()
+        steps = [model(ids[:, :p], attention_mask=mask[:, :p], past_key_values=cache).logits]
+        for i in range(p, ids.shape[1]):
+            steps.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache).logits)
+        cached = torch.cat(steps, dim=1)
+        one_pass = model(ids, attention_mask=mask, prompt_length=p).logits
+        real = mask.bool()
+        assert rel(one_pass[real], cached[real]) < REL_TOL
+        assert rel(one_pass[:, p:], plain(ids, attention_mask=mask).logits[:, p:]) > 1e-2  # layers were skipped
+        # a skipped layer's cache entry (step 2 = layer 3) holds the prompt only; step 3 = layer 4 all
+        assert cache.layers[2].keys.shape[2] == p and cache.layers[3].keys.shape[2] == ids.shape[1]
+
+
+def test_skip_layers_validation_and_generate_round_trip(tmp_path):
+    hf = tiny_hf("llama")
+    with pytest.raises(ValueError, match="layer 0 always runs"):
+        convert_manual(hf, None, 0, skip_layers=[0])
+    with pytest.raises(ValueError, match="in a group"):
+        convert_manual(hf, [[0], [1, 2], [3], [4]], 0, skip_layers=[2])
+    model = convert_manual(hf, None, 0, skip_layers=[2, 3])
+    model.save_pretrained(tmp_path / "m")
+    again = CqilForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.config.skip_layers == [2, 3]
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        a = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        b = again.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
