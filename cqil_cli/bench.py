@@ -747,6 +747,7 @@ def _entry_json(entry: Entry) -> dict:
     loaded = entry.loaded
     config = loaded.model.config
     groups = getattr(config, "groups", None) if is_converted(loaded) else None
+    skipped = list(getattr(config, "skip_layers", None) or []) if is_converted(loaded) else []
     model = entry.runner.model
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -757,8 +758,10 @@ def _entry_json(entry: Entry) -> dict:
         "model_type": loaded.model_type,
         "path": str(loaded.path) if loaded.path else None,
         "num_layers": int(config.num_hidden_layers),
-        "num_steps": len(groups) if groups else int(config.num_hidden_layers),
+        # sequential steps of a generated token: a layer-skipping model's prompt runs deeper
+        "num_steps": (len(groups) if groups else int(config.num_hidden_layers)) - len(skipped),
         "groups": [g for g in groups if len(g) > 1] if groups else [],
+        "skip_layers": skipped,
         "params": params,
         "weights_mb": weight_bytes / _MB,
         "latency": entry.latency[0] if entry.latency else None,

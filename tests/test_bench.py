@@ -361,6 +361,7 @@ def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eva
                            capsys, tmp_path)
     row = report["results"][0]
     assert row["engine"] == "cqil" and report["settings"]["eval_prompt"] == 16
+    assert row["num_steps"] == 3 and row["skip_layers"] == [1, 3]
     options = BenchOptions(eval_spec=str(eval_text), eval_tokens=128, eval_window=32,
                            greedy_prompts=3, greedy_prompt_len=5, greedy_tokens=5, latency=False)
     windows = bench_tokens(AutoTokenizer.from_pretrained(a), options).eval_windows
