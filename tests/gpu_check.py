@@ -7,6 +7,7 @@ Runs the equivalence checks of test_modeling.py / test_fastgen.py on the device,
   fused      fused engine vs reference engine, groups of sizes 1..4, bypass 0..3, random
              bypass weights, left-padded batch, prefill + 4 decode steps
   fastgen    greedy tokens of fastgen (CUDA graph, and without) vs generate(), padded batch
+  skip       layer skipping: one prompt_length pass vs cached generation; fastgen vs generate()
 Tolerances: max |diff| / max |reference| below 1e-5 (fp32; TF32 is off) and 2e-2 (bf16, where
 the two sides round differently); greedy tokens must be identical (fp32).
 Prints one line per check and exits non-zero if any fails.
@@ -104,6 +105,30 @@ def check_fastgen(device) -> None:
             report(f"fastgen {'graph' if graph else 'eager'} {kind} {groups} = generate()", mismatches, 1)
 
 
+def check_skip(device) -> None:
+    model = convert_manual(tiny_hf("mistral"), [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
+    randomise_bypass(model)
+    model.to(device)
+    ids, mask = (t.to(device) for t in padded_batch())
+    p = 8
+    with torch.no_grad():
+        for engine in ("fused", "reference"):
+            model.set_engine(engine)
+            cache = DynamicCache()
+            steps = [model(ids[:, :p], attention_mask=mask[:, :p], past_key_values=cache).logits]
+            for i in range(p, ids.shape[1]):
+                steps.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache).logits)
+            real = mask.bool()
+            one_pass = model(ids, attention_mask=mask, prompt_length=p).logits
+            report(f"skip one pass = cached generation {engine}", rel(one_pass[real], torch.cat(steps, 1)[real]), 1e-5)
+        model.set_engine("fused")
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=0)[:, ids.shape[1]:]
+    for graph in ((True, False) if device.type == "cuda" else (False,)):
+        got = FastGenerator(model, cuda_graph=graph).generate(ids, mask, max_new_tokens=12).tokens
+        report(f"skip fastgen {'graph' if graph else 'eager'} = generate()", int((got != want).sum()), 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -116,6 +141,7 @@ def main() -> int:
         check_singles(device, dtype)
         check_fused(device, dtype)
     check_fastgen(device)
+    check_skip(device)
     print(f"\n{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 
