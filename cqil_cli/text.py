@@ -95,7 +95,7 @@ def _recipe_documents(recipe_file: Path, split: str) -> tuple[str, ...]:
 def _split_members(names: list[str], splits: dict, split: str) -> list[str]:
     rule = splits[split]
     chosen = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in rule["include"])]
-    excluded = set()
+    excluded = {n for n in chosen if any(fnmatch.fnmatch(n, pat) for pat in rule.get("exclude", []))}
     for other in rule.get("exclude_splits", []):
         excluded.update(_split_members(names, splits, other))
     return [n for n in chosen if n not in excluded]
