@@ -99,7 +99,9 @@ class BenchOptions:
 
     @property
     def eval_prompt_tokens(self) -> int:
-        return self.eval_window // 2 if self.eval_prompt is None else self.eval_prompt
+        if self.eval_prompt is None:
+            return max(0, min(self.eval_window // 2, self.eval_window - 2))
+        return self.eval_prompt
 
     @property
     def eval_windows(self) -> int:

@@ -282,6 +282,12 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
         raise CqilError(f"strategy '{opts.strategy}' is not available ({', '.join(STRATEGIES)})")
     if opts.strategy != "cqil" and (opts.groups or opts.start is not None):
         raise CqilError("--groups and --start/--end/--parallel apply to --strategy cqil only")
+    if opts.strategy == "skip" and opts.steps is not None and opts.steps < 2:
+        raise CqilError(f"bad --steps {opts.steps}: layer skipping keeps at least 2 layers "
+                        "(the first and the last)")
+    if opts.strategy == "skip" and opts.report is not None:
+        raise CqilError("--report applies to --strategy cqil and prune (skip chooses its layers "
+                        "by rule, not by measurement)")
     if not 0 <= opts.prompt_tokens <= opts.seq_len - 2:
         raise CqilError(f"bad --eval-prompt {opts.prompt_tokens}: between 0 and {opts.seq_len - 2} "
                         f"(windows are {opts.seq_len} tokens)")
@@ -389,7 +395,7 @@ def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_id
                        "weights_sha256": base_weight_digests(loaded.path)},
         "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
                     "prompt_tokens": opts.prompt_tokens,
-                    "scored_tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - opts.prompt_tokens)),
+                    "scored_tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - max(opts.prompt_tokens, 1))),
                     "ppl_original": ppl[0], "ppl_untuned": ppl[1], "ppl_tuned": ppl[2],
                     "ood": {"eval": opts.eval_ood, "ppl_original": ood["original"],
                             "ppl_untuned": ood["untuned"], "ppl_tuned": ood["tuned"]}},
@@ -472,9 +478,11 @@ def model_card(m: dict) -> str:
         method = (f"{m['num_layers']} layers run in {m['num_steps']} sequential steps. Groups of "
                   "adjacent layers share their input and run concurrently (CQIL, Zou et al., ACL "
                   f"2024): {', '.join(grouped) or 'none'}; bypass distance {m['bypass_distance']}.")
+    kind = {"cqil": "concurrent-layers", "skip": "layer-skipping", "prune": "layer-pruning"}
+    tags = ", ".join(["cqil", kind.get(m["strategy"], m["strategy"]), "depth-reduction"])
     return f"""---
 library_name: transformers
-tags: [cqil, {m['strategy']}, depth-reduction]
+tags: [{tags}]
 base_model: {m['base_model']['name']}
 ---
 # {m['base_model']['name']} — cqil ({m['strategy']})

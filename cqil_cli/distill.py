@@ -287,7 +287,9 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
 
 def prompt_kwargs(model, prompt_tokens: int) -> dict:
     """forward() arguments that make a skip model treat the first prompt_tokens as its prompt."""
-    return {"prompt_length": prompt_tokens} if getattr(model.config, "skip_layers", None) else {}
+    if not getattr(model.config, "skip_layers", None):
+        return {}
+    return {"prompt_length": max(prompt_tokens, 1)}  # a generation needs at least one prompt token
 
 
 @torch.no_grad()
@@ -314,7 +316,7 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, prompt_tokens: int
 
 
 __all__ = ["TuneOptions", "TuneResult", "distill", "distill_from_teacher", "distill_skip", "detach_lora",
-           "perplexity", "snapshot_bypass", "restore_bypass"]
+           "perplexity", "prompt_kwargs", "snapshot_bypass", "restore_bypass"]
 
 
 def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
@@ -327,6 +329,8 @@ def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: to
     student no longer holds the removed layers. Trainable: LoRA on student layers
     `lora_layers` only (plain models have no bypass weights). Adapters stay attached.
     """
+    if options.steps is None and options.minutes is None:
+        raise CqilError("tuning needs a bound: a number of steps or of minutes")
     if options.lora_rank <= 0 or not lora_layers:
         return TuneResult()
     device = next(student.parameters()).device
@@ -365,6 +369,8 @@ def distill_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options
     the loss is KL(teacher ‖ student) on the continuation's predictions. Trainable: LoRA on
     `lora_layers`. Adapters stay attached, as in `distill`.
     """
+    if options.steps is None and options.minutes is None:
+        raise CqilError("tuning needs a bound: a number of steps or of minutes")
     if options.lora_rank <= 0 or not lora_layers:
         return TuneResult()
     device = next(model.parameters()).device
@@ -384,7 +390,7 @@ def distill_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options
                 set_lora_enabled(model, False)  # the teacher: the original model
                 teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
                 set_lora_enabled(model, True)
-            student = model(input_ids=ids, use_cache=False, prompt_length=prompt_tokens).logits
+            student = model(input_ids=ids, use_cache=False, **prompt_kwargs(model, prompt_tokens)).logits
             return _kl(student[:, start:], teacher)
 
     model.train()

@@ -283,6 +283,11 @@ class FastGenerator:
         use_graph = self.cuda_graph if self.cuda_graph is not None else device.type == "cuda"
         if use_graph and device.type != "cuda":
             raise ValueError("cuda_graph needs a model on a CUDA device")
+        if use_graph and self._cos is None:  # RoPE computed per step: not capturable
+            if self.cuda_graph:
+                raise ValueError(f"cuda_graph does not support RoPE type "
+                                 f"'{model.model.rotary_emb.rope_type}' (computed per step)")
+            use_graph = False
         decode_s: list[float] = []
         for i in range(1, max_new_tokens):
             if finished is not None and bool(finished.all()):

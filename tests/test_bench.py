@@ -368,3 +368,11 @@ def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eva
     # bench scores positions 15..30 of the 31 inputs: tokens 16..31 of each 32-token window
     assert row["quality"]["ppl"] == pytest.approx(perplexity(model, windows, prompt_tokens=16), rel=1e-4)
     assert row["quality"]["kl"] > 1e-4
+
+
+def test_eval_prompt_default_fits_the_smallest_window():
+    assert BenchOptions(eval_window=2, eval_tokens=2).eval_prompt_tokens == 0
+    assert BenchOptions().eval_prompt_tokens == 128
+    BenchOptions(eval_window=2, eval_tokens=2).check()
+    with pytest.raises(CqilError, match="--eval-prompt"):
+        BenchOptions(eval_prompt=255).check()

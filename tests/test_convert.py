@@ -184,3 +184,16 @@ def skip_kept_layers(n, r):
     from cqil_cli.strategies import skip_kept_layers as rule
 
     return rule(n, r)
+
+
+def test_skip_option_errors_come_before_any_work(tmp_path):
+    from cqil_cli import convert as conv
+
+    for opts, message in [
+        (conv.ConvertOptions(out=tmp_path / "a", strategy="skip", steps=1), "keeps at least 2"),
+        (conv.ConvertOptions(out=tmp_path / "b", strategy="skip", report=tmp_path / "r.json"), "--report"),
+        (conv.ConvertOptions(out=tmp_path / "c", strategy="skip", groups="1-2"), "--groups"),
+    ]:
+        with pytest.raises(CqilError, match=message):
+            conv.run_convert("no-such-model-is-loaded", opts, {}, conv.Callbacks())
+    assert list(tmp_path.iterdir()) == []

@@ -80,3 +80,14 @@ def test_default_splits_are_disjoint():
     assert not calibration & heldout
     assert "Encyclopaedia" in ood.documents[0] or "Britannica" in ood.documents[0]
     assert all("Project Gutenberg" not in d for d in calibration | heldout)
+
+
+def test_mix_split_adds_milton_and_keeps_heldout_out():
+    from cqil_cli.text import load_text
+
+    mix, calibration = load_text("default:mix"), load_text("default")
+    heldout = set(load_text("default:heldout").documents)
+    assert set(calibration.documents) < set(mix.documents)
+    assert not heldout & set(mix.documents)
+    assert any("Areopagitica" in d[:3000] or "AREOPAGITICA" in d[:3000] for d in mix.documents)
+    assert not any("Poemata" in d[:500] for d in set(mix.documents) - set(calibration.documents))
