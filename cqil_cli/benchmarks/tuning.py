@@ -3,7 +3,10 @@
 Fixes a grouping (default: the 24-step grouping convert's search picks for the default model,
 bypass 1) and distils it once per setting for the same wall time, then reports held-out and
 out-of-domain perplexity, scored after a 128-token prompt as `cqil convert` does. Settings
-differ in learning rates, window length, batch size and LoRA rank.
+differ in learning rates, window length, batch size, LoRA rank and calibration text: the
+default Shakespeare split, `default:mix` (+ Milton), or 128 windows the original model samples
+itself (top-k 50 from 4-token starts of the calibration text), alone or half and half with
+Shakespeare.
 
     python -m cqil_cli.benchmarks.tuning [--minutes 2] [--groups SPEC] [--only NAME,...] [--json PATH]
 
@@ -21,14 +24,30 @@ from dataclasses import replace
 import torch
 
 GROUPS = "12-13,14-15,17-18,20-21,22-23,26-27"
-SETTINGS = {  # name -> (TuneOptions overrides, calibration window length)
-    "default": ({}, 256),
-    "lora-lr-3e-3": ({"lr_lora": 3e-3}, 256),
-    "lora-lr-3e-3-bypass-lr-1e-2": ({"lr_lora": 3e-3, "lr_bypass": 1e-2}, 256),
-    "window-128-batch-8": ({"batch_size": 8}, 128),
-    "rank-32": ({"lora_rank": 32}, 256),
-    "bypass-only": ({"lora_rank": 0}, 256),
+SETTINGS = {  # name -> (TuneOptions overrides, calibration window length, calibration text)
+    "default": ({}, 256, "default"),
+    "lora-lr-3e-3": ({"lr_lora": 3e-3}, 256, "default"),
+    "lora-lr-3e-3-bypass-lr-1e-2": ({"lr_lora": 3e-3, "lr_bypass": 1e-2}, 256, "default"),
+    "window-128-batch-8": ({"batch_size": 8}, 128, "default"),
+    "rank-32": ({"lora_rank": 32}, 256, "default"),
+    "bypass-only": ({"lora_rank": 0}, 256, "default"),
+    "calib-mix": ({}, 256, "default:mix"),
+    "calib-generated-mix": ({}, 256, "generated+default"),
+    "calib-generated": ({}, 256, "generated"),
 }
+
+
+def self_generated(base, tokenizer, count: int = 128, length: int = 256) -> torch.Tensor:
+    """count windows [count, length] sampled from the model itself (top-k 50, temperature 1),
+    each from a 4-token start drawn from the calibration text."""
+    from cqil_cli.fastgen import FastGenerator
+    from cqil_cli.text import token_samples_up_to
+
+    generator = FastGenerator(base)
+    starts = token_samples_up_to(tokenizer, "default", count, 8, seed=7)[:, :4]
+    out = [generator.generate(starts[i:i + 16], max_new_tokens=length - 4, do_sample=True,
+                              top_k=50, seed=i).sequences for i in range(0, count, 16)]
+    return torch.cat(out)
 
 
 def main() -> None:
@@ -54,13 +73,21 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(SETTINGS)
     calib = {}
     for name in names:
-        overrides, seq_len = SETTINGS[name]
-        if seq_len not in calib:
-            calib[seq_len] = token_samples_up_to(tok, "default", 256 * 256 // seq_len, seq_len, 0)
+        overrides, seq_len, text = SETTINGS[name]
+        if (text, seq_len) not in calib:
+            if text.startswith("generated") and "generated" not in calib:
+                calib["generated"] = self_generated(base, tok)  # sampled once, ~4 min on 2 cores
+            if text == "generated":
+                ids = calib["generated"]
+            elif text == "generated+default":
+                ids = torch.cat([token_samples_up_to(tok, "default", 128, 256, 0), calib["generated"]])
+            else:
+                ids = token_samples_up_to(tok, text, 256 * 256 // seq_len, seq_len, 0)
+            calib[text, seq_len] = ids
         model = convert_manual(base, args.groups, 1)
         options = replace(TuneOptions(minutes=args.minutes, steps=None), **overrides)
         started = time.perf_counter()
-        result = distill(model, calib[seq_len], options)
+        result = distill(model, calib[text, seq_len], options)
         model.set_engine("reference")  # LoRA attached: evaluate through the adapters
         rows[name] = {"steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
                       "heldout": perplexity(model, eval_ids, prompt_tokens=p),
