@@ -319,6 +319,34 @@ __all__ = ["TuneOptions", "TuneResult", "distill", "distill_from_teacher", "dist
            "perplexity", "prompt_kwargs", "snapshot_bypass", "restore_bypass"]
 
 
+def _lora_distillation(student, lora_layers: list[int], calib_ids: torch.Tensor,
+                       options: TuneOptions, on_step, make_kl) -> TuneResult:
+    """LoRA-only distillation of the comparison strategies: LoRA on `lora_layers` of student,
+    every other weight frozen; make_kl(autocast) returns the batch -> KL function."""
+    if options.steps is None and options.minutes is None:
+        raise CqilError("tuning needs a bound: a number of steps or of minutes")
+    if options.lora_rank <= 0 or not lora_layers:
+        return TuneResult()
+    device = next(student.parameters()).device
+    precision = resolve_precision(options.precision, device)
+    torch.manual_seed(options.seed)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    adapters = attach_lora(student, lora_layers, options.lora_rank)
+    params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
+    optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    student.train()
+    try:
+        return _optimise(make_kl(autocast), optimizer, calib_ids, options, device,
+                         TuneResult(precision=precision), on_step)
+    finally:
+        set_lora_enabled(student, True)
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+
+
 def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
                          options: TuneOptions,
                          on_step: Callable[[int, float, float], None] | None = None
@@ -329,33 +357,18 @@ def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: to
     student no longer holds the removed layers. Trainable: LoRA on student layers
     `lora_layers` only (plain models have no bypass weights). Adapters stay attached.
     """
-    if options.steps is None and options.minutes is None:
-        raise CqilError("tuning needs a bound: a number of steps or of minutes")
-    if options.lora_rank <= 0 or not lora_layers:
-        return TuneResult()
-    device = next(student.parameters()).device
-    precision = resolve_precision(options.precision, device)
-    torch.manual_seed(options.seed)
-    for model in (teacher, student):
-        for p in model.parameters():
-            p.requires_grad_(False)
-    adapters = attach_lora(student, lora_layers, options.lora_rank)
-    params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
-    optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
 
-    def kl_of_batch(ids):
-        with autocast:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            return _kl(student(input_ids=ids, use_cache=False).logits, teacher_logits)
+    def make_kl(autocast):
+        def kl_of_batch(ids):
+            with autocast:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+                return _kl(student(input_ids=ids, use_cache=False).logits, teacher_logits)
+        return kl_of_batch
 
-    student.train()
-    try:
-        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
-                         TuneResult(precision=precision), on_step)
-    finally:
-        student.eval()
+    return _lora_distillation(student, lora_layers, calib_ids, options, on_step, make_kl)
 
 
 def distill_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: TuneOptions,
@@ -369,36 +382,17 @@ def distill_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options
     the loss is KL(teacher ‖ student) on the continuation's predictions. Trainable: LoRA on
     `lora_layers`. Adapters stay attached, as in `distill`.
     """
-    if options.steps is None and options.minutes is None:
-        raise CqilError("tuning needs a bound: a number of steps or of minutes")
-    if options.lora_rank <= 0 or not lora_layers:
-        return TuneResult()
-    device = next(model.parameters()).device
-    precision = resolve_precision(options.precision, device)
-    torch.manual_seed(options.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapters = attach_lora(model, lora_layers, options.lora_rank)
-    params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
-    optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    start = max(prompt_tokens - 1, 0)
+    start = max(prompt_tokens - 1, 0)  # the first prediction of the continuation
 
-    def kl_of_batch(ids):
-        with autocast:
-            with torch.no_grad():
-                set_lora_enabled(model, False)  # the teacher: the original model
-                teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
-                set_lora_enabled(model, True)
-            student = model(input_ids=ids, use_cache=False, **prompt_kwargs(model, prompt_tokens)).logits
-            return _kl(student[:, start:], teacher)
+    def make_kl(autocast):
+        def kl_of_batch(ids):
+            with autocast:
+                with torch.no_grad():
+                    set_lora_enabled(model, False)  # the teacher: the original model
+                    teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
+                    set_lora_enabled(model, True)
+                student = model(input_ids=ids, use_cache=False, **prompt_kwargs(model, prompt_tokens)).logits
+                return _kl(student[:, start:], teacher)
+        return kl_of_batch
 
-    model.train()
-    try:
-        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
-                         TuneResult(precision=precision), on_step)
-    finally:
-        set_lora_enabled(model, True)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+    return _lora_distillation(model, lora_layers, calib_ids, options, on_step, make_kl)
