@@ -218,6 +218,20 @@ def _optimise(kl_of_batch: Callable[[torch.Tensor], torch.Tensor], optimizer, ca
     return result
 
 
+def _train(model, kl_of_batch, optimizer, calib_ids, options: TuneOptions, device, precision: str,
+           on_step) -> TuneResult:
+    """Run _optimise with model in train mode; afterwards eval mode, LoRA on, weights frozen."""
+    model.train()
+    try:
+        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
+                         TuneResult(precision=precision), on_step)
+    finally:
+        set_lora_enabled(model, True)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student) from logits [B, T, V]."""
     teacher = torch.log_softmax(teacher_logits.float(), -1).flatten(0, 1)
@@ -264,15 +278,7 @@ def distill(model, calib_ids: torch.Tensor, options: TuneOptions,
                 set_lora_enabled(model, True)
             return _kl(runner.student(x, cos, sin, masks), teacher)
 
-    model.train()
-    try:
-        return _optimise(kl_of_batch, optimizer, calib_ids, options, device,
-                         TuneResult(precision=precision), on_step)
-    finally:
-        set_lora_enabled(model, True)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+    return _train(model, kl_of_batch, optimizer, calib_ids, options, device, precision, on_step)
 
 
 def snapshot_bypass(model) -> list[torch.Tensor]:
@@ -336,15 +342,8 @@ def _lora_distillation(student, lora_layers: list[int], calib_ids: torch.Tensor,
     params = [p for a in adapters for p in (a.lora_a, a.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=options.lr_lora, weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    student.train()
-    try:
-        return _optimise(make_kl(autocast), optimizer, calib_ids, options, device,
-                         TuneResult(precision=precision), on_step)
-    finally:
-        set_lora_enabled(student, True)
-        student.eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
+    return _train(student, make_kl(autocast), optimizer, calib_ids, options, device, precision,
+                  on_step)
 
 
 def distill_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
