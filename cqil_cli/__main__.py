@@ -1,5 +1,5 @@
 """`python -m cqil_cli` is the `cqil` command."""
 
-from .cli import main
+from .cli.app import main
 
 main()

@@ -12,7 +12,7 @@ from tiny_models import FAMILIES, tiny_model  # noqa: E402
 @pytest.fixture(scope="session")
 def default_tokenizer_dir() -> Path:
     """The default model's folder (tokenizer files); materialised by `make install`."""
-    from cqil_cli.models import default_model_dir
+    from cqil_cli.inputs.models import default_model_dir
 
     return default_model_dir()
 

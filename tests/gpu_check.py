@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_modeling import GROUPINGS, TINY, V, padded_batch, randomise_bypass, rel, tiny_hf  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from cqil_cli.checkpoint import convert_manual  # noqa: E402
-from cqil_cli.fastgen import FastGenerator  # noqa: E402
+from cqil_cli.runtime.checkpoint import build_cqil_model  # noqa: E402
+from cqil_cli.runtime.fastgen import FastGenerator  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 failures: list[str] = []
@@ -43,7 +43,7 @@ def report(name: str, value: float, tol: float) -> None:
 def check_singles(device, dtype) -> None:
     for kind in sorted(TINY):
         hf = tiny_hf(kind).to(device, dtype)
-        model = convert_manual(hf, "none", 0)
+        model = build_cqil_model(hf, "none", 0)
         ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3)).to(device)
         for engine in ("fused", "reference"):
             model.set_engine(engine)
@@ -64,7 +64,7 @@ def check_fused(device, dtype) -> None:
     cases += [("llama_bias", [[0, 1], [2, 3, 4]], 2), ("qwen2", [[0, 1], [2, 3, 4]], 2)]
     for kind, grouping, distance in cases:
         groups = GROUPINGS[grouping] if isinstance(grouping, str) else grouping
-        model = convert_manual(tiny_hf(kind), groups, distance)
+        model = build_cqil_model(tiny_hf(kind), groups, distance)
         randomise_bypass(model, seed=distance)
         model.to(device, dtype)
         ids, mask = (t.to(device) for t in padded_batch())
@@ -90,7 +90,7 @@ def check_fused(device, dtype) -> None:
 def check_fastgen(device) -> None:
     for kind, groups, distance in [("llama", "none", 0), ("llama", "1-2,3-4", 1),
                                    ("mistral", "0-1,2-4,5-6", 2), ("qwen3", "0-3,4-6", 3)]:
-        model = convert_manual(tiny_hf(kind), groups, distance)
+        model = build_cqil_model(tiny_hf(kind), groups, distance)
         randomise_bypass(model)
         model.to(device)
         ids, mask = (t.to(device) for t in padded_batch())
@@ -106,7 +106,7 @@ def check_fastgen(device) -> None:
 
 
 def check_skip(device) -> None:
-    model = convert_manual(tiny_hf("mistral"), [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
+    model = build_cqil_model(tiny_hf("mistral"), [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
     randomise_bypass(model)
     model.to(device)
     ids, mask = (t.to(device) for t in padded_batch())

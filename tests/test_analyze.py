@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import FAMILIES, tiny_model
 
-from cqil_cli.analyze import AnalyzeOptions, analyze_model, candidate_groups
-from cqil_cli.errors import CqilError
-from cqil_cli.models import LoadedModel
+from cqil_cli.calibrate.profile import AnalyzeOptions, analyze_model, candidate_groups
+from cqil_cli.core.errors import CqilError
+from cqil_cli.inputs.models import LoadedModel
 
 
 def _loaded(model, name="tiny"):
@@ -30,7 +30,7 @@ def _layer_inputs(model, ids):
 
 
 def _concurrent_logits(model, ids, group):
-    """Direct definition of design.md §2 (no bypass): y = x + Σ_j (layer_j(x) − x)."""
+    """Direct definition of docs/method.md (no bypass): y = x + Σ_j (layer_j(x) − x)."""
     inner = model.model
     h = inner.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cqil_cli.bench import (
+from cqil_cli.bench.measure import (
     SCHEMA,
     BenchOptions,
     PeakMemory,
@@ -24,7 +24,7 @@ from cqil_cli.bench import (
     resolve_baseline,
     summarize,
 )
-from cqil_cli.errors import CqilError
+from cqil_cli.core.errors import CqilError
 
 SMALL = ["--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "1",
          "--eval-tokens", "128", "--eval-window", "32", "--greedy-prompts", "3",
@@ -63,14 +63,14 @@ def tiny_pair(tmp_path_factory, default_tokenizer_dir):
 @pytest.fixture(scope="module")
 def converted(tiny_pair, tmp_path_factory):
     """A converted folder (layers 1-2 and 3-4 grouped) whose manifest names tiny model a."""
-    from cqil_cli.checkpoint import convert_manual, save_converted
-    from cqil_cli.models import load_model
+    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+    from cqil_cli.inputs.models import load_model
 
     a = tiny_pair[0]
     loaded = load_model(str(a))
-    model = convert_manual(loaded.model, "1-2,3-4")
+    model = build_cqil_model(loaded.model, "1-2,3-4")
     out = tmp_path_factory.mktemp("conv") / "grouped"
-    from cqil_cli.assets import sha256_file
+    from cqil_cli.inputs.assets import sha256_file
 
     digests = {p.name: sha256_file(p) for p in a.glob("*.safetensors")}
     save_converted(model, loaded.tokenizer, out, manifest_extra={
@@ -90,7 +90,7 @@ def eval_text(tmp_path_factory) -> Path:
 
 def invoke(args, capsys):
     """Run `cqil ARGS` in this process the way the console script does; (code, out, err)."""
-    from cqil_cli import cli as cli_module
+    from cqil_cli.cli import app as cli_module
 
     argv = sys.argv
     sys.argv = ["cqil", *map(str, args)]
@@ -234,7 +234,7 @@ def test_quality_against_a_different_model_matches_direct_computation(tiny_pair,
                                                                       capsys, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cqil_cli.bench import bench_tokens
+    from cqil_cli.bench.measure import bench_tokens
 
     a, b, _ = tiny_pair
     report, _ = bench_json([b, a, "--baseline", a, "--eval", eval_text, "--no-latency", *SMALL],
@@ -349,13 +349,13 @@ def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eva
     after each window's first half, run as its prompt (== distill.perplexity)."""
     from transformers import AutoTokenizer
 
-    from cqil_cli.bench import bench_tokens
-    from cqil_cli.checkpoint import convert_manual, save_converted
-    from cqil_cli.distill import perplexity
-    from cqil_cli.models import load_model
+    from cqil_cli.bench.measure import bench_tokens
+    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+    from cqil_cli.calibrate.tuning import perplexity
+    from cqil_cli.inputs.models import load_model
 
     a = tiny_pair[0]
-    model = convert_manual(load_model(str(a)).model, None, 0, skip_layers=[1, 3])
+    model = build_cqil_model(load_model(str(a)).model, None, 0, skip_layers=[1, 3])
     save_converted(model, AutoTokenizer.from_pretrained(a), tmp_path / "skip")
     report, _ = bench_json([tmp_path / "skip", "--baseline", a, "--eval", eval_text, *SMALL],
                            capsys, tmp_path)

@@ -22,14 +22,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from cqil_cli.checkpoint import (
-    convert_manual,
+from cqil_cli.runtime.checkpoint import (
+    build_cqil_model,
     load_converted,
     parse_groups,
     register_auto_classes,
     save_converted,
 )
-from cqil_cli.modeling_cqil import CqilForCausalLM
+from cqil_cli.runtime.modeling_cqil import CqilForCausalLM
 
 V = 128
 
@@ -87,18 +87,18 @@ def test_parse_groups_errors(spec, message):
         parse_groups(spec, 5)
 
 
-# --------------------------------------------------------------------------- convert_manual
+# --------------------------------------------------------------------------- build_cqil_model
 
 
 def test_convert_rejects_unsupported_architecture():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V))
     with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
-        convert_manual(gpt2, "none", 0)
+        build_cqil_model(gpt2, "none", 0)
 
 
 def test_convert_copies_weights_and_initialises_bypass_to_one():
     hf = tiny_llama()
-    model = convert_manual(hf, "0-1,2-4", 2)
+    model = build_cqil_model(hf, "0-1,2-4", 2)
     ours, theirs = model.state_dict(), hf.state_dict()
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
@@ -116,7 +116,7 @@ def test_convert_copies_weights_and_initialises_bypass_to_one():
 
 @pytest.fixture()
 def saved(tmp_path):
-    model = convert_manual(tiny_llama(), "1-2,3-4", 1)
+    model = build_cqil_model(tiny_llama(), "1-2,3-4", 1)
     randomise_bypass(model)
     out = save_converted(model, tiny_tokenizer(), tmp_path / "conv", manifest_extra={"schema": 1})
     return model, out
@@ -179,7 +179,7 @@ def test_load_with_trust_remote_code_without_cqil(saved, tmp_path):
 
 
 def test_save_refuses_existing_folder_and_cleans_up_on_failure(tmp_path):
-    model = convert_manual(tiny_llama(tied=False), "0-1", 0)
+    model = build_cqil_model(tiny_llama(tied=False), "0-1", 0)
     out = save_converted(model, None, tmp_path / "conv")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" in set(f.keys())  # untied head is stored
@@ -203,8 +203,8 @@ def test_bf16_smoke(tmp_path):
     torch.manual_seed(0)
     hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    fp32 = convert_manual(hf.eval(), "0-1,2-3", 1)
-    out = save_converted(convert_manual(hf.to(torch.bfloat16).eval(), "0-1,2-3", 1), None, tmp_path / "bf16")
+    fp32 = build_cqil_model(hf.eval(), "0-1,2-3", 1)
+    out = save_converted(build_cqil_model(hf.to(torch.bfloat16).eval(), "0-1,2-3", 1), None, tmp_path / "bf16")
     model = load_converted(out, dtype="bf16")
     assert model.lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(0, V, (2, 9))

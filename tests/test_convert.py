@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cqil_cli.errors import CqilError
+from cqil_cli.core.errors import CqilError
 
 
 def run(*args):
@@ -57,7 +57,7 @@ def test_output_is_a_complete_hf_folder_with_manifest(converted):
 def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path):
     import shutil
 
-    from cqil_cli.models import load_model
+    from cqil_cli.inputs.models import load_model
 
     loaded = load_model(str(converted))
     assert loaded.model_type == "cqil" and loaded.model.config.groups[1] == [1, 2]
@@ -117,7 +117,7 @@ def test_prune_writes_a_plain_model_any_tool_loads(llama_folder, long_text, tmp_
     from transformers import AutoModelForCausalLM
 
     from cqil_cli import convert as conv
-    from cqil_cli.strategies import prune_kept_layers, skip_kept_layers
+    from cqil_cli.calibrate.strategies import prune_kept_layers, skip_kept_layers
 
     opts = conv.ConvertOptions(out=tmp_path / "p", strategy="prune", steps=3, tune_steps=2,
                                tune_minutes=None, lora_rank=2, calib=str(long_text),
@@ -148,9 +148,9 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
     import torch
 
     from cqil_cli import convert as conv
-    from cqil_cli.distill import perplexity
-    from cqil_cli.models import load_model
-    from cqil_cli.strategies import skip_kept_layers_for_count
+    from cqil_cli.calibrate.tuning import perplexity
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.calibrate.strategies import skip_kept_layers_for_count
 
     proc = run("convert", llama_folder, "--out", tmp_path / "k", "--strategy", "skip", "--steps", 3,
                "--tune-steps", 2, "--lora-rank", 2, "--calib", long_text, "--eval", long_text,
@@ -181,7 +181,7 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
 
 
 def skip_kept_layers(n, r):
-    from cqil_cli.strategies import skip_kept_layers as rule
+    from cqil_cli.calibrate.strategies import skip_kept_layers as rule
 
     return rule(n, r)
 

@@ -14,8 +14,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from cqil_cli.checkpoint import convert_manual
-from cqil_cli.fastgen import FastGenerator, fast_generate
+from cqil_cli.runtime.checkpoint import build_cqil_model
+from cqil_cli.runtime.fastgen import FastGenerator, fast_generate
 
 V = 128
 
@@ -59,7 +59,7 @@ def greedy_generate(model, ids, mask, n):
     ("qwen3", "0-3", 3),
 ])
 def test_fastgen_greedy_equals_generate(kind, groups, distance):
-    model = convert_manual(tiny(kind), groups, distance)
+    model = build_cqil_model(tiny(kind), groups, distance)
     with torch.no_grad():
         for layer in model.model.layers:  # non-trivial bypass weights
             for p in (layer.cqil_gamma, layer.cqil_beta):
@@ -84,7 +84,7 @@ def test_fastgen_plain_model_is_converted_and_matches_transformers():
 
 
 def test_fastgen_reuses_its_cache_and_handles_batch_one():
-    model = convert_manual(tiny("qwen3"), "1-2", 1)
+    model = build_cqil_model(tiny("qwen3"), "1-2", 1)
     gen = FastGenerator(model)
     ids = torch.randint(1, V, (1, 9))
     first = gen.generate(ids, max_new_tokens=8).tokens
@@ -95,7 +95,7 @@ def test_fastgen_reuses_its_cache_and_handles_batch_one():
 
 
 def test_fastgen_stops_at_eos_like_generate():
-    model = convert_manual(tiny("llama"), "0-1", 1)
+    model = build_cqil_model(tiny("llama"), "0-1", 1)
     ids, mask = padded_batch()
     free = FastGenerator(model).generate(ids, mask, max_new_tokens=10).tokens
     eos = int(free[1, 3])  # a token sequence 1 emits: it must stop there
@@ -107,7 +107,7 @@ def test_fastgen_stops_at_eos_like_generate():
 
 
 def test_fastgen_sampling_is_seeded():
-    model = convert_manual(tiny("mistral"), "1-2", 1)
+    model = build_cqil_model(tiny("mistral"), "1-2", 1)
     ids, mask = padded_batch()
     kw = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=10, seed=123)
     a = fast_generate(model, ids, mask, **kw).tokens
@@ -117,11 +117,11 @@ def test_fastgen_sampling_is_seeded():
 
 def test_fastgen_rejects_zero_tokens():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        FastGenerator(convert_manual(tiny("llama"), "none", 0)).generate(torch.ones(1, 3, dtype=torch.long), None, 0)
+        FastGenerator(build_cqil_model(tiny("llama"), "none", 0)).generate(torch.ones(1, 3, dtype=torch.long), None, 0)
 
 
 def test_fastgen_layer_skipping_equals_generate():
-    model = convert_manual(tiny("mistral"), "1-2", 1, skip_layers=[3, 5])
+    model = build_cqil_model(tiny("mistral"), "1-2", 1, skip_layers=[3, 5])
     ids, mask = padded_batch()
     want = greedy_generate(model, ids, mask, 12)
     got = FastGenerator(model).generate(ids, mask, max_new_tokens=12).tokens

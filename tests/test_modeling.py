@@ -20,8 +20,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from cqil_cli.checkpoint import convert_manual
-from cqil_cli.modeling_cqil import CqilConfig, CqilForCausalLM
+from cqil_cli.runtime.checkpoint import build_cqil_model
+from cqil_cli.runtime.modeling_cqil import CqilConfig, CqilForCausalLM
 
 REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
 V = 128
@@ -88,7 +88,7 @@ def padded_batch():
 @pytest.mark.parametrize("engine", ["fused", "reference"])
 def test_all_singles_equal_transformers(kind, engine):
     hf = tiny_hf(kind)
-    model = convert_manual(hf, "none", 0)
+    model = build_cqil_model(hf, "none", 0)
     model.set_engine(engine)
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_all_singles_equal_transformers(kind, engine):
 
 def test_all_singles_equal_transformers_with_padding():
     hf = tiny_hf("llama")
-    model = convert_manual(hf, "none", 0)
+    model = build_cqil_model(hf, "none", 0)
     ids, mask = padded_batch()
     with torch.no_grad():
         want = hf(ids, attention_mask=mask).logits
@@ -128,14 +128,14 @@ GROUPINGS = {  # for the 7-layer models: group sizes 1..4
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 @pytest.mark.parametrize("distance", [0, 1, 2, 3])
 def test_fused_matches_reference(kind, grouping, distance):
-    model = convert_manual(tiny_hf(kind), GROUPINGS[grouping], distance)
+    model = build_cqil_model(tiny_hf(kind), GROUPINGS[grouping], distance)
     randomise_bypass(model, seed=distance)
     _compare_engines(model)
 
 
 @pytest.mark.parametrize("kind", ["llama_bias", "qwen2"])
 def test_fused_matches_reference_with_biases(kind):
-    model = convert_manual(tiny_hf(kind), [[0, 1], [2, 3, 4]], 2)
+    model = build_cqil_model(tiny_hf(kind), [[0, 1], [2, 3, 4]], 2)
     randomise_bypass(model)
     _compare_engines(model)
 
@@ -161,7 +161,7 @@ def _compare_engines(model: CqilForCausalLM) -> None:
 
 
 def test_fused_weights_follow_parameter_updates():
-    model = convert_manual(tiny_hf("llama"), [[0, 1], [2, 3, 4]], 1)
+    model = build_cqil_model(tiny_hf("llama"), [[0, 1], [2, 3, 4]], 1)
     ids = torch.randint(0, V, (1, 8))
     with torch.no_grad():
         before = model(ids).logits
@@ -177,7 +177,7 @@ def test_fused_weights_follow_parameter_updates():
 
 
 def formula_forward(model: CqilForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """design.md §2 written out with plain tensor ops (no cache, no padding): logits [B, T, V]."""
+    """docs/method.md written out with plain tensor ops (no cache, no padding): logits [B, T, V]."""
     cfg = model.config
     sd = dict(model.state_dict())
     H, G, hd, eps, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.bypass_distance
@@ -253,7 +253,7 @@ def test_reference_matches_formula(kind, distance):
     groups = [[0, 1, 2, 3]] + [[i] for i in range(4, n)]  # one group of 4 + singles
     if n == 7:
         groups = [[0, 1, 2, 3], [4], [5, 6]]
-    model = convert_manual(hf, groups, distance)
+    model = build_cqil_model(hf, groups, distance)
     randomise_bypass(model, seed=5)
     model.set_engine("reference")
     ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(7))
@@ -264,7 +264,7 @@ def test_reference_matches_formula(kind, distance):
 
 
 def test_reference_is_differentiable():
-    model = convert_manual(tiny_hf("qwen2"), [[0, 1], [2, 3, 4]], 2)
+    model = build_cqil_model(tiny_hf("qwen2"), [[0, 1], [2, 3, 4]], 2)
     model.train()
     ids = torch.randint(0, V, (2, 8))
     loss = model(ids, labels=ids).loss
@@ -279,7 +279,7 @@ def test_reference_is_differentiable():
 
 @pytest.fixture(scope="module")
 def grouped_mistral():
-    model = convert_manual(tiny_hf("mistral"), [[0], [1, 2], [3, 4, 5], [6]], 1)
+    model = build_cqil_model(tiny_hf("mistral"), [[0], [1, 2], [3, 4, 5], [6]], 1)
     randomise_bypass(model)
     return model
 
@@ -305,7 +305,7 @@ def test_generate_left_padded_batch_equals_single_sequences(grouped_mistral):
 
 def test_generate_singles_equal_transformers_generate():
     hf = tiny_hf("qwen2")
-    model = convert_manual(hf, "none", 0)
+    model = build_cqil_model(hf, "none", 0)
     ids, mask = padded_batch()
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -353,9 +353,9 @@ def test_config_validation_messages():
 @pytest.mark.integration
 def test_default_model_grouped_cache_equals_no_cache():
     """SmolLM2-135M with pairs 14-15 ... 24-25 and bypass 1: greedy 32 tokens, cache on == off."""
-    models = pytest.importorskip("cqil_cli.models")
+    models = pytest.importorskip("cqil_cli.inputs.models")
     lm = models.load_model("default")
-    model = convert_manual(lm.model, "14-15,16-17,18-19,20-21,22-23,24-25", 1)
+    model = build_cqil_model(lm.model, "14-15,16-17,18-19,20-21,22-23,24-25", 1)
     assert model.config.num_steps == 24
     prompt = lm.tokenizer("The history of the English language begins", return_tensors="pt")
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -378,13 +378,13 @@ def test_skip_layers_prompt_runs_every_layer_and_decoding_skips(engine):
     """The one-pass `prompt_length` evaluation equals cached generation: prompt through every
     layer, later tokens through the kept layers only, on a left-padded batch."""
     hf = tiny_hf("mistral")  # 7 layers, one kv head, sliding window 6
-    model = convert_manual(hf, [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
+    model = build_cqil_model(hf, [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
     randomise_bypass(model)
     model.set_engine(engine)
     ids, mask = padded_batch()  # [3, 12]
     p = 8
     with torch.no_grad():
-        plain = convert_manual(hf, [[0], [1, 2], [3], [4], [5], [6]], 1)
+        plain = build_cqil_model(hf, [[0], [1, 2], [3], [4], [5], [6]], 1)
         randomise_bypass(plain)
         # a fresh forward is a prompt: every layer, like the model without skip_layers
         assert rel(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits) < REL_TOL
@@ -404,10 +404,10 @@ def test_skip_layers_prompt_runs_every_layer_and_decoding_skips(engine):
 def test_skip_layers_validation_and_generate_round_trip(tmp_path):
     hf = tiny_hf("llama")
     with pytest.raises(ValueError, match="layer 0 always runs"):
-        convert_manual(hf, None, 0, skip_layers=[0])
+        build_cqil_model(hf, None, 0, skip_layers=[0])
     with pytest.raises(ValueError, match="in a group"):
-        convert_manual(hf, [[0], [1, 2], [3], [4]], 0, skip_layers=[2])
-    model = convert_manual(hf, None, 0, skip_layers=[2, 3])
+        build_cqil_model(hf, [[0], [1, 2], [3], [4]], 0, skip_layers=[2])
+    model = build_cqil_model(hf, None, 0, skip_layers=[2, 3])
     model.save_pretrained(tmp_path / "m")
     again = CqilForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert again.config.skip_layers == [2, 3]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cqil_cli.errors import CqilError
-from cqil_cli.text import load_text, strip_gutenberg, token_samples
+from cqil_cli.core.errors import CqilError
+from cqil_cli.inputs.text import load_text, strip_gutenberg, token_samples
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_default_splits_are_disjoint():
 
 
 def test_mix_split_adds_milton_and_keeps_heldout_out():
-    from cqil_cli.text import load_text
+    from cqil_cli.inputs.text import load_text
 
     mix, calibration = load_text("default:mix"), load_text("default")
     heldout = set(load_text("default:heldout").documents)

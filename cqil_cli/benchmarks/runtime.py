@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from ..checkpoint import convert_manual
-from ..fastgen import FastGenerator
+from ..runtime.checkpoint import build_cqil_model
+from ..runtime.fastgen import FastGenerator
 
 PROMPT_LEN = 128
 NEW_TOKENS = 64
@@ -115,7 +115,7 @@ def bench_dtype(base, dtype: torch.dtype, repeats: int, compile: bool, batch: in
         if spec is None:
             runners[name] = lambda ids, m=base: time_hf_generate(m, ids)
         else:
-            gen = FastGenerator(convert_manual(base, *spec), compile=compile, cuda_graph=cuda_graph)
+            gen = FastGenerator(build_cqil_model(base, *spec), compile=compile, cuda_graph=cuda_graph)
             runners[name] = lambda ids, g=gen: time_fastgen(g, ids)
     ids = torch.randint(1000, 40000, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
     for run in runners.values():  # warm-up (and compilation) apart
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if args.random_weights:
         base = random_model(args.random_weights)
     else:
-        from ..models import load_model
+        from ..inputs.models import load_model
 
         base = load_model("default").model
     base = base.to(device)

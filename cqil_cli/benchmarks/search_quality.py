@@ -19,11 +19,11 @@ import torch
 
 
 def main() -> None:
-    from cqil_cli.analyze import AnalyzeOptions, analyze_model
-    from cqil_cli.convert import grouping_kl
-    from cqil_cli.models import load_model
-    from cqil_cli.search import best_partitions, uniform_groups
-    from cqil_cli.text import token_samples
+    from cqil_cli.calibrate.profile import AnalyzeOptions, analyze_model
+    from cqil_cli.calibrate.search import best_partitions, uniform_groups
+    from cqil_cli.convert.pipeline import grouping_kl
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.inputs.text import token_samples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

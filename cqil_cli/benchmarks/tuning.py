@@ -40,8 +40,8 @@ SETTINGS = {  # name -> (TuneOptions overrides, calibration window length, calib
 def self_generated(base, tokenizer, count: int = 128, length: int = 256) -> torch.Tensor:
     """count windows [count, length] sampled from the model itself (top-k 50, temperature 1),
     each from a 4-token start drawn from the calibration text."""
-    from cqil_cli.fastgen import FastGenerator
-    from cqil_cli.text import token_samples_up_to
+    from cqil_cli.inputs.text import token_samples_up_to
+    from cqil_cli.runtime.fastgen import FastGenerator
 
     generator = FastGenerator(base)
     starts = token_samples_up_to(tokenizer, "default", count, 8, seed=7)[:, :4]
@@ -51,10 +51,10 @@ def self_generated(base, tokenizer, count: int = 128, length: int = 256) -> torc
 
 
 def main() -> None:
-    from cqil_cli.checkpoint import convert_manual
-    from cqil_cli.distill import TuneOptions, distill, perplexity
-    from cqil_cli.models import load_model
-    from cqil_cli.text import token_samples_up_to
+    from cqil_cli.calibrate.tuning import TuneOptions, distill, perplexity
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.inputs.text import token_samples_up_to
+    from cqil_cli.runtime.checkpoint import build_cqil_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2.0)
@@ -84,7 +84,7 @@ def main() -> None:
             else:
                 ids = token_samples_up_to(tok, text, 256 * 256 // seq_len, seq_len, 0)
             calib[text, seq_len] = ids
-        model = convert_manual(base, args.groups, 1)
+        model = build_cqil_model(base, args.groups, 1)
         options = replace(TuneOptions(minutes=args.minutes, steps=None), **overrides)
         started = time.perf_counter()
         result = distill(model, calib[text, seq_len], options)

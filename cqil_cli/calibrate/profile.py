@@ -6,7 +6,7 @@ Three measurements, all on calibration text:
                the angular distance arccos(cos)/π; each layer's block influence 1 − cos(in, out)
   latency      each layer's time for a prefill of L tokens and for one decode step with a cache
                of L tokens (median of repeats), and the time spent outside the layers
-  sensitivity  for each run of 2..W adjacent layers made concurrent on its own (design.md §2, no
+  sensitivity  for each run of 2..W adjacent layers made concurrent on its own (docs/method.md, no
                bypass): KL(original ‖ grouped) per token and the change of next-token loss
 Batches stream through, so memory does not grow with the number of samples.
 """
@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .errors import CqilError
-from .layers import GroupState, LayerProxy, _hidden_out, _sync, proxied_layers
+from .. import __version__
+from ..core.devices import synchronize
+from ..core.errors import CqilError
+from .probes import GroupState, LayerProxy, _hidden_out, proxied_layers
 
 SCHEMA = "cqil.analyze/1"
 
@@ -164,7 +165,7 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
 
 
 def _layers_of(model):
-    from .layers import find_decoder_layers
+    from .probes import find_decoder_layers
 
     parent, attr, _ = find_decoder_layers(model)
     return getattr(parent, attr)
@@ -196,18 +197,18 @@ def _measure_latency(model, proxies: list[LayerProxy], prompt: torch.Tensor, rep
     for rep in range(repeats + 1):  # repetition 0 is the warm-up, measured and thrown away
         for p, timer in zip(proxies, prefill_layers, strict=True):
             p.timer = timer
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
-        _sync(device)
+        synchronize(device)
         prefill_total.append(time.perf_counter() - start)
         next_token = out.logits[:, -1:].argmax(-1)
         for p, timer in zip(proxies, decode_layers, strict=True):
             p.timer = timer
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True)
-        _sync(device)
+        synchronize(device)
         decode_total.append(time.perf_counter() - start)
         if rep == 0:
             for timer in prefill_layers + decode_layers:

@@ -1,4 +1,4 @@
-"""Choosing the grouping: an exact dynamic program under a latency budget (design.md §5).
+"""Choosing the grouping: an exact dynamic program under a latency budget (docs/method.md).
 
 Layers 0..N−1 are split into contiguous steps of 1..P layers. A step of s layers costs
 `step_latency[s]` (measured on the target device: a fused group of s layers is cheaper than s
@@ -17,7 +17,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from .errors import CqilError
+from ..core.errors import CqilError
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .modeling_cqil import CqilForCausalLM, FusedLinear, build_attention_mask, rope_tables
+from ..core.devices import synchronize
+from .fused_cqil import FusedLinear, rope_tables
+from .modeling_cqil import CqilForCausalLM, build_attention_mask
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
@@ -78,10 +80,6 @@ class StaticKVCache:
         return ck[:, :, : self.kv_len], cv[:, :, : self.kv_len]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 class FastGenerator:
     """Static-cache generation for a CqilForCausalLM (or a plain Llama-family model).
@@ -99,9 +97,9 @@ class FastGenerator:
 
     def __init__(self, model, compile: bool = False, cuda_graph: bool | None = None):
         if not isinstance(model, CqilForCausalLM) and type(model).__name__ != "CqilForCausalLM":
-            from .checkpoint import convert_manual
+            from .checkpoint import build_cqil_model
 
-            model = convert_manual(model, None, 0)
+            model = build_cqil_model(model, None, 0)
         self.model = model.eval()
         self.config = model.config
         self.compile = compile
@@ -251,7 +249,7 @@ class FastGenerator:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # like generate()
 
         # Prefill: the prompt through every step, keys written to positions 0..T-1.
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         x = model.model.embed_tokens(input_ids)  # [B, T, d]
         cos, sin = self._cos_sin(positions, dtype)
@@ -262,7 +260,7 @@ class FastGenerator:
         tok = pick(self._logits(x[:, -1]))  # [B]
         finished = torch.isin(tok, eos) if eos is not None else None
         out = [tok]
-        _sync(device)
+        synchronize(device)
         prefill_s = time.perf_counter() - t0
 
         # Decode state, preallocated: everything below is updated in place. The mask is additive
@@ -310,7 +308,7 @@ class FastGenerator:
                 finished |= torch.isin(nxt, eos)
             tok = nxt
             out.append(tok)
-            _sync(device)
+            synchronize(device)
             decode_s.append(time.perf_counter() - t1)
         tokens = torch.stack(out, dim=1)  # [B, n_new]
         return GenerationResult(

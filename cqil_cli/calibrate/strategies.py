@@ -14,7 +14,7 @@ import math
 
 from torch import nn
 
-from .errors import CqilError
+from ..core.errors import CqilError
 
 
 def skip_kept_layers(num_layers: int, speedup: float) -> list[int]:

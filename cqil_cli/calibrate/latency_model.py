@@ -42,7 +42,7 @@ class LatencyModel:
 
 def decode_ms(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Median decode ms per token of a CqilForCausalLM on cqil's fast path (warm-up apart)."""
-    from .fastgen import FastGenerator
+    from ..runtime.fastgen import FastGenerator
 
     generator = FastGenerator(model)
     generator.generate(prompt, max_new_tokens=4)  # warm-up: fused weights, caches
@@ -70,7 +70,7 @@ def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
                           new_tokens: int = 24, repeats: int = 3,
                           on_progress=None) -> LatencyModel:
     """Measure O, t(1)..t(max_size) on the base model's device and dtype (see module doc)."""
-    from .checkpoint import convert_manual
+    from ..runtime.checkpoint import build_cqil_model
 
     param = next(base_model.parameters())
     n = base_model.config.num_hidden_layers
@@ -87,7 +87,7 @@ def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
         variants[s] = [[i] for i in range(first)] + \
             [list(range(first + j * s, first + (j + 1) * s)) for j in range(k)] + \
             [[i] for i in range(first + k * s, n)]
-    models = {s: convert_manual(base_model, groups, 0) for s, groups in variants.items()}
+    models = {s: build_cqil_model(base_model, groups, 0) for s, groups in variants.items()}
     totals: dict[int, list[float]] = {s: [] for s in models}
     for _ in range(repeats):  # interleaved, so drift hits every variant alike
         for s, model in models.items():

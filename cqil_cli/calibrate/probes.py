@@ -14,7 +14,8 @@ import time
 import torch
 from torch import nn
 
-from .errors import CqilError
+from ..core.devices import synchronize
+from ..core.errors import CqilError
 
 # Where decoder stacks live in the transformers model zoo, most common first.
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
@@ -101,10 +102,10 @@ class LayerProxy(nn.Module):
             out = self.inner(*args, **kwargs)
         else:
             hidden = _hidden_of(args, kwargs)
-            _sync(hidden.device)
+            synchronize(hidden.device)
             start = time.perf_counter()
             out = self.inner(*args, **kwargs)
-            _sync(hidden.device)
+            synchronize(hidden.device)
             self.timer.append(time.perf_counter() - start)
         if self.record_input:
             self.recorded_output = out
@@ -112,7 +113,7 @@ class LayerProxy(nn.Module):
 
 
 class GroupState:
-    """Concurrent computation of adjacent layers, design.md §2 without bypass:
+    """Concurrent computation of adjacent layers, docs/method.md without bypass:
     every member sees the group's input x; the last member returns x + Σ_j (layer_j(x) − x)."""
 
     def __init__(self, members: list[LayerProxy], group_input: torch.Tensor):
@@ -128,10 +129,6 @@ class GroupState:
             return _replace_hidden_out(out, self.x + self.delta_sum)
         return out
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
-"""`cqil bench`: the click command, a thin layer over cqil_cli.bench (docs/bench.md).
+"""`cqil bench`: the click command, a thin layer over cqil_cli.bench.measure (docs/bench.md).
 
-cli.py registers this command at its end; import `cqil_cli.cli` (not this module first).
+cli.py registers this command at its end; import `cqil_cli.cli.app` (not this module first).
 """
 
 from __future__ import annotations
@@ -11,18 +11,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .cli import (
-    State,
-    _nothing,
-    _threads,
-    check_writable,
-    model_options,
-    write_outputs,
-)
-from .errors import CqilError
+from ..core.errors import CqilError
+from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
 
 
-@click.command("bench")
+@click.command()
 @click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL...]")
 @click.option("--baseline", metavar="MODEL",
               help="Compare against this model. Default: the base model named in a converted "
@@ -63,7 +56,7 @@ from .errors import CqilError
 @click.option("--plot", "plot_path", metavar="PATH",
               help="Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
 @click.pass_obj
-def bench_command(state: State, models, baseline, device, dtype, trust_remote_code,
+def bench(state: State, models, baseline, device, dtype, trust_remote_code,
                   allow_pickle, prompt_len, new_tokens, batch, repeats, warmup, eval_spec,
                   eval_tokens, eval_window, eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_,
                   no_quality, no_latency, seed, json_path, plot_path):
@@ -79,7 +72,7 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
 
     See docs/bench.md for how every number is measured, the JSON schema and the chart.
     """
-    from .bench import (
+    from ..bench.measure import (
         BenchOptions,
         parse_batches,
         plan_entries,
@@ -87,7 +80,7 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
         resolve_baseline,
         run_bench,
     )
-    from .models import load_model, resolve_device, torch_dtype
+    from ..inputs.models import load_model, resolve_device, torch_dtype
 
     json_target = check_writable(json_path, "the JSON report")
     plot_target = check_writable(plot_path, "the chart")
@@ -106,10 +99,10 @@ def bench_command(state: State, models, baseline, device, dtype, trust_remote_co
     torch_dtype(dtype)
     models = list(models)
     baseline_spec, source = resolve_baseline(models, baseline)
-    _threads()
+    use_all_cores()
 
     def load(spec: str):
-        with state.err.status(f"loading {spec}") if not state.quiet else _nothing():
+        with loading(state, f"loading {spec}"):
             return load_model(spec, device=device, dtype=dtype,
                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
@@ -220,4 +213,4 @@ def bench_tables(report: dict, console: Console) -> None:
                       "each", style="dim")
 
 
-__all__ = ["bench_command", "bench_tables", "CqilError"]
+__all__ = ["bench", "bench_tables"]

@@ -1,4 +1,4 @@
-"""Brief distillation of a converted model (design.md §6).
+"""Brief distillation of a converted model (docs/method.md).
 
 teacher  the same weights run sequentially, every layer on its own input, LoRA off: no second
          copy of the model in memory;
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CqilError
+from ..core.errors import CqilError
 
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -137,7 +137,7 @@ class _Runner:
         self.first_step = next((s for s, g in enumerate(groups) if len(g) > 1), len(groups))
 
     def masks(self, x):
-        from .modeling_cqil import build_attention_mask
+        from ..runtime.modeling_cqil import build_attention_mask
 
         B, T, _ = x.shape
         out = {}
@@ -148,7 +148,7 @@ class _Runner:
 
     def prefix(self, ids):
         """Embedding and the single layers before the first group: [B, T, d], rope, masks."""
-        from .modeling_cqil import reference_step
+        from ..runtime.modeling_cqil import reference_step
 
         inner = self.model.model
         x = inner.embed_tokens(ids)
@@ -166,7 +166,7 @@ class _Runner:
 
     def teacher(self, x, cos, sin, masks):
         """Every remaining layer on its own, in sequence (the original model)."""
-        from .modeling_cqil import reference_step
+        from ..runtime.modeling_cqil import reference_step
 
         inner = self.model.model
         for s in range(self.first_step, len(self.config.groups)):
@@ -176,7 +176,7 @@ class _Runner:
         return self.logits(x)
 
     def student(self, x, cos, sin, masks):
-        from .modeling_cqil import reference_step
+        from ..runtime.modeling_cqil import reference_step
 
         inner = self.model.model
         for s in range(self.first_step, len(self.config.groups)):

@@ -1,7 +1,7 @@
-"""Build, save and load CQIL-converted checkpoints (design.md §4).
+"""Build, save and load CQIL-converted checkpoints (docs/runtime.md).
 
 - `parse_groups(spec, num_layers)`      "14-15,16-17" / "none" -> the ordered steps
-- `convert_manual(model, groups, D)`    a loaded transformers Llama-family model -> CqilForCausalLM
+- `build_cqil_model(model, groups, D)`    a loaded transformers Llama-family model -> CqilForCausalLM
 - `save_converted(model, tok, out_dir)` an atomic Hugging Face folder (config with auto_map,
                                         safetensors with the base names, tokenizer, modeling file)
 - `load_converted(path)`                load such a folder back (cqil's classes, no remote code)
@@ -10,20 +10,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .modeling_cqil import SUPPORTED_BASE_TYPES, CqilConfig, CqilForCausalLM, check_groups
+from ..core.files import staged_folder
+from .configuration_cqil import SUPPORTED_BASE_TYPES, CqilConfig, check_groups
+from .modeling_cqil import CqilForCausalLM
 
-MODELING_FILE = Path(__file__).with_name("modeling_cqil.py")
+RUNTIME_DIR = Path(__file__).parent
+# The self-contained files a converted folder carries (torch + transformers only), so that
+# trust_remote_code=True works where cqil is not installed.
+RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "fused_cqil.py")
 AUTO_MAP = {
-    "AutoConfig": "modeling_cqil.CqilConfig",
+    "AutoConfig": "configuration_cqil.CqilConfig",
     "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM",
 }
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
@@ -73,7 +75,7 @@ def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
     return check_groups(steps, num_layers)
 
 
-def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
+def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
                    skip_layers: list[int] | None = None) -> CqilForCausalLM:
     """Build a CqilForCausalLM from a loaded transformers Llama/Mistral/Qwen2/Qwen3 causal LM.
 
@@ -135,42 +137,38 @@ def convert_manual(base_model, groups: list[list[int]] | str | None, bypass_dist
     return model.eval()
 
 
-def save_converted(model: CqilForCausalLM, tokenizer, out_dir, manifest_extra: dict | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write a converted checkpoint folder atomically and return its path.
+def write_converted(model: CqilForCausalLM, tokenizer, folder: Path) -> None:
+    """Write a converted checkpoint's files into an existing folder (no staging: callers
+    stage, see save_converted and convert's export).
 
     Files: config.json (model_type cqil, auto_map), model.safetensors (base names + cqil_gamma /
-    cqil_beta; a tied lm_head is stored once), generation_config.json, tokenizer files,
-    modeling_cqil.py, and manifest.json when `manifest_extra` is given. Everything is written to a
-    temporary sibling folder first and renamed into place, so a crash never leaves half a
-    checkpoint at `out_dir`. An existing `out_dir` is replaced only with `overwrite=True`.
+    cqil_beta; a tied lm_head is stored once), generation_config.json, tokenizer files, and the
+    runtime files the config's auto_map names (RUNTIME_FILES).
     """
     if not isinstance(model, CqilForCausalLM) and type(model).__name__ != "CqilForCausalLM":
-        raise TypeError(f"save_converted expects a CqilForCausalLM, got {type(model).__name__}")
+        raise TypeError(f"expected a CqilForCausalLM, got {type(model).__name__}")
+    folder = Path(folder)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.config.architectures = ["CqilForCausalLM"]
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in RUNTIME_FILES:
+        shutil.copyfile(RUNTIME_DIR / name, folder / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_converted(model: CqilForCausalLM, tokenizer, out_dir, overwrite: bool = False) -> Path:
+    """Write a converted checkpoint folder atomically (see write_converted) and return its path.
+
+    Everything is written to a temporary sibling folder first and renamed into place, so a crash
+    never leaves half a checkpoint at `out_dir`. An existing `out_dir` is replaced only with
+    `overwrite=True`.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.config.auto_map = dict(AUTO_MAP)
-        model.config.architectures = ["CqilForCausalLM"]
-        model.save_pretrained(staging, safe_serialization=True)
-        shutil.copyfile(MODELING_FILE, staging / "modeling_cqil.py")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if manifest_extra is not None:
-            (staging / "manifest.json").write_text(json.dumps(manifest_extra, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "previous")
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_folder(out, replace=overwrite) as folder:
+        write_converted(model, tokenizer, folder)
     return out
 
 
@@ -190,4 +188,4 @@ def load_converted(path, dtype: torch.dtype | str | None = None, device: str = "
     return model.to(device).eval()
 
 
-__all__ = ["parse_groups", "convert_manual", "save_converted", "load_converted", "register_auto_classes"]
+__all__ = ["parse_groups", "build_cqil_model", "write_converted", "save_converted", "load_converted", "register_auto_classes"]

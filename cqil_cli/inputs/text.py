@@ -24,8 +24,8 @@ from pathlib import Path
 
 import tomllib
 
+from ..core.errors import CqilError
 from .assets import fetch_pypi_file
-from .errors import CqilError
 
 TEXT_FIELDS = ("text", "content", "document")
 
@@ -41,8 +41,9 @@ class TextSet:
 
 
 def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_calibration", here.parent / "calibration"):
+    package = Path(__file__).resolve().parent.parent  # cqil_cli/
+    # A wheel carries them as cqil_cli/_calibration; a source checkout has calibration/ beside.
+    for candidate in (package / "_calibration", package.parent / "calibration"):
         if candidate.is_dir():
             return candidate
     raise CqilError("cqil's calibration recipes are missing from this installation")

@@ -1,0 +1,98 @@
+"""The quality metrics, defined once: next-token NLL, perplexity, KL divergence, top-1 agreement.
+
+Used by analyze (sensitivity), convert (search re-measurement, held-out perplexity), tuning (the
+distillation loss) and bench (quality against a baseline). All take logits or log-probabilities
+over the last dimension (V, the vocabulary) and compute in fp32.
+
+KL is KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) with p the reference (original model, baseline,
+teacher) and q the model under test; "per token" means averaged over predicted positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# exp() of a mean NLL above this overflows a float; perplexity is then reported as exp(700).
+_MAX_NLL = 700.0
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits -> [..., V] log-probabilities in fp32."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def token_nll(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[..., V] log-probabilities, [...] target ids -> [...] negative log-likelihood."""
+    return -log_p.gather(-1, targets[..., None].to(log_p.device)).squeeze(-1)
+
+
+def next_token_nll(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] log-probabilities of a forward over ids [B, T] -> [B, T-1] NLL of each next
+    token (position t predicts ids[:, t+1])."""
+    return token_nll(log_p[:, :-1], ids[:, 1:])
+
+
+def token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """[..., V] log-probabilities of the reference p and the model q -> [...] KL(p ‖ q).
+    Differentiable in log_q (the tuning loss)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(reference ‖ model) of two [..., V] logits (a scalar tensor)."""
+    return token_kl(log_probs(reference_logits), log_probs(logits)).mean()
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), capped instead of overflowing."""
+    return math.exp(min(mean_nll, _MAX_NLL))
+
+
+class TokenMetrics:
+    """Running sums of next-token metrics of a model, and against a reference, per token.
+
+    `update(reference_logits, logits, targets)` takes [B, T, V] logits at the positions that
+    predict `targets` [B, T] (reference_logits None: the reference itself, KL 0 and agreement
+    1); sums are float64, so the order of batches does not matter. Work is done in chunks of
+    rows, so temporaries stay at chunk × V fp32 whatever the batch.
+    """
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.kl = 0.0
+        self.agree = 0
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, reference_logits: torch.Tensor | None, logits: torch.Tensor,
+               targets: torch.Tensor, chunk: int = 64) -> None:
+        V = logits.shape[-1]
+        if reference_logits is not None and reference_logits.shape[-1] != V:
+            raise ValueError(f"the model predicts {V} tokens but the reference "
+                             f"{reference_logits.shape[-1]}: their vocabularies differ")
+        flat = logits.reshape(-1, V)
+        ref_flat = reference_logits.reshape(-1, V) if reference_logits is not None else None
+        tgt = targets.reshape(-1).to(flat.device)
+        for start in range(0, flat.shape[0], chunk):
+            lq = log_probs(flat[start:start + chunk])
+            self.nll += float(token_nll(lq, tgt[start:start + chunk]).sum(dtype=torch.float64))
+            if ref_flat is None:
+                self.agree += lq.shape[0]
+            else:
+                lp = log_probs(ref_flat[start:start + chunk].to(lq.device))
+                self.kl += float(token_kl(lp, lq).sum(dtype=torch.float64))
+                self.agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            self.tokens += lq.shape[0]
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    def result(self) -> dict:
+        n = max(self.tokens, 1)
+        return {"ppl": perplexity_of(self.mean_nll), "nll": self.mean_nll,
+                "kl": max(self.kl / n, 0.0), "top1_agreement": self.agree / n,
+                "tokens": self.tokens}

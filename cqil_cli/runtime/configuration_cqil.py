@@ -1,0 +1,218 @@
+"""Configuration of a CQIL-converted Llama-family model (model_type "cqil").
+
+Self-contained on purpose (torch, transformers and the standard library only): `cqil convert`
+copies it next to the converted weights with modeling_cqil.py and fused_cqil.py, so that
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works where cqil is not
+installed. The grouping it carries is explained in modeling_cqil.py and docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+SUPPORTED_BASE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ENGINES = ("fused", "reference")
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def check_groups(groups: Any, num_layers: int) -> list[list[int]]:
+    """Validate a list of steps and return it as plain lists of ints.
+
+    Steps must be non-empty runs of consecutive layer indices that together cover
+    0..num_layers-1 exactly once, in order.
+    """
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"groups must be a list of lists of layer indices, got {type(groups).__name__}")
+    steps: list[list[int]] = []
+    expected = 0
+    for step in groups:
+        if not isinstance(step, (list, tuple)) or len(step) == 0:
+            raise ValueError(f"each step in groups must be a non-empty list of layer indices, got {step!r}")
+        step = [int(i) for i in step]
+        if step != list(range(step[0], step[0] + len(step))):
+            raise ValueError(f"step {step} is not a run of consecutive layers")
+        if step[0] != expected:
+            raise ValueError(
+                f"step {step} should start at layer {expected}: steps must cover layers "
+                f"0..{num_layers - 1} once each, in order"
+            )
+        expected = step[-1] + 1
+        steps.append(step)
+    if expected != num_layers:
+        raise ValueError(f"groups cover layers 0..{expected - 1} but the model has {num_layers} layers")
+    return steps
+
+
+class CqilConfig(PreTrainedConfig):
+    r"""Configuration of a CQIL-converted Llama-family model.
+
+    It carries the base model's fields flat (so the usual names `hidden_size`,
+    `num_hidden_layers`, ... mean what they mean in the base config) plus:
+
+    base_model_type (`str`): llama, mistral, qwen2 or qwen3 (the architecture converted).
+    groups (`list[list[int]]`): the ordered steps; size-1 lists are single layers.
+        None means every layer is its own step (the original model).
+    bypass_distance (`int`): D >= 0, how many earlier layers of its group feed a layer's MLP.
+    skip_layers (`list[int]`): layers the prompt runs through but decoded tokens skip
+        (Unified Layer Skipping); each must be its own step, and layer 0 always runs.
+    engine (`str`): "fused" (default, inference) or "reference".
+    attention_bias / attention_out_bias / mlp_bias / qk_norm: which optional tensors the
+        layers have (q/k/v bias, o_proj bias, MLP biases, per-head q/k RMSNorm of qwen3).
+    """
+
+    model_type = "cqil"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    attention_dropout: float | int = 0.0
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    base_model_type: str = "llama"
+    groups: list[list[int]] | None = None
+    bypass_distance: int = 0
+    skip_layers: list[int] | None = None
+    engine: str = "fused"
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.base_model_type not in SUPPORTED_BASE_TYPES:
+            raise ValueError(
+                f"base_model_type '{self.base_model_type}' is not supported; "
+                f"supported: {', '.join(SUPPORTED_BASE_TYPES)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.groups is None:
+            self.groups = [[i] for i in range(self.num_hidden_layers)]
+        self.groups = check_groups(self.groups, self.num_hidden_layers)
+        if isinstance(self.bypass_distance, bool) or int(self.bypass_distance) != self.bypass_distance:
+            raise ValueError(f"bypass_distance must be an integer, got {self.bypass_distance!r}")
+        self.bypass_distance = int(self.bypass_distance)
+        if self.bypass_distance < 0:
+            raise ValueError(f"bypass_distance must be >= 0, got {self.bypass_distance}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
+        if self.layer_types is None:
+            kind = SLIDING if self.sliding_window is not None else FULL
+            self.layer_types = [kind] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("layer_types must have one entry per layer")
+        for t in self.layer_types:
+            if t not in (FULL, SLIDING):
+                raise ValueError(f"layer type '{t}' is not supported (only {FULL}, {SLIDING})")
+            if t == SLIDING and self.sliding_window is None:
+                raise ValueError("a sliding_attention layer needs sliding_window to be set")
+        self.skip_layers = sorted({int(i) for i in (self.skip_layers or [])})
+        grouped = {i for step in self.groups if len(step) > 1 for i in step}
+        for i in self.skip_layers:
+            if not 0 < i < self.num_hidden_layers:
+                raise ValueError(f"skip_layers: layer {i} is out of range 1..{self.num_hidden_layers - 1} "
+                                 "(layer 0 always runs: it sets the cache length)")
+            if i in grouped:
+                raise ValueError(f"skip_layers: layer {i} is in a group; only single layers can be skipped")
+        for step in self.groups:
+            if len({self.layer_types[i] for i in step}) > 1:
+                # One attention call covers the whole group, so it needs one mask.
+                raise ValueError(f"group {step} mixes full and sliding-window attention layers")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.groups)
+
+    @classmethod
+    def from_base_config(
+        cls, base_config: PreTrainedConfig, groups: list[list[int]] | None, bypass_distance: int = 0, **kwargs
+    ) -> CqilConfig:
+        """Build a CqilConfig from a transformers Llama/Mistral/Qwen2/Qwen3 config."""
+        kind = getattr(base_config, "model_type", None)
+        if kind not in SUPPORTED_BASE_TYPES:
+            raise ValueError(
+                f"cqil supports the architectures {', '.join(SUPPORTED_BASE_TYPES)}; got model_type '{kind}'"
+            )
+        c = base_config
+        n = c.num_hidden_layers
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        hidden_act = getattr(c, "hidden_act", "silu")
+        if kind == "llama":
+            qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
+            mlp_bias = bool(getattr(c, "mlp_bias", False))
+        elif kind == "mistral":
+            qkv_bias = out_bias = mlp_bias = False
+        elif kind == "qwen2":
+            qkv_bias, out_bias, mlp_bias = True, False, False
+        else:  # qwen3
+            qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
+            mlp_bias = False
+        sliding_window = getattr(c, "sliding_window", None)
+        layer_types = getattr(c, "layer_types", None)
+        if layer_types is not None:
+            layer_types = list(layer_types)
+            if SLIDING not in layer_types:
+                sliding_window = None
+        rope = getattr(c, "rope_parameters", None)
+        return cls(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=n,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            hidden_act=hidden_act,
+            max_position_embeddings=c.max_position_embeddings,
+            initializer_range=getattr(c, "initializer_range", 0.02),
+            rms_norm_eps=c.rms_norm_eps,
+            use_cache=getattr(c, "use_cache", True),
+            pad_token_id=getattr(c, "pad_token_id", None),
+            bos_token_id=getattr(c, "bos_token_id", None),
+            eos_token_id=getattr(c, "eos_token_id", None),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            rope_parameters=dict(rope) if rope is not None else None,
+            attention_bias=qkv_bias,
+            attention_out_bias=out_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=kind == "qwen3",
+            attention_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            base_model_type=kind,
+            groups=groups,
+            bypass_distance=bypass_distance,
+            **kwargs,
+        )
+
+
+__all__ = ["CqilConfig", "check_groups", "SUPPORTED_BASE_TYPES", "ENGINES"]
