@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, VOCAB_SIZE, tiny_model
 
-from cqil_cli.calibrate.profile import AnalyzeOptions, analyze_model, candidate_groups
+from cqil_cli.calibrate.options import AnalyzeOptions
+from cqil_cli.calibrate.profile import analyze_model, candidate_groups
 from cqil_cli.core.errors import CqilError
 from cqil_cli.inputs.models import LoadedModel
+
+
+def _tiny(family: str):
+    """A tiny model without a sliding window: the direct computations below call the layers
+    without an attention mask (plain causal attention)."""
+    return tiny_model(family, **({"sliding_window": None} if family == "mistral-one-kv" else {}))
 
 
 def _loaded(model, name="tiny"):
@@ -49,21 +56,21 @@ def _concurrent_logits(model, ids, group):
     return model.lm_head(inner.norm(h))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_similarity_and_sensitivity_match_direct_computation(family):
-    model = tiny_model(family, vocab_size=97)
+    model = _tiny(family)
     n = model.config.num_hidden_layers
-    ids = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB_SIZE, (5, 12), generator=torch.Generator().manual_seed(0))
     window = min(3, n)
     with torch.no_grad():
         report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=window, batch_size=2,
                                                                  repeats=1))
         states, _, _ = _layer_inputs(model, ids)
         logits = model(ids).logits
-    assert report["num_layers"] == n
+    assert report.num_layers == n
     for i in range(n):
         for j in range(n):
-            value = report["similarity"][i][j]
+            value = report.similarity[i][j]
             if abs(i - j) > window:
                 assert value is None
             elif i != j:
@@ -71,14 +78,14 @@ def test_similarity_and_sensitivity_match_direct_computation(family):
                 assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
                 angle = torch.arccos(F.cosine_similarity(states[i], states[j], dim=-1)
                                      .clamp(-1, 1)).mean().item() / math.pi
-                assert report["angular_distance"][i][j] == pytest.approx(angle, abs=1e-5)
+                assert report.angular_distance[i][j] == pytest.approx(angle, abs=1e-5)
         influence = 1 - F.cosine_similarity(states[i], states[i + 1], dim=-1).mean().item()
-        assert report["block_influence"][i] == pytest.approx(influence, rel=1e-5, abs=1e-6)
+        assert report.block_influence[i] == pytest.approx(influence, rel=1e-5, abs=1e-6)
 
     expected_groups = candidate_groups(n, window)
-    assert sorted(r["layers"] for r in report["groups"]) == sorted(expected_groups)
+    assert sorted(r["layers"] for r in report.groups) == sorted(expected_groups)
     log_p = torch.log_softmax(logits, -1)
-    for row in report["groups"][:4]:
+    for row in report.groups[:4]:
         with torch.no_grad():
             log_q = torch.log_softmax(_concurrent_logits(model, ids, row["layers"]), -1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
@@ -87,39 +94,39 @@ def test_similarity_and_sensitivity_match_direct_computation(family):
         nll_q = -log_q[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
         assert row["delta_loss"] == pytest.approx(nll_q - nll_p, rel=1e-4, abs=1e-6)
     # Most promising first: ascending KL per saved step.
-    per_step = [r["kl_per_saved_step"] for r in report["groups"]]
+    per_step = [r["kl_per_saved_step"] for r in report.groups]
     assert per_step == sorted(per_step)
-    latency = report["latency_ms"]
+    latency = report.latency_ms
     assert len(latency["prefill"]) == n and all(t > 0 for t in latency["prefill"])
     assert len(latency["decode"]) == n and all(t > 0 for t in latency["decode"])
 
 
 def test_results_do_not_depend_on_batch_size():
-    model = tiny_model("llama-gqa", vocab_size=97)
-    ids = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(0, VOCAB_SIZE, (6, 10), generator=torch.Generator().manual_seed(1))
     one = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, batch_size=1,
                                                             latency=False))
     all_ = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, batch_size=6,
                                                              latency=False))
-    for a, b in zip(one["groups"], all_["groups"], strict=True):
+    for a, b in zip(one.groups, all_.groups, strict=True):
         assert a["layers"] == b["layers"]
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
-    assert one["similarity"][1][2] == pytest.approx(all_["similarity"][1][2], rel=1e-5)
+    assert one.similarity[1][2] == pytest.approx(all_.similarity[1][2], rel=1e-5)
 
 
 def test_other_decoder_only_architectures_work():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=3, n_head=4,
                                        bos_token_id=0, eos_token_id=0)).eval()
-    ids = torch.randint(0, 97, (2, 8))
+    ids = torch.randint(0, VOCAB_SIZE, (2, 8))
     report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, repeats=1))
-    assert report["num_layers"] == 3 and len(report["groups"]) == 2
+    assert report.num_layers == 3 and len(report.groups) == 2
 
 
 def test_bad_window_is_an_error():
-    model = tiny_model("mistral-one-kv", vocab_size=97)
-    ids = torch.randint(0, 97, (2, 8))
+    model = tiny_model("mistral-one-kv")
+    ids = torch.randint(0, VOCAB_SIZE, (2, 8))
     with pytest.raises(CqilError, match="bad window"):
         analyze_model(_loaded(model), ids, AnalyzeOptions(window=9))

@@ -13,18 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cqil_cli.bench.measure import (
-    SCHEMA,
-    BenchOptions,
-    PeakMemory,
-    QualityAccumulator,
-    greedy_match,
-    parse_batches,
-    percentile,
-    resolve_baseline,
-    summarize,
-)
+from cqil_cli.bench.baseline import resolve_baseline
+from cqil_cli.bench.memory import PeakMemory
+from cqil_cli.bench.options import BenchOptions, parse_batches
+from cqil_cli.bench.quality import greedy_match
+from cqil_cli.bench.report import SCHEMA, BenchReport
+from cqil_cli.bench.statistics import percentile, summarize
 from cqil_cli.core.errors import CqilError
+from cqil_cli.core.metrics import TokenMetrics
 
 SMALL = ["--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "1",
          "--eval-tokens", "128", "--eval-window", "32", "--greedy-prompts", "3",
@@ -36,45 +32,40 @@ STAT_KEYS = {"p50", "p90", "mean", "stdev"}
 # ---------------------------------------------------------------- fixtures
 
 
-def _save(model, folder: Path, tokenizer_dir: Path, extra_token: bool = False) -> Path:
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory, tokenizer_dir):
+    """Two tiny random Llamas with the same tokenizer, and one with a different tokenizer."""
+    from tiny_models import save_tiny
     from transformers import AutoTokenizer
 
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if extra_token:
-        tokenizer.add_tokens(["<cqil-not-in-the-baseline>"])
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory, default_tokenizer_dir):
-    """Two tiny random Llamas with the same tokenizer, and one with a different tokenizer."""
-    from tiny_models import tiny_model
-
     root = tmp_path_factory.mktemp("bench")
-    a = _save(tiny_model("llama-gqa", seed=0), root / "a", default_tokenizer_dir)
-    b = _save(tiny_model("llama-gqa", seed=1), root / "b", default_tokenizer_dir)
-    odd = _save(tiny_model("llama-gqa", seed=2), root / "odd", default_tokenizer_dir,
-                extra_token=True)
+    a, b, odd = (save_tiny("llama-gqa", root / name, seed, tokenizer_dir=tokenizer_dir)
+                 for seed, name in enumerate(["a", "b", "odd"]))
+    tokenizer = AutoTokenizer.from_pretrained(odd)
+    tokenizer.add_tokens(["<cqil-not-in-the-baseline>"])
+    tokenizer.save_pretrained(odd)
     return a, b, odd
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_pair, tmp_path_factory):
     """A converted folder (layers 1-2 and 3-4 grouped) whose manifest names tiny model a."""
-    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+    from cqil_cli import __version__
+    from cqil_cli.core.files import safetensors_digests
     from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+    from cqil_cli.runtime.manifest import Manifest, write_manifest
 
     a = tiny_pair[0]
     loaded = load_model(str(a))
     model = build_cqil_model(loaded.model, "1-2,3-4")
     out = tmp_path_factory.mktemp("conv") / "grouped"
-    from cqil_cli.inputs.assets import sha256_file
-
-    digests = {p.name: sha256_file(p) for p in a.glob("*.safetensors")}
-    save_converted(model, loaded.tokenizer, out, manifest_extra={
-        "base_model": {"name": "a", "path": str(a), "weights_sha256": digests}})
+    save_converted(model, loaded.tokenizer, out)
+    base = {"name": "a", "path": str(a), "weights_sha256": safetensors_digests(a)}
+    write_manifest(out, Manifest(
+        cqil_version=__version__, strategy="cqil", base_model=base,
+        steps=[[0], [1, 2], [3, 4]], num_steps=3, num_layers=5, bypass_distance=0, devices=1,
+        placement={}, predicted={}, quality={}, calibration={}, tuning={}, grouping={}))
     return out
 
 
@@ -88,28 +79,18 @@ def eval_text(tmp_path_factory) -> Path:
     return path
 
 
-def invoke(args, capsys):
-    """Run `cqil ARGS` in this process the way the console script does; (code, out, err)."""
-    from cqil_cli.cli import app as cli_module
+def bench_json(args, tmp_path, name="r.json"):
+    """Run `cqil bench ARGS --json PATH` in this process (click's CliRunner on the group);
+    (the parsed report, stdout). A failure shows its traceback."""
+    from click.testing import CliRunner
 
-    argv = sys.argv
-    sys.argv = ["cqil", *map(str, args)]
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    from cqil_cli.cli.app import cli
 
-
-def bench_json(args, capsys, tmp_path, name="r.json"):
     path = tmp_path / name
-    code, out, err = invoke(["bench", *args, "--json", path], capsys)
-    assert code == 0, err
-    return json.loads(path.read_text()), out
+    result = CliRunner().invoke(cli, ["bench", *map(str, args), "--json", str(path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(path.read_text()), result.stdout
 
 
 # ---------------------------------------------------------------- pure functions
@@ -145,7 +126,7 @@ def test_quality_metrics_match_direct_computation():
     base = torch.randn(3, 7, 50) * 3
     model = base + torch.randn(3, 7, 50)
     targets = torch.randint(0, 50, (3, 7))
-    acc = QualityAccumulator()
+    acc = TokenMetrics()
     acc.update(base[:2], model[:2], targets[:2], chunk=5)  # batches and chunks must not matter
     acc.update(base[2:], model[2:], targets[2:], chunk=3)
     got = acc.result()
@@ -158,7 +139,7 @@ def test_quality_metrics_match_direct_computation():
     assert got["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
     assert got["top1_agreement"] == pytest.approx(float(agree))
     assert got["tokens"] == 21
-    same = QualityAccumulator()
+    same = TokenMetrics()
     same.update(base, base.clone(), targets)
     assert same.result()["kl"] < 1e-7 and same.result()["top1_agreement"] == 1.0
 
@@ -202,12 +183,12 @@ def test_plain_model_without_baseline_is_refused(tiny_pair):
 # ---------------------------------------------------------------- the command
 
 
-def test_identical_models_have_no_quality_loss_and_schema(tiny_pair, eval_text, capsys, tmp_path):
+def test_identical_models_have_no_quality_loss_and_schema(tiny_pair, eval_text, tmp_path):
     a = tiny_pair[0]
     plot = tmp_path / "chart.png"
     report, out = bench_json([a, "--baseline", a, "--eval", eval_text, "--batch", "1,2",
-                              "--plot", plot, *SMALL], capsys, tmp_path)
-    assert report["schema"] == SCHEMA == "cqil.bench/1"
+                              "--plot", plot, *SMALL], tmp_path)
+    assert report["schema"] == SCHEMA.tag == "cqil.bench/1"
     assert {"schema", "device", "baseline", "results", "settings"} <= set(report)
     assert report["device"]["type"] == "cpu"
     assert report["baseline"]["model"] == str(a) and report["baseline"]["source"] == "option"
@@ -228,17 +209,28 @@ def test_identical_models_have_no_quality_loss_and_schema(tiny_pair, eval_text, 
     assert q["ppl"] == pytest.approx(report["baseline"]["quality"]["ppl"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ppl" in out and "decode" in out
+    assert BenchReport.from_json(report, "r.json").to_json() == report  # the document, typed
+
+
+@pytest.mark.parametrize("tag,fragment", [("cqil.bench/0", "older cqil"),
+                                          ("cqil.bench/2", "newer cqil"),
+                                          ("cqil.analyze/1", "not a `cqil bench --json` report")])
+def test_report_refuses_other_schemas(tag, fragment):
+    with pytest.raises(CqilError, match="^bench.json: ") as info:
+        BenchReport.from_json({"schema": tag}, "bench.json")
+    assert fragment in str(info.value) and tag in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_quality_against_a_different_model_matches_direct_computation(tiny_pair, eval_text,
-                                                                      capsys, tmp_path):
+                                                                      tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cqil_cli.bench.measure import bench_tokens
+    from cqil_cli.bench.tokens import bench_tokens
 
     a, b, _ = tiny_pair
     report, _ = bench_json([b, a, "--baseline", a, "--eval", eval_text, "--no-latency", *SMALL],
-                           capsys, tmp_path)
+                           tmp_path)
     assert [r["model"] for r in report["results"]] == [str(b), str(a)]  # order as given
     options = BenchOptions(eval_spec=str(eval_text), eval_tokens=128, eval_window=32,
                            greedy_prompts=3, greedy_prompt_len=5, greedy_tokens=5, latency=False)
@@ -268,9 +260,8 @@ def test_quality_against_a_different_model_matches_direct_computation(tiny_pair,
 
 
 def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_pair, eval_text,
-                                                                capsys, tmp_path):
-    report, _ = bench_json([converted, "--eval", eval_text, "--cqil-engine", *SMALL], capsys,
-                           tmp_path)
+                                                                tmp_path):
+    report, _ = bench_json([converted, "--eval", eval_text, "--cqil-engine", *SMALL], tmp_path)
     assert report["baseline"]["model"] == str(tiny_pair[0])
     assert report["baseline"]["source"] == "manifest"
     assert report["baseline"]["engine"] == "transformers"
@@ -281,15 +272,15 @@ def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_
     assert row["quality"]["kl"] > 0  # grouping changes the outputs: the loss is reported
     assert row["base_weights_match"] is True
     other, _ = bench_json([converted, "--baseline", tiny_pair[1], "--eval", eval_text,
-                           "--no-latency", *SMALL], capsys, tmp_path, "other.json")
+                           "--no-latency", *SMALL], tmp_path, "other.json")
     assert other["results"][0]["base_weights_match"] is False
     assert row["ratio_to_baseline_same_engine"]["decode"] > 0
 
 
-def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, capsys, tmp_path):
+def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, tmp_path):
     a = tiny_pair[0]
     report, _ = bench_json([a, "--baseline", a, "--eval", eval_text, "--cqil-engine",
-                            "--no-latency", *SMALL], capsys, tmp_path)
+                            "--no-latency", *SMALL], tmp_path)
     rows = report["results"]
     assert [r["engine"] for r in rows] == ["transformers", "cqil"]
     assert rows[1]["quality"]["greedy_match"] == 1.0 and rows[1]["quality"]["kl"] < 1e-8
@@ -303,21 +294,24 @@ def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, capsys
     (["--baseline", "{odd}"], "tokenizers"),
     (["--json", "/no/such/dir/r.json"], "does not exist"),
 ])
-def test_bad_input_is_one_clear_line(extra, fragment, tiny_pair, eval_text, capsys):
+def test_bad_input_is_one_clear_line(extra, fragment, tiny_pair, eval_text, cqil):
+    """Through main, as the console script runs it (conftest's `cqil`): exit 2, one line."""
     a, _, odd = tiny_pair
     if fragment == "not available" and torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     args = ["bench", a, "--baseline", a, "--eval", eval_text, *SMALL, *extra]
     args = [str(x).replace("{odd}", str(odd)) for x in args]
-    code, _, err = invoke(args, capsys)
+    result = cqil(*args)
+    code, err = result.code, result.err
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("cqil: error:")]
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
 
 
-def test_plain_model_without_baseline_is_one_clear_line(tiny_pair, capsys):
-    code, _, err = invoke(["bench", tiny_pair[0], "--device", "cpu"], capsys)
+def test_plain_model_without_baseline_is_one_clear_line(tiny_pair, cqil):
+    result = cqil("bench", tiny_pair[0], "--device", "cpu")
+    code, err = result.code, result.err
     assert code == 2 and "--baseline" in err
 
 
@@ -334,31 +328,31 @@ def test_console_script_exit_code(tiny_pair, eval_text):
 
 
 @pytest.mark.integration
-def test_default_against_itself_is_the_noise_floor(capsys, tmp_path):
+def test_default_against_itself_is_the_noise_floor(tmp_path):
     report, _ = bench_json(["default", "--baseline", "default", "--prompt-len", "32",
                             "--new-tokens", "8", "--repeats", "3", "--eval-tokens", "1024",
-                            "--greedy-prompts", "4", "--device", "cpu"], capsys, tmp_path)
+                            "--greedy-prompts", "4", "--device", "cpu"], tmp_path)
     (row,) = report["results"]
     assert row["quality"]["kl"] < 1e-4
     assert row["quality"]["top1_agreement"] == 1.0 and row["quality"]["greedy_match"] == 1.0
     assert row["ratio_to_baseline"]["decode"] > 0 and row["ratio_to_baseline"]["prefill"] > 0
 
 
-def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eval_text, capsys, tmp_path):
+def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eval_text, tmp_path):
     """A skip folder runs on cqil's engine; its quality is the perplexity of the continuation
-    after each window's first half, run as its prompt (== distill.perplexity)."""
+    after each window's first half, run as its prompt (== evaluate.perplexity)."""
     from transformers import AutoTokenizer
 
-    from cqil_cli.bench.measure import bench_tokens
-    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
-    from cqil_cli.calibrate.tuning import perplexity
+    from cqil_cli.bench.tokens import bench_tokens
+    from cqil_cli.calibrate.evaluate import perplexity
     from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
 
     a = tiny_pair[0]
     model = build_cqil_model(load_model(str(a)).model, None, 0, skip_layers=[1, 3])
     save_converted(model, AutoTokenizer.from_pretrained(a), tmp_path / "skip")
     report, _ = bench_json([tmp_path / "skip", "--baseline", a, "--eval", eval_text, *SMALL],
-                           capsys, tmp_path)
+                           tmp_path)
     row = report["results"][0]
     assert row["engine"] == "cqil" and report["settings"]["eval_prompt"] == 16
     assert row["num_steps"] == 3 and row["skip_layers"] == [1, 3]
@@ -366,7 +360,8 @@ def test_layer_skipping_model_is_scored_after_a_full_depth_prompt(tiny_pair, eva
                            greedy_prompts=3, greedy_prompt_len=5, greedy_tokens=5, latency=False)
     windows = bench_tokens(AutoTokenizer.from_pretrained(a), options).eval_windows
     # bench scores positions 15..30 of the 31 inputs: tokens 16..31 of each 32-token window
-    assert row["quality"]["ppl"] == pytest.approx(perplexity(model, windows, prompt_tokens=16), rel=1e-4)
+    expected = perplexity(model, windows, prompt_tokens=16)
+    assert row["quality"]["ppl"] == pytest.approx(expected, rel=1e-4)
     assert row["quality"]["kl"] > 1e-4
 
 

@@ -11,17 +11,11 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from tiny_models import VOCAB_SIZE as V
+from tiny_models import offline_tokenizer, randomise_bypass, rel, tiny_model
 
+from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.checkpoint import (
     build_cqil_model,
     load_converted,
@@ -29,39 +23,8 @@ from cqil_cli.runtime.checkpoint import (
     register_auto_classes,
     save_converted,
 )
+from cqil_cli.runtime.manifest import Manifest, read_manifest, verify_folder, write_manifest
 from cqil_cli.runtime.modeling_cqil import CqilForCausalLM
-
-V = 128
-
-
-def tiny_llama(tied: bool = True):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=tied))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-    return model.eval()
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer built offline (no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def randomise_bypass(model):
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for p in (layer.cqil_gamma, layer.cqil_beta):
-                if p is not None:
-                    p.uniform_(0.5, 1.5)
 
 
 # --------------------------------------------------------------------------- parse_groups
@@ -97,7 +60,7 @@ def test_convert_rejects_unsupported_architecture():
 
 
 def test_convert_copies_weights_and_initialises_bypass_to_one():
-    hf = tiny_llama()
+    hf = tiny_model("llama-gqa")
     model = build_cqil_model(hf, "0-1,2-4", 2)
     ours, theirs = model.state_dict(), hf.state_dict()
     for name, tensor in theirs.items():
@@ -116,28 +79,47 @@ def test_convert_copies_weights_and_initialises_bypass_to_one():
 
 @pytest.fixture()
 def saved(tmp_path):
-    model = build_cqil_model(tiny_llama(), "1-2,3-4", 1)
+    model = build_cqil_model(tiny_model("llama-gqa"), "1-2,3-4", 1)
     randomise_bypass(model)
-    out = save_converted(model, tiny_tokenizer(), tmp_path / "conv", manifest_extra={"schema": 1})
+    out = save_converted(model, offline_tokenizer(), tmp_path / "conv")
     return model, out
 
 
 def test_saved_folder_layout(saved):
     model, out = saved
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "modeling_cqil.py",
-            "manifest.json", "tokenizer.json"} <= names
+    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_cqil.py",
+            "modeling_cqil.py", "fused_cqil.py", "tokenizer.json"} <= names
+    assert "manifest.json" not in names  # convert's export writes it (runtime/manifest.py)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left over
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "cqil" and config["base_model_type"] == "llama"
     assert config["groups"] == [[0], [1, 2], [3, 4]] and config["bypass_distance"] == 1
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_cqil.CqilForCausalLM"
+    assert config["auto_map"] == {"AutoConfig": "configuration_cqil.CqilConfig",
+                                  "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM"}
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.weight" in keys and "model.layers.2.cqil_beta" in keys
     assert "model.layers.1.cqil_gamma" in keys and "model.layers.1.cqil_beta" not in keys
     assert "lm_head.weight" not in keys  # tied to the embeddings, stored once
-    assert json.loads((out / "manifest.json").read_text()) == {"schema": 1}
+
+
+def test_manifest_lists_every_file_and_refuses_a_changed_one(saved):
+    _, out = saved
+    manifest = Manifest(cqil_version="0", strategy="cqil", base_model={"name": "tiny"},
+                        steps=[[0], [1, 2], [3, 4]], num_steps=3, num_layers=5,
+                        bypass_distance=1, devices=2, placement={}, predicted={}, quality={},
+                        calibration={}, tuning={}, grouping={})
+    written = write_manifest(out, manifest)
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["schema"] == "cqil.manifest/1"
+    assert set(written.files) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert read_manifest(out) == written
+    verify_folder(out)
+    with open(out / "model.safetensors", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(CqilError, match="model.safetensors was changed or truncated"):
+        verify_folder(out)
 
 
 def test_roundtrip_with_cqil_classes(saved):
@@ -179,7 +161,7 @@ def test_load_with_trust_remote_code_without_cqil(saved, tmp_path):
 
 
 def test_save_refuses_existing_folder_and_cleans_up_on_failure(tmp_path):
-    model = build_cqil_model(tiny_llama(tied=False), "0-1", 0)
+    model = build_cqil_model(tiny_model("llama-gqa", tie_word_embeddings=False), "0-1", 0)
     out = save_converted(model, None, tmp_path / "conv")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" in set(f.keys())  # untied head is stored
@@ -200,10 +182,8 @@ def test_save_refuses_existing_folder_and_cleans_up_on_failure(tmp_path):
 
 
 def test_bf16_smoke(tmp_path):
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    fp32 = build_cqil_model(hf.eval(), "0-1,2-3", 1)
+    hf = tiny_model("qwen2-bias", stop_at_eos=False)  # generate() runs 5 tokens
+    fp32 = build_cqil_model(hf, "0-1,2-3", 1)
     out = save_converted(build_cqil_model(hf.to(torch.bfloat16).eval(), "0-1,2-3", 1), None, tmp_path / "bf16")
     model = load_converted(out, dtype="bf16")
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -214,6 +194,6 @@ def test_bf16_smoke(tmp_path):
             model.set_engine(engine)
             got = model(ids).logits.float()
             assert torch.isfinite(got).all()
-            assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2
+            assert rel(got, want) < 5e-2
         out_ids = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out_ids.shape == (2, 14)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cqil_cli.core.errors import CqilError
+from cqil_cli.runtime.manifest import read_manifest
 
 
 def run(*args):
@@ -40,16 +41,17 @@ def test_output_is_a_complete_hf_folder_with_manifest(converted):
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_cqil.py", "manifest.json",
             "README.md", "tokenizer.json", "generation_config.json"} <= names
-    manifest = json.loads((converted / "manifest.json").read_text())
+    raw = json.loads((converted / "manifest.json").read_text())
     for key in ("schema", "strategy", "base_model", "steps", "bypass_distance", "devices",
                 "placement", "predicted", "quality", "files"):
-        assert key in manifest
-    assert manifest["steps"] == [[0], [1, 2], [3], [4]]
-    assert manifest["predicted"]["latency_ratio"] > 0
-    assert {"ppl_original", "ppl_untuned", "ppl_tuned", "ood"} <= set(manifest["quality"])
-    assert manifest["quality"]["ppl_tuned"] <= manifest["quality"]["ppl_untuned"]
-    assert set(manifest["files"]) == {n for n in names if n != "manifest.json"}
-    held = [layer for rank in manifest["placement"]["ranks"] for layer in rank["layers"]]
+        assert key in raw
+    manifest = read_manifest(converted)
+    assert manifest.steps == [[0], [1, 2], [3], [4]]
+    assert manifest.predicted["latency_ratio"] > 0
+    assert {"ppl_original", "ppl_untuned", "ppl_tuned", "ood"} <= set(manifest.quality)
+    assert manifest.quality["ppl_tuned"] <= manifest.quality["ppl_untuned"]
+    assert set(manifest.files) == {n for n in names if n != "manifest.json"}
+    held = [layer for rank in manifest.placement["ranks"] for layer in rank["layers"]]
     assert sorted(held) == list(range(5))
     assert not any(p.name.startswith(".") for p in converted.parent.iterdir())
 
@@ -83,13 +85,13 @@ def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(llama_folder, long_text, tmp_path, monkeypatch):
-    from cqil_cli import convert as conv
-    from cqil_cli import manifest as manifest_module
+    from cqil_cli.convert import export as export_module
+    from cqil_cli.convert import pipeline as conv
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(manifest_module, "write_manifest", boom)
+    monkeypatch.setattr(export_module, "write_manifest", boom)
     out = tmp_path / "never"
     opts = conv.ConvertOptions(out=out, groups="1-2", tune_steps=0, tune_minutes=None,
                                calib=str(long_text), eval=str(long_text))
@@ -99,13 +101,13 @@ def test_interrupted_conversion_leaves_nothing(llama_folder, long_text, tmp_path
 
 
 def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tmp_path):
-    from cqil_cli import convert as conv
+    from cqil_cli.convert import pipeline as conv
 
     opts = conv.ConvertOptions(out=tmp_path / "s", steps=4, devices=2, tune_steps=0,
                                tune_minutes=None, calib=str(long_text), eval=str(long_text))
     manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
-    assert len(manifest["steps"]) <= 4 and manifest["grouping"]["source"] == "search"
-    assert manifest["grouping"]["measured_kl"] >= 0
+    assert len(manifest.steps) <= 4 and manifest.grouping["source"] == "search"
+    assert manifest.grouping["measured_kl"] >= 0
     opts = conv.ConvertOptions(out=tmp_path / "t", steps=2, devices=2, tune_steps=0,
                                tune_minutes=None, calib=str(long_text), eval=str(long_text))
     with pytest.raises(CqilError, match="cannot be met.*fewest is 3"):
@@ -116,14 +118,14 @@ def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tm
 def test_prune_writes_a_plain_model_any_tool_loads(llama_folder, long_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cqil_cli import convert as conv
     from cqil_cli.calibrate.strategies import prune_kept_layers, skip_kept_layers
+    from cqil_cli.convert import pipeline as conv
 
     opts = conv.ConvertOptions(out=tmp_path / "p", strategy="prune", steps=3, tune_steps=2,
                                tune_minutes=None, lora_rank=2, calib=str(long_text),
                                eval=str(long_text))
     manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
-    assert len(manifest["removed_layers"]) == 2
+    assert len(manifest.removed_layers) == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 3
     assert model(input_ids=__import__("torch").tensor([[1, 2, 3]])).logits.shape[-1] > 0
@@ -146,21 +148,21 @@ def test_manifest_records_the_steps_taken(converted):
 
 def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder, long_text, tmp_path):
     import torch
+    from cqil_cli.calibrate.evaluate import perplexity
 
-    from cqil_cli import convert as conv
-    from cqil_cli.calibrate.tuning import perplexity
-    from cqil_cli.inputs.models import load_model
     from cqil_cli.calibrate.strategies import skip_kept_layers_for_count
+    from cqil_cli.convert import pipeline as conv
+    from cqil_cli.inputs.models import load_model
 
     proc = run("convert", llama_folder, "--out", tmp_path / "k", "--strategy", "skip", "--steps", 3,
                "--tune-steps", 2, "--lora-rank", 2, "--calib", long_text, "--eval", long_text,
                "--eval-ood", "none", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "skipped when decoding: 1,3" in proc.stdout
-    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
-    assert manifest["strategy"] == "skip" and manifest["skipped_layers"] == [1, 3]
-    assert manifest["steps"] == [[0], [2], [4]] and manifest["tuning"]["steps"] == 2
-    assert manifest["quality"]["prompt_tokens"] == 128
+    manifest = read_manifest(tmp_path / "k")
+    assert manifest.strategy == "skip" and manifest.skipped_layers == [1, 3]
+    assert manifest.steps == [[0], [2], [4]] and manifest.tuning["steps"] == 2
+    assert manifest.quality["prompt_tokens"] == 128
     loaded = load_model(str(tmp_path / "k"))
     model = loaded.model
     assert model.config.skip_layers == [1, 3]
@@ -187,7 +189,7 @@ def skip_kept_layers(n, r):
 
 
 def test_skip_option_errors_come_before_any_work(tmp_path):
-    from cqil_cli import convert as conv
+    from cqil_cli.convert import pipeline as conv
 
     for opts, message in [
         (conv.ConvertOptions(out=tmp_path / "a", strategy="skip", steps=1), "keeps at least 2"),

@@ -5,41 +5,16 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import VOCAB_SIZE as V
+from tiny_models import randomise_bypass, tiny_model
 
 from cqil_cli.runtime.checkpoint import build_cqil_model
 from cqil_cli.runtime.fastgen import FastGenerator, fast_generate
 
-V = 128
-
 
 def tiny(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
-                  eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                                             tie_word_embeddings=True, **common))
-    elif kind == "mistral":  # one kv head, sliding window shorter than prompt + generation
-        model = MistralForCausalLM(MistralConfig(num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1,
-                                                 sliding_window=6, **common))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=32, **common))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    """A tiny random model (tests/tiny_models.py) whose generate() runs to max_new_tokens."""
+    return tiny_model(kind, seed, stop_at_eos=False)
 
 
 def padded_batch():
@@ -53,18 +28,14 @@ def greedy_generate(model, ids, mask, n):
 
 
 @pytest.mark.parametrize("kind,groups,distance", [
-    ("llama", "none", 0),
-    ("llama", "1-2,3-4", 1),
-    ("mistral", "0-1,2-4,5-6", 2),
-    ("qwen3", "0-3", 3),
+    ("llama-gqa", "none", 0),
+    ("llama-gqa", "1-2,3-4", 1),
+    ("mistral-one-kv", "0-1,2-4,5-6", 2),
+    ("qwen3-qknorm", "0-3", 3),
 ])
 def test_fastgen_greedy_equals_generate(kind, groups, distance):
     model = build_cqil_model(tiny(kind), groups, distance)
-    with torch.no_grad():
-        for layer in model.model.layers:  # non-trivial bypass weights
-            for p in (layer.cqil_gamma, layer.cqil_beta):
-                if p is not None:
-                    p.uniform_(0.6, 1.2)
+    randomise_bypass(model, low=0.6, high=1.2)
     ids, mask = padded_batch()
     want = greedy_generate(model, ids, mask, 12)
     result = FastGenerator(model).generate(ids, mask, max_new_tokens=12)
@@ -75,7 +46,7 @@ def test_fastgen_greedy_equals_generate(kind, groups, distance):
 
 
 def test_fastgen_plain_model_is_converted_and_matches_transformers():
-    hf = tiny("llama")
+    hf = tiny("llama-gqa")
     ids, mask = padded_batch()
     want = greedy_generate(hf, ids, mask, 10)
     gen = FastGenerator(hf)  # converted with every layer a single step
@@ -84,7 +55,7 @@ def test_fastgen_plain_model_is_converted_and_matches_transformers():
 
 
 def test_fastgen_reuses_its_cache_and_handles_batch_one():
-    model = build_cqil_model(tiny("qwen3"), "1-2", 1)
+    model = build_cqil_model(tiny("qwen3-qknorm"), "1-2", 1)
     gen = FastGenerator(model)
     ids = torch.randint(1, V, (1, 9))
     first = gen.generate(ids, max_new_tokens=8).tokens
@@ -95,7 +66,7 @@ def test_fastgen_reuses_its_cache_and_handles_batch_one():
 
 
 def test_fastgen_stops_at_eos_like_generate():
-    model = build_cqil_model(tiny("llama"), "0-1", 1)
+    model = build_cqil_model(tiny("llama-gqa"), "0-1", 1)
     ids, mask = padded_batch()
     free = FastGenerator(model).generate(ids, mask, max_new_tokens=10).tokens
     eos = int(free[1, 3])  # a token sequence 1 emits: it must stop there
@@ -107,7 +78,7 @@ def test_fastgen_stops_at_eos_like_generate():
 
 
 def test_fastgen_sampling_is_seeded():
-    model = build_cqil_model(tiny("mistral"), "1-2", 1)
+    model = build_cqil_model(tiny("mistral-one-kv"), "1-2", 1)
     ids, mask = padded_batch()
     kw = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=10, seed=123)
     a = fast_generate(model, ids, mask, **kw).tokens
@@ -117,11 +88,11 @@ def test_fastgen_sampling_is_seeded():
 
 def test_fastgen_rejects_zero_tokens():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        FastGenerator(build_cqil_model(tiny("llama"), "none", 0)).generate(torch.ones(1, 3, dtype=torch.long), None, 0)
+        FastGenerator(build_cqil_model(tiny("llama-gqa"), "none", 0)).generate(torch.ones(1, 3, dtype=torch.long), None, 0)
 
 
 def test_fastgen_layer_skipping_equals_generate():
-    model = build_cqil_model(tiny("mistral"), "1-2", 1, skip_layers=[3, 5])
+    model = build_cqil_model(tiny("mistral-one-kv"), "1-2", 1, skip_layers=[3, 5])
     ids, mask = padded_batch()
     want = greedy_generate(model, ids, mask, 12)
     got = FastGenerator(model).generate(ids, mask, max_new_tokens=12).tokens

@@ -5,86 +5,31 @@ from __future__ import annotations
 import math
 
 import pytest
-import tiny_models
 import torch
 import torch.nn.functional as F
-from transformers import (
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import VOCAB_SIZE as V
+from tiny_models import padded_batch, randomise_bypass, rel, tiny_model
+from transformers import DynamicCache, LlamaConfig
 
 from cqil_cli.runtime.checkpoint import build_cqil_model
 from cqil_cli.runtime.modeling_cqil import CqilConfig, CqilForCausalLM
 
 REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
-V = 128
 
-# Tiny random models covering every supported architecture and attention layout.
-TINY = {
-    # GQA (4 heads / 2 kv heads), odd layer count
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)),
-    # llama with every optional bias (q/k/v/o and MLP)
-    "llama_bias": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=5, num_attention_heads=4,
-                                                       num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
-    # a single kv head and a sliding window shorter than the test sequences
-    "mistral": (MistralConfig, MistralForCausalLM, dict(num_hidden_layers=7, num_attention_heads=4,
-                                                        num_key_value_heads=1, sliding_window=6)),
-    # q/k/v biases
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)),
-    # per-head q/k RMSNorm, head_dim independent of hidden/heads
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_hidden_layers=7, num_attention_heads=4,
-                                                  num_key_value_heads=1, head_dim=32)),
-}
+# The tiny models of tests/tiny_models.py this file covers: every architecture and attention
+# layout (GQA, every bias, one kv head + sliding window, q/k/v biases, q/k norms).
+KINDS = ("llama-gqa", "llama-bias", "mistral-one-kv", "qwen2-bias", "qwen3-qknorm")
 
 
 def tiny_hf(kind: str, seed: int = 0):
-    """A random transformers model whose norms and biases are not the trivial 1 / 0."""
-    config_cls, model_cls, extra = TINY[kind]
-    torch.manual_seed(seed)
-    config = config_cls(vocab_size=V, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
-                        rms_norm_eps=1e-6, tie_word_embeddings=kind in ("llama", "qwen3"),
-                        eos_token_id=None, bos_token_id=None, pad_token_id=None, **extra)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.2)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def randomise_bypass(model: CqilForCausalLM, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for p in (layer.cqil_gamma, layer.cqil_beta):
-                if p is not None:
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    model.cqil_refresh_fused()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def padded_batch():
-    return tiny_models.padded_batch(V, lengths=(12, 9, 5))
+    """A tiny random transformers model whose generate() always runs to max_new_tokens."""
+    return tiny_model(kind, seed, stop_at_eos=False)
 
 
 # --------------------------------------------------------------------------- (a) == transformers
 
 
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("engine", ["fused", "reference"])
 def test_all_singles_equal_transformers(kind, engine):
     hf = tiny_hf(kind)
@@ -105,7 +50,7 @@ def test_all_singles_equal_transformers(kind, engine):
 
 
 def test_all_singles_equal_transformers_with_padding():
-    hf = tiny_hf("llama")
+    hf = tiny_hf("llama-gqa")
     model = build_cqil_model(hf, "none", 0)
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -124,7 +69,7 @@ GROUPINGS = {  # for the 7-layer models: group sizes 1..4
 }
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
+@pytest.mark.parametrize("kind", ["mistral-one-kv", "qwen3-qknorm"])
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 @pytest.mark.parametrize("distance", [0, 1, 2, 3])
 def test_fused_matches_reference(kind, grouping, distance):
@@ -133,7 +78,7 @@ def test_fused_matches_reference(kind, grouping, distance):
     _compare_engines(model)
 
 
-@pytest.mark.parametrize("kind", ["llama_bias", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama-bias", "qwen2-bias"])
 def test_fused_matches_reference_with_biases(kind):
     model = build_cqil_model(tiny_hf(kind), [[0, 1], [2, 3, 4]], 2)
     randomise_bypass(model)
@@ -161,7 +106,7 @@ def _compare_engines(model: CqilForCausalLM) -> None:
 
 
 def test_fused_weights_follow_parameter_updates():
-    model = build_cqil_model(tiny_hf("llama"), [[0, 1], [2, 3, 4]], 1)
+    model = build_cqil_model(tiny_hf("llama-gqa"), [[0, 1], [2, 3, 4]], 1)
     ids = torch.randint(0, V, (1, 8))
     with torch.no_grad():
         before = model(ids).logits
@@ -245,7 +190,7 @@ def formula_forward(model: CqilForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return x @ w("lm_head.weight").T
 
 
-@pytest.mark.parametrize("kind", ["llama_bias", "mistral", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama-bias", "mistral-one-kv", "qwen3-qknorm"])
 @pytest.mark.parametrize("distance", [0, 1, 3])
 def test_reference_matches_formula(kind, distance):
     hf = tiny_hf(kind)
@@ -264,7 +209,7 @@ def test_reference_matches_formula(kind, distance):
 
 
 def test_reference_is_differentiable():
-    model = build_cqil_model(tiny_hf("qwen2"), [[0, 1], [2, 3, 4]], 2)
+    model = build_cqil_model(tiny_hf("qwen2-bias"), [[0, 1], [2, 3, 4]], 2)
     model.train()
     ids = torch.randint(0, V, (2, 8))
     loss = model(ids, labels=ids).loss
@@ -279,7 +224,7 @@ def test_reference_is_differentiable():
 
 @pytest.fixture(scope="module")
 def grouped_mistral():
-    model = build_cqil_model(tiny_hf("mistral"), [[0], [1, 2], [3, 4, 5], [6]], 1)
+    model = build_cqil_model(tiny_hf("mistral-one-kv"), [[0], [1, 2], [3, 4, 5], [6]], 1)
     randomise_bypass(model)
     return model
 
@@ -304,7 +249,7 @@ def test_generate_left_padded_batch_equals_single_sequences(grouped_mistral):
 
 
 def test_generate_singles_equal_transformers_generate():
-    hf = tiny_hf("qwen2")
+    hf = tiny_hf("qwen2-bias")
     model = build_cqil_model(hf, "none", 0)
     ids, mask = padded_batch()
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -377,7 +322,7 @@ def test_default_model_grouped_cache_equals_no_cache():
 def test_skip_layers_prompt_runs_every_layer_and_decoding_skips(engine):
     """The one-pass `prompt_length` evaluation equals cached generation: prompt through every
     layer, later tokens through the kept layers only, on a left-padded batch."""
-    hf = tiny_hf("mistral")  # 7 layers, one kv head, sliding window 6
+    hf = tiny_hf("mistral-one-kv")  # 7 layers, one kv head, sliding window 6
     model = build_cqil_model(hf, [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
     randomise_bypass(model)
     model.set_engine(engine)
@@ -402,7 +347,7 @@ def test_skip_layers_prompt_runs_every_layer_and_decoding_skips(engine):
 
 
 def test_skip_layers_validation_and_generate_round_trip(tmp_path):
-    hf = tiny_hf("llama")
+    hf = tiny_hf("llama-gqa")
     with pytest.raises(ValueError, match="layer 0 always runs"):
         build_cqil_model(hf, None, 0, skip_layers=[0])
     with pytest.raises(ValueError, match="in a group"):

@@ -10,10 +10,10 @@ from cqil_cli.inputs.text import load_text, strip_gutenberg, token_samples
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_tokenizer_dir):
+def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def test_samples_are_deterministic_for_a_seed(tokenizer, text_file):
@@ -83,8 +83,6 @@ def test_default_splits_are_disjoint():
 
 
 def test_mix_split_adds_milton_and_keeps_heldout_out():
-    from cqil_cli.inputs.text import load_text
-
     mix, calibration = load_text("default:mix"), load_text("default")
     heldout = set(load_text("default:heldout").documents)
     assert set(calibration.documents) < set(mix.documents)

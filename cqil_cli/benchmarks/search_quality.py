@@ -19,9 +19,10 @@ import torch
 
 
 def main() -> None:
-    from cqil_cli.calibrate.profile import AnalyzeOptions, analyze_model
+    from cqil_cli.calibrate.evaluate import grouping_kl
+    from cqil_cli.calibrate.options import AnalyzeOptions
+    from cqil_cli.calibrate.profile import analyze_model
     from cqil_cli.calibrate.search import best_partitions, uniform_groups
-    from cqil_cli.convert.pipeline import grouping_kl
     from cqil_cli.inputs.models import load_model
     from cqil_cli.inputs.text import token_samples
 
@@ -40,7 +41,7 @@ def main() -> None:
     pairs = n - args.steps
     ids = token_samples(loaded.tokenizer, args.calib, args.samples, 128, seed=0)
     report = analyze_model(loaded, ids, AnalyzeOptions(window=2, latency=False))
-    cost = {tuple(g["layers"]): g["kl"] for g in report["groups"]}
+    cost = report.group_costs(2)
     candidates = best_partitions(n, 2, {1: 1.0, 2: 1.0}, cost, float(args.steps), keep=4)
     kl_ids = token_samples(loaded.tokenizer, args.calib, args.kl_samples, 256, seed=1)
     rows = []

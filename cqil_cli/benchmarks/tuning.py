@@ -1,7 +1,7 @@
 """Benchmark (not a test): which tuning settings recover the most quality per minute?
 
 Fixes a grouping (default: the 24-step grouping convert's search picks for the default model,
-bypass 1) and distils it once per setting for the same wall time, then reports held-out and
+bypass 1) and tunes it once per setting for the same wall time, then reports held-out and
 out-of-domain perplexity, scored after a 128-token prompt as `cqil convert` does. Settings
 differ in learning rates, window length, batch size, LoRA rank and calibration text: the
 default Shakespeare split, `default:mix` (+ Milton), or 128 windows the original model samples
@@ -51,7 +51,8 @@ def self_generated(base, tokenizer, count: int = 128, length: int = 256) -> torc
 
 
 def main() -> None:
-    from cqil_cli.calibrate.tuning import TuneOptions, distill, perplexity
+    from cqil_cli.calibrate.evaluate import perplexity
+    from cqil_cli.calibrate.tuning import TuneOptions, tune_groups
     from cqil_cli.inputs.models import load_model
     from cqil_cli.inputs.text import token_samples_up_to
     from cqil_cli.runtime.checkpoint import build_cqil_model
@@ -87,7 +88,7 @@ def main() -> None:
         model = build_cqil_model(base, args.groups, 1)
         options = replace(TuneOptions(minutes=args.minutes, steps=None), **overrides)
         started = time.perf_counter()
-        result = distill(model, calib[text, seq_len], options)
+        result = tune_groups(model, calib[text, seq_len], options)
         model.set_engine("reference")  # LoRA attached: evaluate through the adapters
         rows[name] = {"steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
                       "heldout": perplexity(model, eval_ids, prompt_tokens=p),

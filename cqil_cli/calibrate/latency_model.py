@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core.devices import synchronize
+
 
 @dataclass
 class LatencyModel:
@@ -60,16 +62,16 @@ def _outside_ms(model, prompt: torch.Tensor, repeats: int = 50) -> float:
         start = time.perf_counter()
         h = inner.norm(inner.embed_tokens(token))
         model.lm_head(h[:, -1]).argmax(-1)
-        if h.device.type == "cuda":
-            torch.cuda.synchronize(h.device)
+        synchronize(h.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]) * 1e3
 
 
-def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
+def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128,
                           new_tokens: int = 24, repeats: int = 3,
                           on_progress=None) -> LatencyModel:
-    """Measure O, t(1)..t(max_size) on the base model's device and dtype (see module doc)."""
+    """Measure O, t(1)..t(max_group_size) on the base model's device and dtype (see module
+    doc); max_group_size is the largest group the search may form."""
     from ..runtime.checkpoint import build_cqil_model
 
     param = next(base_model.parameters())
@@ -78,7 +80,7 @@ def measure_latency_model(base_model, max_size: int, prompt_len: int = 128,
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(param.device)
     variants = {1: [[i] for i in range(n)]}
-    for s in range(2, max_size + 1):
+    for s in range(2, max_group_size + 1):
         if s > n:
             break
         k = (n - 2) // s  # keep the first and the last layer single, like real groupings

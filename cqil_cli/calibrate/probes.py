@@ -54,11 +54,11 @@ def _with_hidden(args, kwargs, hidden):
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _hidden_out(output) -> torch.Tensor:
+def hidden_out(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _replace_hidden_out(output, hidden):
+def _replacehidden_out(output, hidden):
     if isinstance(output, (tuple, list)):
         return (hidden, *output[1:])
     return hidden
@@ -124,9 +124,9 @@ class GroupState:
     def run_member(self, proxy: LayerProxy, args, kwargs):
         args, kwargs = _with_hidden(args, kwargs, self.x)
         out = proxy.inner(*args, **kwargs)
-        self.delta_sum += _hidden_out(out) - self.x
+        self.delta_sum += hidden_out(out) - self.x
         if proxy is self.members[-1]:
-            return _replace_hidden_out(out, self.x + self.delta_sum)
+            return _replacehidden_out(out, self.x + self.delta_sum)
         return out
 
 

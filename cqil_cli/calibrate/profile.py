@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -24,19 +24,57 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..core.devices import synchronize
+from ..core.documents import Schema
 from ..core.errors import CqilError
-from .probes import GroupState, LayerProxy, _hidden_out, proxied_layers
+from ..core.metrics import log_probs, next_token_nll, perplexity_of, token_kl
+from .options import AnalyzeOptions
+from .probes import GroupState, LayerProxy, find_decoder_layers, hidden_out, proxied_layers
 
-SCHEMA = "cqil.analyze/1"
+SCHEMA = Schema("cqil.analyze", 1, "a `cqil analyze --json` report", "run `cqil analyze` again")
 
 
 @dataclass
-class AnalyzeOptions:
-    window: int = 4  # W: similarity pairs up to j−i ≤ W; sensitivity groups of 2..W layers
-    batch_size: int = 4
-    repeats: int = 5  # latency repeats after one warm-up
-    sensitivity: bool = True
-    latency: bool = True
+class AnalyzeReport:
+    """The `cqil analyze` report (schema cqil.analyze/1; every field in docs/analyze.md).
+
+    similarity / angular_distance: N x N, None beyond the window; block_influence: N;
+    latency_ms: per-layer prefill and decode ms and totals (None with --no-latency);
+    groups: one row per candidate group (layers, size, kl, delta_loss, kl_per_saved_step,
+    mean_similarity), cheapest KL per saved step first.
+    """
+
+    cqil_version: str
+    model: str
+    model_name: str
+    model_type: str
+    num_layers: int
+    device: str
+    dtype: str
+    calibration: dict | None  # text spec, samples, seq_len, seed (set by the caller)
+    window: int
+    tokens: int
+    loss: float
+    ppl: float
+    similarity: list[list[float | None]]
+    angular_distance: list[list[float | None]]
+    block_influence: list[float]
+    latency_ms: dict | None
+    groups: list[dict]
+    options: dict
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA.tag, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: object, source: str) -> AnalyzeReport:
+        data = SCHEMA.check(data, source)
+        names = tuple(f.name for f in fields(cls))
+        SCHEMA.require(data, names, source)
+        return cls(**{k: data[k] for k in names})
+
+    def group_costs(self, max_group_size: int) -> dict[tuple[int, ...], float]:
+        """KL of each measured group of at most max_group_size layers, by its layer tuple."""
+        return {tuple(g["layers"]): float(g["kl"]) for g in self.groups if g["size"] <= max_group_size}
 
 
 def candidate_groups(num_layers: int, window: int) -> list[list[int]]:
@@ -59,7 +97,7 @@ def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
-                  advance: Callable[[str], None] | None = None) -> dict:
+                  advance: Callable[[str], None] | None = None) -> AnalyzeReport:
     """Run the three measurements on `samples` ([num_samples, L] token ids); returns the report."""
     model = loaded.model
     num_layers = len(_layers_of(model))
@@ -83,10 +121,10 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
             for p in proxies:
                 p.mode, p.record_input = "run", True
             logits = model(input_ids=ids, use_cache=False).logits
-            log_p = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
-            nll = _next_token_nll(log_p, ids)  # [B, T-1]
+            log_p = log_probs(logits)  # [B, T, V]
+            nll = next_token_nll(log_p, ids)  # [B, T-1]
             loss_sum += nll.sum().item()
-            inputs = [p.recorded_input for p in proxies] + [_hidden_out(proxies[-1].recorded_output)]
+            inputs = [p.recorded_input for p in proxies] + [hidden_out(proxies[-1].recorded_output)]
             for i in range(num_layers):
                 influence_sum[i] += (1 - _token_cosine(inputs[i], inputs[i + 1])).sum().item()
                 for j in range(i + 1, min(num_layers, i + options.window + 1)):
@@ -111,10 +149,9 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
                         p.mode, p.group = "member", state
                     else:
                         p.mode = "run"
-                log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(),
-                                          dim=-1)
-                kl_sum[g] += (log_p.exp() * (log_p - log_q)).sum().item()
-                loss_delta_sum[g] += (_next_token_nll(log_q, ids) - nll).sum().item()
+                log_q = log_probs(model(input_ids=ids, use_cache=False).logits)
+                kl_sum[g] += token_kl(log_p, log_q).sum().item()
+                loss_delta_sum[g] += (next_token_nll(log_q, ids) - nll).sum().item()
                 del log_q, state
                 advance("sensitivity")
             for p in proxies:
@@ -141,39 +178,31 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
         })
     group_rows.sort(key=lambda row: (row["kl_per_saved_step"], row["layers"]))
     loss = loss_sum / max(predicted_tokens, 1)
-    return {
-        "schema": SCHEMA,
-        "cqil_version": __version__,
-        "model": loaded.spec,
-        "model_name": loaded.name,
-        "model_type": loaded.model_type,
-        "num_layers": num_layers,
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "calibration": None,  # filled in by the caller, who knows the text spec
-        "window": options.window,
-        "tokens": tokens,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "similarity": similarity,
-        "angular_distance": angular,
-        "block_influence": (influence_sum / max(tokens, 1)).tolist(),
-        "latency_ms": latency,
-        "groups": group_rows,
-        "options": asdict(options),
-    }
+    return AnalyzeReport(
+        cqil_version=__version__,
+        model=loaded.spec,
+        model_name=loaded.name,
+        model_type=loaded.model_type,
+        num_layers=num_layers,
+        device=str(device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        calibration=None,  # filled in by the caller, who knows the text spec
+        window=options.window,
+        tokens=tokens,
+        loss=loss,
+        ppl=perplexity_of(loss),
+        similarity=similarity,
+        angular_distance=angular,
+        block_influence=(influence_sum / max(tokens, 1)).tolist(),
+        latency_ms=latency,
+        groups=group_rows,
+        options=asdict(options),
+    )
 
 
 def _layers_of(model):
-    from .probes import find_decoder_layers
-
     parent, attr, _ = find_decoder_layers(model)
     return getattr(parent, attr)
-
-
-def _next_token_nll(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T, V] log-probabilities, [B, T] ids -> [B, T-1] negative log-likelihood."""
-    return -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def _matrix(values: torch.Tensor, window: int, diagonal: float) -> list[list[float | None]]:

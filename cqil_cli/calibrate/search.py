@@ -38,18 +38,18 @@ class Partition:
         return ",".join(grouped) or "none"
 
 
-def best_partitions(num_layers: int, max_size: int, step_latency: dict[int, float],
+def best_partitions(num_layers: int, max_group_size: int, step_latency: dict[int, float],
                     group_cost: dict[tuple[int, ...], float], latency_budget: float,
                     keep: int = 5, resolution: int = 2000) -> list[Partition]:
     """The `keep` cheapest partitions whose summed step latency is ≤ latency_budget.
 
-    step_latency[s]: latency of one step of s layers (s = 1..max_size).
+    step_latency[s]: latency of one step of s layers (s = 1..max_group_size).
     group_cost[(i, …, j)]: quality cost of grouping layers i..j (s ≥ 2); a missing group is not
     allowed. Raises CqilError when no partition fits, naming the best reachable latency.
     """
-    if max_size < 1:
+    if max_group_size < 1:
         raise CqilError("the largest group size must be at least 1")
-    sizes = [s for s in range(1, max_size + 1) if s in step_latency]
+    sizes = [s for s in range(1, max_group_size + 1) if s in step_latency]
     if all(float(step_latency[s]).is_integer() for s in sizes) and \
             float(latency_budget).is_integer():
         resolution = int(latency_budget)  # integer costs (e.g. counting steps): exact, unit 1
@@ -77,16 +77,16 @@ def best_partitions(num_layers: int, max_size: int, step_latency: dict[int, floa
                 bucket = table[j].setdefault(new_used, [])
                 for rank, entry in enumerate(entries):
                     bucket.append((entry[0] + cost, i, used, rank, step))
-        for j in range(i + 1, min(num_layers, i + max_size) + 1):
+        for j in range(i + 1, min(num_layers, i + max_group_size) + 1):
             for used in table[j]:
                 table[j][used] = heapq.nsmallest(keep, table[j][used], key=lambda e: e[0])
 
     finals = [(entry[0], used, rank) for used, entries in table[num_layers].items()
               for rank, entry in enumerate(entries)]
     if not finals:
-        fastest = _fastest_latency(num_layers, sizes, step_latency, group_cost)
+        fastest = fastest_latency(num_layers, sizes, step_latency, group_cost)
         raise CqilError(f"the budget cannot be met: it allows {latency_budget:.4g} for the "
-                        f"layers, the fastest grouping with groups of at most {max_size} needs "
+                        f"layers, the fastest grouping with groups of at most {max_group_size} needs "
                         f"{fastest:.4g}")
     results = []
     for cost, used, rank in sorted(finals)[:keep]:
@@ -102,14 +102,17 @@ def best_partitions(num_layers: int, max_size: int, step_latency: dict[int, floa
     return results
 
 
-def _fastest_latency(num_layers, sizes, step_latency, group_cost) -> float:
+def fastest_latency(num_layers: int, sizes: list[int], step_latency: dict[int, float],
+                    group_cost: dict[tuple[int, ...], float] | None = None) -> float:
+    """The least summed step latency of any partition into steps of the given sizes (only
+    groups listed in group_cost, unless it is None)."""
     best = [0.0] + [math.inf] * num_layers
     for j in range(1, num_layers + 1):
         for s in sizes:
             i = j - s
             if i < 0:
                 continue
-            if s > 1 and tuple(range(i, j)) not in group_cost:
+            if s > 1 and group_cost is not None and tuple(range(i, j)) not in group_cost:
                 continue
             best[j] = min(best[j], best[i] + step_latency[s])
     return best[num_layers]

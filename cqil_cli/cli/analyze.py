@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ..calibrate.options import AnalyzeOptions
 from ..core.errors import CqilError
 from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+
+DEFAULTS = AnalyzeOptions()
 
 
 @click.command()
@@ -20,9 +23,9 @@ from .options import State, check_writable, loading, model_options, use_all_core
               help="W: similarity for layer pairs up to W apart; sensitivity for every group of "
                    "2..W adjacent layers (cost grows with W).  [default: 4, at most the number "
                    "of layers]")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Samples per forward pass (memory, not results).")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=DEFAULTS.repeats, show_default=True, type=click.IntRange(min=1),
               help="Latency repeats after one warm-up (median reported).")
 @click.option("--seed", default=0, show_default=True, help="Which calibration windows are drawn.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-group KL measurement.")
@@ -46,7 +49,7 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
 
     See docs/analyze.md for how to read every figure and the heatmap.
     """
-    from ..calibrate.profile import AnalyzeOptions, analyze_model, check_window, progress_steps
+    from ..calibrate.profile import analyze_model, check_window, progress_steps
     from ..inputs.models import load_model
     from ..inputs.text import token_samples
 
@@ -59,7 +62,7 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
         loaded = load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     num_layers = loaded.num_layers
-    window = min(4, num_layers) if window is None else window
+    window = min(DEFAULTS.window, num_layers) if window is None else window
     options = AnalyzeOptions(window=window, batch_size=batch_size, repeats=repeats,
                              sensitivity=not no_sensitivity, latency=not no_latency)
     check_window(window, num_layers)
@@ -71,7 +74,7 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
             progress.update(task, advance=1, description=label)
 
         report = analyze_model(loaded, ids, options, advance)
-    report["calibration"] = {"spec": calib, "samples": samples, "seq_len": seq_len, "seed": seed}
+    report.calibration = {"spec": calib, "samples": samples, "seq_len": seq_len, "seed": seed}
     from .tables import analyze_tables
 
     analyze_tables(report, state.out)

@@ -1,18 +1,16 @@
-"""`cqil bench`: the click command, a thin layer over cqil_cli.bench.measure (docs/bench.md).
+"""`cqil bench`: the click command over cqil_cli/bench (docs/bench.md): options ->
+BenchOptions -> plan_entries -> run_bench -> tables, chart and JSON.
 
-cli.py registers this command at its end; import `cqil_cli.cli.app` (not this module first).
+app.py registers this command; import `cqil_cli.cli.app` (not this module first).
 """
 
 from __future__ import annotations
 
-import math
-
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ..core.errors import CqilError
 from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+from .tables import bench_tables
 
 
 @click.command()
@@ -56,10 +54,10 @@ from .options import State, check_writable, loading, model_options, use_all_core
 @click.option("--plot", "plot_path", metavar="PATH",
               help="Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
 @click.pass_obj
-def bench(state: State, models, baseline, device, dtype, trust_remote_code,
-                  allow_pickle, prompt_len, new_tokens, batch, repeats, warmup, eval_spec,
-                  eval_tokens, eval_window, eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_,
-                  no_quality, no_latency, seed, json_path, plot_path):
+def bench(state: State, models, baseline, device, dtype, trust_remote_code, allow_pickle,
+          prompt_len, new_tokens, batch, repeats, warmup, eval_spec, eval_tokens, eval_window,
+          eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_, no_quality,
+          no_latency, seed, json_path, plot_path):
     """Latency and quality of MODEL(s) side by side with a baseline.
 
     \b
@@ -72,14 +70,10 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code,
 
     See docs/bench.md for how every number is measured, the JSON schema and the chart.
     """
-    from ..bench.measure import (
-        BenchOptions,
-        parse_batches,
-        plan_entries,
-        progress_steps,
-        resolve_baseline,
-        run_bench,
-    )
+    from ..bench.baseline import resolve_baseline
+    from ..bench.options import BenchOptions, parse_batches
+    from ..bench.plan import plan_entries
+    from ..bench.run import progress_steps, run_bench
     from ..inputs.models import load_model, resolve_device, torch_dtype
 
     json_target = check_writable(json_path, "the JSON report")
@@ -115,102 +109,11 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code,
 
         report = run_bench(plan, options, device, dtype, advance)
     bench_tables(report, state.out)
-    for row in report["results"]:
+    for row in report.results:
         if row.get("base_weights_match") is False:
-            state.err.print(f"warning: the baseline '{report['baseline']['model']}' is not the "
+            state.err.print(f"warning: the baseline '{report.baseline['model']}' is not the "
                             f"checkpoint '{row['model']}' was converted from (its weight files "
                             "differ from the manifest's sha256)", style="yellow")
     from .plots import tradeoff_chart
 
     write_outputs(state, report, json_target, plot_target, tradeoff_chart, "chart")
-
-
-# ---------------------------------------------------------------- the table
-
-
-def _num(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return format(value, fmt)
-
-
-def _times(value) -> str:
-    return "—" if value is None else f"×{value:.3f}"
-
-
-def bench_tables(report: dict, console: Console) -> None:
-    """One row per model (baseline first), latency at the first batch size, ratios to it.
-
-    Latency and quality share one table on a wide terminal and get one table each otherwise.
-    """
-    settings = report["settings"]
-    rows = [report["baseline"]] + ([report["engine_baseline"]] if report["engine_baseline"]
-                                   else []) + report["results"]
-    first_batch = settings["batches"][0]
-    title = f"cqil bench on {report['device']['name']} ({report['device']['dtype']})"
-    latency_note = (f"batch {first_batch}, prompt {settings['prompt_len']}, "
-                    f"{settings['new_tokens']} new tokens, p50 of {settings['repeats']} rounds; "
-                    "× = ratio to the baseline")
-    latency_cols = ["prefill ms", "decode ms/tok", "tok/s", "peak MB"]
-    quality_cols = ["ppl", "KL", "top-1", "greedy"]
-
-    def label(i: int, row: dict) -> str:
-        if i == 0 or row is report["engine_baseline"]:
-            return f"{row['model']} (baseline)"
-        return row["model"]
-
-    def latency_cells(row: dict) -> list[str]:
-        lat, rat = row["latency"], row["ratio_to_baseline"]
-        return [f"{_num(lat['prefill_ms']['p50'], '.1f')} {_times(rat['prefill'])}",
-                f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} {_times(rat['decode'])}",
-                _num(lat["tokens_per_s"], ".1f"), _num(lat["peak_memory"]["peak_mb"], ".0f")]
-
-    def quality_cells(row: dict) -> list[str]:
-        q = row["quality"]
-        return [f"{_num(q['ppl'], '.3f')} {_times(row['ratio_to_baseline']['ppl'])}",
-                _num(q["kl"], ".2e"), _num(q["top1_agreement"], ".3f"),
-                _num(q["greedy_match"], ".3f")]
-
-    def table(heading: str, columns: list[str], cells) -> Table:
-        t = Table(title=heading)
-        for name in ["model", "engine", "steps"] + columns:
-            t.add_column(name, justify="left" if name in ("model", "engine") else "right")
-        for i, row in enumerate(rows):
-            t.add_row(label(i, row), row["engine"], f"{row['num_steps']}/{row['num_layers']}",
-                      *cells(row))
-        return t
-
-    parts = []
-    if settings["latency"]:
-        parts.append((latency_note, latency_cols, latency_cells))
-    if settings["quality"]:
-        parts.append((f"quality on {settings['eval_spec']}", quality_cols, quality_cells))
-    if len(parts) == 2 and console.width >= 140:
-        console.print(table(f"{title}\n{latency_note}", latency_cols + quality_cols,
-                            lambda row: latency_cells(row) + quality_cells(row)))
-    else:
-        for heading, columns, cells in parts:
-            console.print(table(f"{title}: {heading}", columns, cells))
-    if settings["latency"] and len(settings["batches"]) > 1:
-        by_batch = Table(title="decode ms/token, p50 (ratio to the baseline), by batch size")
-        by_batch.add_column("model")
-        by_batch.add_column("engine")
-        for b in settings["batches"]:
-            by_batch.add_column(f"batch {b}", justify="right")
-        for i, row in enumerate(rows):
-            cells = [label(i, row), row["engine"]]
-            for lat, rat in zip(row["latency_by_batch"], row["ratio_to_baseline"]["by_batch"],
-                                strict=True):
-                cells.append(f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} "
-                             f"({_times(rat['decode'])})")
-            by_batch.add_row(*cells)
-        console.print(by_batch)
-    if settings["quality"]:
-        console.print(f"quality: {settings['eval_windows']} windows of {settings['eval_window']}"
-                      f" tokens of '{settings['eval_spec']}', scored after a "
-                      f"{settings['eval_prompt']}-token prompt; greedy: "
-                      f"{settings['greedy_prompts']} prompts, {settings['greedy_tokens']} tokens "
-                      "each", style="dim")
-
-
-__all__ = ["bench", "bench_tables"]

@@ -6,22 +6,26 @@ from pathlib import Path
 
 import click
 
+from ..convert.options import DEFAULT_BUDGET, DEFAULT_TUNE_MINUTES, STRATEGIES, ConvertOptions
 from .options import State, model_options, use_all_cores
+
+DEFAULTS = ConvertOptions(out=Path("."))
 
 
 @click.command()
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder to write.")
-@click.option("--strategy", type=click.Choice(["cqil", "skip", "prune"]), default="cqil",
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy,
               show_default=True,
               help="cqil: concurrent groups of adjacent layers with a learned bypass; skip: "
                    "Unified Layer Skipping (the prompt runs through every layer, generated "
                    "tokens through evenly spaced ones; --speedup R uses the paper's rule); "
                    "prune: remove the layers of lowest block influence (ShortGPT), a plain model.")
-@click.option("--devices", default=2, show_default=True, type=int,
+@click.option("--devices", default=DEFAULTS.devices, show_default=True, type=int,
               help="P: the largest group, and the number of ranks in the placement.")
 @click.option("--budget", type=float, help="Decode latency as a fraction of the original's "
-              "on this device (cqil's engine, whole model). Default when nothing else is given: 0.9.")
+              f"on this device (cqil's engine, whole model). Default when nothing else is given: "
+              f"{DEFAULT_BUDGET}.")
 @click.option("--speedup", type=float, help="Decode speed-up instead of --budget (1/budget).")
 @click.option("--steps", type=int, help="Number of sequential steps instead of a budget.")
 @click.option("--groups", metavar="SPEC", help="Groups by hand: 14-15,16-17 (inclusive ranges; "
@@ -29,26 +33,28 @@ from .options import State, model_options, use_all_cores
 @click.option("--start", type=int, help="The papers' notation: first grouped layer (0-based) ...")
 @click.option("--end", type=int, help="... end of the grouped range (exclusive) ...")
 @click.option("--parallel", type=int, help="... and the group size: consecutive groups of P.")
-@click.option("--bypass", default=1, show_default=True, type=int,
+@click.option("--bypass", default=DEFAULTS.bypass, show_default=True, type=int,
               help="Bypass distance D: each layer's MLP also sees the attention of the D layers "
                    "before it in its group (0: none).")
 @click.option("--tune-steps", type=int, help="Distillation steps (0: no tuning).")
-@click.option("--tune-minutes", type=float, default=3.0, show_default=True,
-              help="Distillation wall-time bound (0: no tuning); the first bound reached stops.")
-@click.option("--lora-rank", default=16, show_default=True, type=int,
+@click.option("--tune-minutes", type=float,
+              help="Distillation wall-time bound (0: no tuning); the first bound reached stops. "
+                   f"Default: {DEFAULT_TUNE_MINUTES:g} unless --tune-steps is given.")
+@click.option("--lora-rank", default=DEFAULTS.lora_rank, show_default=True, type=int,
               help="LoRA rank on the grouped layers, merged before writing (0: bypass weights only).")
-@click.option("--calib", default="default", show_default=True, metavar="TEXT",
+@click.option("--calib", default=DEFAULTS.calib, show_default=True, metavar="TEXT",
               help="Calibration text (sensitivity, search, tuning).")
-@click.option("--eval", "eval_spec", default="default:heldout", show_default=True, metavar="TEXT",
+@click.option("--eval", "eval_spec", default=DEFAULTS.eval, show_default=True, metavar="TEXT",
               help="Held-out text for the perplexities in the manifest.")
-@click.option("--eval-ood", default="default:ood", show_default=True, metavar="TEXT",
+@click.option("--eval-ood", default=DEFAULTS.eval_ood, show_default=True, metavar="TEXT",
               help="Out-of-domain text, reported beside --eval ('none' to skip).")
 @click.option("--eval-prompt", type=int, metavar="N",
-              help="Tokens at the start of each 256-token evaluation window that are the "
+              help=f"Tokens at the start of each {DEFAULTS.seq_len}-token evaluation window that are the "
                    "prompt, not scored (skip runs them through every layer). Default: half.")
 @click.option("--report", type=click.Path(dir_okay=False), metavar="PATH",
               help="Reuse a `cqil analyze --json` report instead of measuring sensitivity again.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=DEFAULTS.seed, show_default=True,
+              help="Which calibration and evaluation windows are drawn; tuning's seed.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @model_options
 @click.pass_obj
@@ -70,14 +76,12 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
     and holds manifest.json: grouping, placement, predictions, quality, sha256 of every file.
     See docs/convert.md.
     """
-    from ..convert.pipeline import Callbacks, ConvertOptions, run_convert
+    from ..convert.pipeline import Callbacks, run_convert
 
     opts = ConvertOptions(out=Path(out_dir), strategy=strategy, devices=devices, budget=budget,
                           speedup=speedup, steps=steps, groups=groups, start=start, end=end,
-                          parallel=parallel, bypass=bypass, tune_steps=tune_steps,
-                          tune_minutes=None if tune_steps is not None and tune_minutes == 3.0
-                          else tune_minutes,
-                          lora_rank=lora_rank, calib=calib, eval=eval_spec,
+                          group_size=parallel, bypass=bypass, tune_steps=tune_steps,
+                          tune_minutes=tune_minutes, lora_rank=lora_rank, calib=calib, eval=eval_spec,
                           eval_ood=None if eval_ood.lower() == "none" else eval_ood,
                           eval_prompt=eval_prompt,
                           report=Path(report) if report else None, seed=seed, force=force)
@@ -107,20 +111,20 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
                                                  allow_pickle=allow_pickle),
                                Callbacks(status=status, progress=bar, tune_step=tune_step,
                                          tune_start=tune_start))
-    q, p = manifest["quality"], manifest["predicted"]
-    grouped = [f"{g[0]}-{g[-1]}" for g in manifest["steps"] if len(g) > 1]
-    depth = f"{manifest['num_steps']} steps of {manifest['num_layers']} layers"
-    if manifest["strategy"] == "skip":
-        state.out.print(f"skipped when decoding: {_layer_list(manifest['skipped_layers'])}  ({depth}; "
+    q, p = manifest.quality, manifest.predicted
+    grouped = [f"{g[0]}-{g[-1]}" for g in manifest.steps if len(g) > 1]
+    depth = f"{manifest.num_steps} steps of {manifest.num_layers} layers"
+    if manifest.strategy == "skip":
+        state.out.print(f"skipped when decoding: {_layer_list(manifest.skipped_layers)}  ({depth}; "
                         "the prompt runs through every layer)")
-    elif manifest["strategy"] == "prune":
-        state.out.print(f"removed: {_layer_list(manifest['removed_layers'])}  ({depth})")
+    elif manifest.strategy == "prune":
+        state.out.print(f"removed: {_layer_list(manifest.removed_layers)}  ({depth})")
     else:
         state.out.print(f"groups: {','.join(grouped) or 'none'}  ({depth}, "
-                        f"bypass {manifest['bypass_distance']})")
-    if "measured_kl" in manifest["grouping"]:
+                        f"bypass {manifest.bypass_distance})")
+    if "measured_kl" in manifest.grouping:
         state.out.print(f"measured KL of the chosen grouping (untuned): "
-                        f"{manifest['grouping']['measured_kl']:.4f}")
+                        f"{manifest.grouping['measured_kl']:.4f}")
     state.out.print(f"predicted decode latency: {p['latency_ratio']:.3f} × the original "
                     f"({p['decode_ms_per_token']:.2f} vs {p['original_decode_ms_per_token']:.2f} "
                     "ms/token, cqil engine)")

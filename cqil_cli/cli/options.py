@@ -61,11 +61,12 @@ def check_writable(path: str | None, what: str) -> Path | None:
     return target
 
 
-def write_outputs(state, report: dict, json_target: Path | None, plot_target: Path | None,
+def write_outputs(state, report, json_target: Path | None, plot_target: Path | None,
                   draw, plot_label: str) -> None:
-    """Write the JSON report and the PNG (draw(report, path)) where asked, atomically."""
+    """Write a report document (its to_json()) and its PNG (draw(report, path)) where asked,
+    each atomically."""
     if json_target:
-        write_json_atomic(json_target, report)
+        write_json_atomic(json_target, report.to_json() if hasattr(report, "to_json") else report)
         state.err.print(f"report: {json_target}")
     if plot_target:
         write_file_atomic(plot_target, functools.partial(draw, report))

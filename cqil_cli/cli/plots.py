@@ -1,8 +1,13 @@
-"""PNG figures: the similarity heatmap of `cqil analyze`."""
+"""PNG figures: the similarity heatmap of `cqil analyze`, the trade-off chart of `cqil bench`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..bench.report import BenchReport
+    from ..calibrate.profile import AnalyzeReport
 
 
 def _pyplot():
@@ -14,13 +19,13 @@ def _pyplot():
     return plt
 
 
-def similarity_heatmap(report: dict, path: Path) -> None:
+def similarity_heatmap(report: AnalyzeReport, path: Path) -> None:
     """Heatmap of the input cosine similarity between layers; blank outside the window."""
     import numpy as np
 
     plt = _pyplot()
-    n = report["num_layers"]
-    grid = np.array([[np.nan if v is None else v for v in row] for row in report["similarity"]])
+    n = report.num_layers
+    grid = np.array([[np.nan if v is None else v for v in row] for row in report.similarity])
     off_diagonal = grid[~np.eye(n, dtype=bool) & ~np.isnan(grid)]
     # The interesting contrast lies between ~0.8 and 1; a few early layers (layer 0's input is
     # the raw embedding) sit far lower and would flatten the scale, so they saturate instead.
@@ -31,8 +36,8 @@ def similarity_heatmap(report: dict, path: Path) -> None:
                       origin="upper", interpolation="nearest")
     ax.set_xlabel("layer j (its input)")
     ax.set_ylabel("layer i (its input)")
-    ax.set_title(f"{report['model_name']}: cosine similarity of layer inputs\n"
-                 f"window {report['window']}, {report['tokens']:,} calibration tokens")
+    ax.set_title(f"{report.model_name}: cosine similarity of layer inputs\n"
+                 f"window {report.window}, {report.tokens:,} calibration tokens")
     step = max(1, n // 15)
     ax.set_xticks(range(0, n, step))
     ax.set_yticks(range(0, n, step))
@@ -43,19 +48,19 @@ def similarity_heatmap(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def tradeoff_chart(report: dict, path: Path) -> None:
+def tradeoff_chart(report: BenchReport, path: Path) -> None:
     """`cqil bench --plot`: decode latency ratio to the baseline (x) against perplexity (y).
 
     One labelled point per model (the baseline at x = 1), marker by engine; dotted lines at the
     baseline's ratio and perplexity split the plane: lower left is faster and better.
     """
     plt = _pyplot()
-    base = report["baseline"]
+    base = report.baseline
     rows = [(base, f"{base['model']} (baseline)")]
-    if report.get("engine_baseline"):
-        eng = report["engine_baseline"]
+    if report.engine_baseline:
+        eng = report.engine_baseline
         rows.append((eng, f"{eng['model']} (baseline, cqil engine)"))
-    rows += [(r, r["model"]) for r in report["results"]]
+    rows += [(r, r["model"]) for r in report.results]
     markers = {"transformers": "o", "cqil": "s"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
@@ -82,12 +87,12 @@ def tradeoff_chart(report: dict, path: Path) -> None:
     if log_y:
         ax.set_yscale("log")
     ax.margins(x=0.25, y=0.25)
-    settings = report["settings"]
+    settings = report.settings
     ax.set_xlabel(f"decode latency per token, ratio to the baseline (p50, batch "
                   f"{settings['batches'][0]}; < 1 is faster)")
     ax.set_ylabel(f"perplexity on {settings['eval_spec']} (lower is better"
                   f"{'; log scale' if log_y else ''})")
-    ax.set_title(f"Speed vs quality against {base['model']} on {report['device']['name']}\n"
+    ax.set_title(f"Speed vs quality against {base['model']} on {report.device['name']}\n"
                  f"(lower left is better)")
     if seen_engines:
         from matplotlib.lines import Line2D

@@ -1,26 +1,36 @@
-"""Rich tables for the terminal."""
+"""Rich tables for the terminal: `cqil analyze` (analyze_tables) and `cqil bench`
+(bench_tables)."""
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from ..bench.report import BenchReport
+    from ..calibrate.profile import AnalyzeReport
 
-def analyze_tables(report: dict, console: Console, top: int = 15) -> None:
-    n = report["num_layers"]
-    sim = report["similarity"]
-    layers = Table(title=f"{report['model_name']} — {n} layers, {report['tokens']:,} tokens of "
-                   f"'{report['calibration']['spec']}' (ppl {report['ppl']:.2f})")
+
+def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> None:
+    """One row per layer (similarity to the next, block influence, latency), then the most
+    promising groups (docs/analyze.md)."""
+    n = report.num_layers
+    sim = report.similarity
+    layers = Table(title=f"{report.model_name} — {n} layers, {report.tokens:,} tokens of "
+                   f"'{report.calibration['spec']}' (ppl {report.ppl:.2f})")
     layers.add_column("layer", justify="right")
     layers.add_column("cos(in ℓ, in ℓ+1)", justify="right")
     layers.add_column("block influence", justify="right")
-    latency = report.get("latency_ms")
+    latency = report.latency_ms
     if latency:
         layers.add_column("prefill ms", justify="right")
         layers.add_column("decode ms", justify="right")
     for i in range(n):
         row = [str(i), f"{sim[i][i + 1]:.4f}" if i + 1 < n else "—",
-               f"{report['block_influence'][i]:.4f}"]
+               f"{report.block_influence[i]:.4f}"]
         if latency:
             row += [f"{latency['prefill'][i]:.2f}", f"{latency['decode'][i]:.3f}"]
         layers.add_row(*row)
@@ -30,8 +40,8 @@ def analyze_tables(report: dict, console: Console, top: int = 15) -> None:
             f"prefill of {latency['prompt_tokens']} tokens: {latency['prefill_total']:.1f} ms "
             f"({latency['prefill_outside_layers']:.1f} outside the layers); one decode step: "
             f"{latency['decode_total']:.2f} ms ({latency['decode_outside_layers']:.2f} outside)")
-    if report["groups"]:
-        groups = Table(title=f"Most promising concurrent groups (of {len(report['groups'])}; "
+    if report.groups:
+        groups = Table(title=f"Most promising concurrent groups (of {len(report.groups)}; "
                        "lowest KL per saved step first)")
         groups.add_column("layers")
         groups.add_column("size", justify="right")
@@ -39,8 +49,93 @@ def analyze_tables(report: dict, console: Console, top: int = 15) -> None:
         groups.add_column("KL / saved step", justify="right")
         groups.add_column("Δ loss", justify="right")
         groups.add_column("mean cos", justify="right")
-        for row in report["groups"][:top]:
+        for row in report.groups[:top]:
             groups.add_row(f"{row['layers'][0]}-{row['layers'][-1]}", str(row["size"]),
                            f"{row['kl']:.4f}", f"{row['kl_per_saved_step']:.4f}",
                            f"{row['delta_loss']:+.4f}", f"{row['mean_similarity']:.4f}")
         console.print(groups)
+
+
+def _num(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, fmt)
+
+
+def _times(value) -> str:
+    return "—" if value is None else f"×{value:.3f}"
+
+
+def bench_tables(report: BenchReport, console: Console) -> None:
+    """One row per entry (baseline first), latency at the first batch size, ratios to it
+    (docs/bench.md, "The table").
+
+    Latency and quality share one table on a wide terminal and get one table each otherwise.
+    """
+    settings = report.settings
+    rows = report.rows
+    first_batch = settings["batches"][0]
+    title = f"cqil bench on {report.device['name']} ({report.device['dtype']})"
+    latency_note = (f"batch {first_batch}, prompt {settings['prompt_len']}, "
+                    f"{settings['new_tokens']} new tokens, p50 of {settings['repeats']} rounds; "
+                    "× = ratio to the baseline")
+    latency_cols = ["prefill ms", "decode ms/tok", "tok/s", "peak MB"]
+    quality_cols = ["ppl", "KL", "top-1", "greedy"]
+
+    def label(i: int, row: dict) -> str:
+        if i == 0 or row is report.engine_baseline:
+            return f"{row['model']} (baseline)"
+        return row["model"]
+
+    def latency_cells(row: dict) -> list[str]:
+        lat, rat = row["latency"], row["ratio_to_baseline"]
+        return [f"{_num(lat['prefill_ms']['p50'], '.1f')} {_times(rat['prefill'])}",
+                f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} {_times(rat['decode'])}",
+                _num(lat["tokens_per_s"], ".1f"), _num(lat["peak_memory"]["peak_mb"], ".0f")]
+
+    def quality_cells(row: dict) -> list[str]:
+        q = row["quality"]
+        return [f"{_num(q['ppl'], '.3f')} {_times(row['ratio_to_baseline']['ppl'])}",
+                _num(q["kl"], ".2e"), _num(q["top1_agreement"], ".3f"),
+                _num(q["greedy_match"], ".3f")]
+
+    def table(heading: str, columns: list[str], cells) -> Table:
+        t = Table(title=heading)
+        for name in ["model", "engine", "steps"] + columns:
+            t.add_column(name, justify="left" if name in ("model", "engine") else "right")
+        for i, row in enumerate(rows):
+            t.add_row(label(i, row), row["engine"], f"{row['num_steps']}/{row['num_layers']}",
+                      *cells(row))
+        return t
+
+    parts = []
+    if settings["latency"]:
+        parts.append((latency_note, latency_cols, latency_cells))
+    if settings["quality"]:
+        parts.append((f"quality on {settings['eval_spec']}", quality_cols, quality_cells))
+    if len(parts) == 2 and console.width >= 140:
+        console.print(table(f"{title}\n{latency_note}", latency_cols + quality_cols,
+                            lambda row: latency_cells(row) + quality_cells(row)))
+    else:
+        for heading, columns, cells in parts:
+            console.print(table(f"{title}: {heading}", columns, cells))
+    if settings["latency"] and len(settings["batches"]) > 1:
+        by_batch = Table(title="decode ms/token, p50 (ratio to the baseline), by batch size")
+        by_batch.add_column("model")
+        by_batch.add_column("engine")
+        for b in settings["batches"]:
+            by_batch.add_column(f"batch {b}", justify="right")
+        for i, row in enumerate(rows):
+            cells = [label(i, row), row["engine"]]
+            for lat, rat in zip(row["latency_by_batch"], row["ratio_to_baseline"]["by_batch"],
+                                strict=True):
+                cells.append(f"{_num(lat['decode_ms_per_token']['p50'], '.2f')} "
+                             f"({_times(rat['decode'])})")
+            by_batch.add_row(*cells)
+        console.print(by_batch)
+    if settings["quality"]:
+        console.print(f"quality: {settings['eval_windows']} windows of {settings['eval_window']}"
+                      f" tokens of '{settings['eval_spec']}', scored after a "
+                      f"{settings['eval_prompt']}-token prompt; greedy: "
+                      f"{settings['greedy_prompts']} prompts, {settings['greedy_tokens']} tokens "
+                      "each", style="dim")

@@ -210,7 +210,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
             raise CqilError(f"{spec}: a model spec must be a folder, a .gguf file, a hub id "
                             "or 'default'")
         loaded = _load_folder(path, spec, dt, trust_remote_code, allow_pickle)
-    elif _looks_like_hub_id(spec):
+    elif looks_like_hub_id(spec):
         loaded = _load_hub(spec, dt, trust_remote_code)
     else:
         raise CqilError(f"model not found: '{spec}' is not a folder, a .gguf file, a hub id "
@@ -220,7 +220,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
     return loaded
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 

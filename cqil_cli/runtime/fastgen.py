@@ -9,6 +9,7 @@ on a 135M model that overhead is larger than the arithmetic. Here:
   - the decode mask is one preallocated bool row per sequence [B, 1, 1, max_len], updated in
     place by one element per token (no mask utilities in the loop);
   - RoPE cos/sin come from a table computed once;
+  - the prompt runs through the model's own fused steps (CqilModel.prepare_steps/run_steps);
   - the loop calls the fused steps directly (model.model.fused_steps()), then norm + lm_head on
     the last position only; with skip_layers (Unified Layer Skipping) the prompt runs through
     every step and decoding through the others;
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from ..core.devices import synchronize
 from .fused_cqil import FusedLinear, rope_tables
-from .modeling_cqil import CqilForCausalLM, build_attention_mask
+from .modeling_cqil import CqilForCausalLM
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
@@ -206,7 +207,7 @@ class FastGenerator:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
         attention_mask = attention_mask.to(device)
         max_len = T + max_new_tokens
-        window = cfg.sliding_window if cfg.sliding_window is not None else None
+        window = cfg.sliding_window
         if window is not None and any(t != "sliding_attention" for t in cfg.layer_types):
             raise NotImplementedError("fastgen supports models whose layers all use the same attention type")
         eos = None
@@ -245,18 +246,16 @@ class FastGenerator:
         self._decode_steps = [(s, step) for s, step in enumerate(self._steps) if cfg.groups[s][0] not in skipped]
         self._lm_matrix()
         cache = self._cache
-        padded = not bool(attention_mask.all())
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # like generate()
 
-        # Prefill: the prompt through every step, keys written to positions 0..T-1.
+        # Prefill: the prompt through every step (the model's own fused forward, without its
+        # final norm and head), keys written to positions 0..T-1.
         synchronize(device)
         t0 = time.perf_counter()
-        x = model.model.embed_tokens(input_ids)  # [B, T, d]
-        cos, sin = self._cos_sin(positions, dtype)
-        mask, is_causal = build_attention_mask(attention_mask if padded else None, B, T, 0, window, device)
+        x, context = model.model.prepare_steps(input_ids, attention_mask=attention_mask,
+                                               position_ids=positions)  # x [B, T, d]
         cache.write_pos, cache.kv_len = torch.arange(T, device=device), T
-        for s, step in enumerate(self._steps):
-            x = step(x, cos, sin, mask, is_causal, cache, s)
+        x = model.model.run_steps(x, context, cache, fused=True)
         tok = pick(self._logits(x[:, -1]))  # [B]
         finished = torch.isin(tok, eos) if eos is not None else None
         out = [tok]

@@ -1,0 +1,64 @@
+"""Quality of a model on windows of text: perplexity, and the KL a grouping costs untuned.
+
+Both take ids [n, L] (n windows of L tokens) and run them batch by batch without gradients;
+the metrics themselves are core/metrics.py's. Used by convert (search re-measurement, held-out
+perplexity before and after tuning) and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.metrics import TokenMetrics, log_probs, perplexity_of, token_kl
+from ..runtime.checkpoint import build_cqil_model
+
+
+def prompt_kwargs(model, prompt_tokens: int) -> dict:
+    """forward() arguments that make a skip model treat the first prompt_tokens as its prompt."""
+    if not getattr(model.config, "skip_layers", None):
+        return {}
+    return {"prompt_length": max(prompt_tokens, 1)}  # a generation needs at least one prompt token
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, batch_size: int = 4, prompt_tokens: int = 0) -> float:
+    """exp(mean next-token NLL) of model on ids [n, L], batch by batch.
+
+    The first prompt_tokens tokens of each window are the prompt: context, not scored (a model
+    with skip_layers runs them through every layer, as its prompt). Scored are tokens
+    prompt_tokens..L-1, predicted from positions prompt_tokens-1..L-2, i.e. exactly the tokens
+    a generation after that prompt would produce (teacher-forced).
+    """
+    device = next(model.parameters()).device
+    start = max(prompt_tokens - 1, 0)  # the first scored prediction
+    extra = prompt_kwargs(model, prompt_tokens)
+    metrics = TokenMetrics()
+    for batch in ids.split(batch_size):
+        batch = batch.to(device)  # [b, L]
+        logits = model(input_ids=batch, use_cache=False, **extra).logits  # [b, L, V]
+        metrics.update(None, logits[:, start:-1], batch[:, start + 1:])
+    return perplexity_of(metrics.mean_nll)
+
+
+@torch.no_grad()
+def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean per-token KL(original ‖ grouped, untuned) on ids [n, L], over every position.
+
+    groups: a grouping as build_cqil_model takes it (lists of layers or a spec string); bypass: its bypass
+    distance. The grouped model is built here (untuned: γ = β = 1) and dropped afterwards.
+    """
+    model = build_cqil_model(base_model, groups, bypass)
+    device = next(base_model.parameters()).device
+    total, count = 0.0, 0
+    for batch in ids.split(batch_size):
+        batch = batch.to(device)  # [b, L]
+        reference = base_model(input_ids=batch, use_cache=False).logits  # [b, L, V]
+        grouped = model(input_ids=batch, use_cache=False).logits
+        kl = token_kl(log_probs(reference), log_probs(grouped))  # [b, L]
+        total += float(kl.sum(dtype=torch.float64))
+        count += kl.numel()
+    del model
+    return total / count
+
+
+__all__ = ["grouping_kl", "perplexity", "prompt_kwargs"]

@@ -1,0 +1,15 @@
+"""Settings of the calibration measurements, defined once (and without importing torch, so the
+command line can show their defaults in --help cheaply)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AnalyzeOptions:
+    window: int = 4  # W: similarity pairs up to j−i ≤ W; sensitivity groups of 2..W layers
+    batch_size: int = 4
+    repeats: int = 5  # latency repeats after one warm-up
+    sensitivity: bool = True
+    latency: bool = True

@@ -1,0 +1,179 @@
+"""Which steps a conversion keeps: the grouping of cqil, the kept layers of skip and prune.
+
+cqil   by hand (--groups, or the papers' --start/--end/--parallel), or searched under a latency
+       budget (calibrate/search.py) on analyze's group sensitivity and the latency model, the
+       few best partitions re-measured whole on calibration text (docs/convert.md);
+skip   Unified Layer Skipping's rule (calibrate/strategies.py) for --speedup, or evenly spaced
+       layers for a depth or budget;
+prune  the layers of highest block influence (ShortGPT).
+Each returns the steps (or kept layers) and a record of how they were chosen for the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..calibrate.options import AnalyzeOptions
+from ..core.documents import read_json
+from ..core.errors import CqilError
+from .options import ConvertOptions
+
+
+@dataclass
+class Callbacks:
+    status: Callable[[str], None] = lambda text: None
+    progress: Callable[[str, int], Callable[[], None]] = lambda label, total: (lambda: None)
+    tune_step: Callable[[int, float, float], None] | None = None
+    tune_start: Callable[[int | None, float | None], None] = lambda steps, minutes: None
+
+
+def load_report(path: Path, num_layers: int, devices: int):
+    """The AnalyzeReport of --report, checked against the model and --devices."""
+    from ..calibrate.profile import AnalyzeReport
+
+    report = AnalyzeReport.from_json(read_json(path, "the --report"), f"--report {path}")
+    if report.num_layers != num_layers:
+        raise CqilError(f"--report {path} describes {report.num_layers} layers; the "
+                        f"model has {num_layers}")
+    if report.window < devices or not report.groups:
+        raise CqilError(f"--report {path} has sensitivity for groups up to "
+                        f"{report.window} layers; --devices {devices} needs "
+                        f"`cqil analyze --window {devices}`")
+    return report
+
+
+def _measure_report(loaded, opts: ConvertOptions, options: AnalyzeOptions, label: str,
+                    cb: Callbacks):
+    """Run analyze's measurements on calibration windows (128 tokens each)."""
+    from ..calibrate.profile import analyze_model, progress_steps
+    from ..inputs.text import token_samples_up_to
+
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.calib_samples, 128, opts.seed)
+    tick = cb.progress(label, progress_steps(len(ids), options, loaded.num_layers))
+    return analyze_model(loaded, ids, options, lambda _label: tick())
+
+
+def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, cb: Callbacks):
+    """(steps, details) for the cqil strategy: the best partition under the budget or depth."""
+    from ..calibrate.evaluate import grouping_kl
+    from ..calibrate.search import best_partitions, fastest_latency
+    from ..inputs.text import token_samples_up_to
+
+    n = loaded.num_layers
+    if opts.report is not None:
+        report = load_report(opts.report, n, opts.devices)
+        cb.status(f"sensitivity from {opts.report}")
+    else:
+        report = _measure_report(loaded, opts, AnalyzeOptions(window=max(2, opts.devices),
+                                                              latency=False), "sensitivity", cb)
+    cost = report.group_costs(opts.devices)
+    if opts.steps is not None:
+        if not 1 <= opts.steps <= n:
+            raise CqilError(f"bad --steps {opts.steps}: between 1 and {n}")
+        step_latency = {s: 1.0 for s in range(1, opts.devices + 1)}
+        allowance = float(opts.steps)
+    else:
+        step_latency = {s: latency.step_ms[s] for s in range(1, opts.devices + 1)
+                        if s in latency.step_ms}
+        allowance = fraction * latency.original_ms - latency.outside_ms
+        if allowance <= 0:
+            raise CqilError(f"the budget {fraction:.3f} is below the time outside the layers "
+                            f"({latency.outside_ms / latency.original_ms:.3f} of the original)")
+    try:
+        candidates = best_partitions(n, opts.devices, step_latency, cost, allowance,
+                                     keep=opts.candidates)
+    except CqilError as exc:
+        if opts.steps is not None:
+            raise CqilError(f"--steps {opts.steps} cannot be met with groups of at most "
+                            f"{opts.devices} layers: the fewest is "
+                            f"{-(-n // opts.devices)}") from exc
+        sizes = [s for s in range(1, opts.devices + 1) if s in latency.step_ms]
+        fastest = latency.outside_ms + fastest_latency(n, sizes, latency.step_ms)
+        raise CqilError(f"the budget {fraction:.3f} cannot be met with groups of at most "
+                        f"{opts.devices} layers: the best reachable is "
+                        f"{fastest / latency.original_ms:.3f} of the original decode latency"
+                        ) from exc
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib, 4, opts.seq_len, opts.seed + 1)
+    tick = cb.progress("re-measuring the best groupings", len(candidates))
+    measured = []
+    for p in candidates:
+        measured.append((grouping_kl(loaded.model, p.groups(), opts.bypass, ids), p))
+        tick()
+    measured.sort(key=lambda pair: pair[0])
+    kl, best = measured[0]
+    details = {
+        "candidates": [{"groups": p.spec(), "predicted_kl_sum": p.cost, "measured_kl": k,
+                        "steps": p.num_steps} for k, p in measured],
+        "measured_kl": kl,
+        "sensitivity_source": str(opts.report) if opts.report else "computed",
+    }
+    return best.groups(), details
+
+
+def cqil_steps(loaded, opts: ConvertOptions, fraction, latency, cb: Callbacks):
+    from ..calibrate.search import uniform_groups
+    from ..runtime.checkpoint import parse_groups
+
+    n = loaded.num_layers
+    if opts.groups is not None:
+        try:
+            groups = parse_groups(opts.groups, n)
+        except ValueError as exc:
+            raise CqilError(f"bad --groups: {exc}") from exc
+        return groups, {"source": "manual"}
+    if opts.start is not None or opts.end is not None or opts.group_size is not None:
+        if None in (opts.start, opts.end, opts.group_size):
+            raise CqilError("--start, --end and --parallel go together")
+        return uniform_groups(opts.start, opts.end, opts.group_size, n), {"source": "manual"}
+    groups, details = search_steps(loaded, opts, fraction, latency, cb)
+    return groups, {"source": "search", **details}
+
+
+def kept_count(opts: ConvertOptions, fraction: float | None, latency, n: int) -> int:
+    """How many layers a depth strategy (prune, skip) keeps for --steps or the budget."""
+    if opts.steps is not None:
+        keep = opts.steps
+    else:
+        per_layer = latency.step_ms[1]
+        keep = math.floor((fraction * latency.original_ms - latency.outside_ms) / per_layer + 1e-9)
+        if keep < 1:
+            raise CqilError(f"the budget {fraction:.3f} cannot be met by {opts.strategy}: even one "
+                            f"layer needs {(latency.outside_ms + per_layer) / latency.original_ms:.3f}")
+    if not 1 <= keep <= n:
+        raise CqilError(f"cannot keep {keep} of {n} layers")
+    return keep
+
+
+def block_influence(loaded, opts: ConvertOptions, cb: Callbacks) -> list[float]:
+    """Each layer's 1 − cos(input, output), from --report or measured on calibration text."""
+    if opts.report is not None:
+        return load_report(opts.report, loaded.num_layers, 1).block_influence
+    options = AnalyzeOptions(window=2, latency=False, sensitivity=False)
+    return _measure_report(loaded, opts, options, "block influence", cb).block_influence
+
+
+
+
+def skip_kept_layers_of(opts: ConvertOptions, fraction, latency, n: int) -> tuple[list[int], dict]:
+    """(kept layers, selection record) of Unified Layer Skipping."""
+    from ..calibrate.strategies import skip_kept_layers, skip_kept_layers_for_count
+
+    if opts.speedup is not None:  # the paper's rule for a speed-up ratio r
+        kept = skip_kept_layers(n, opts.speedup)
+    else:
+        kept = skip_kept_layers_for_count(n, kept_count(opts, fraction, latency, n))
+    return kept, {"source": "unified layer skipping",
+                  "speedup": opts.speedup if opts.speedup is not None else n / len(kept)}
+
+
+def prune_kept_layers_of(loaded, opts: ConvertOptions, fraction, latency,
+                         cb: Callbacks) -> tuple[list[int], dict]:
+    """(kept layers, selection record) of ShortGPT pruning."""
+    from ..calibrate.strategies import prune_kept_layers
+
+    influence = block_influence(loaded, opts, cb)
+    kept = prune_kept_layers(influence, kept_count(opts, fraction, latency, loaded.num_layers))
+    return kept, {"source": "block influence", "block_influence": influence}
