@@ -3,6 +3,8 @@ a text file, and `cqil` run in this process the way the console script runs it."
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import shutil
@@ -58,6 +60,14 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture()
+def umask_022():
+    """The usual umask 022 during the test: outputs should then be 0644 files, 0755 folders."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 def copy_folder(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -79,32 +89,34 @@ class CliResult:
         return lines[0]
 
 
-@pytest.fixture()
-def cqil(capsys):
-    """run(*args) -> CliResult: `cqil ARGS` through cqil_cli.cli.app.main in this process, as
-    the console script runs it (one-line errors, exit codes), with stdout/stderr captured.
-    The SIGTERM handler and environment variables that main() sets are restored afterwards."""
+def run_cqil(*args) -> CliResult:
+    """`cqil ARGS` through cqil_cli.cli.app.main in this process, as the console script runs it
+    (one-line errors, exit codes), with stdout and stderr captured. The SIGTERM handler and the
+    environment variables that main() sets are restored afterwards."""
     from cqil_cli.cli.app import main
 
-    def run(*args) -> CliResult:
-        argv, environ = sys.argv, dict(os.environ)
-        sigterm = signal.getsignal(signal.SIGTERM)
-        capsys.readouterr()  # drop what came before
-        sys.argv = ["cqil", *map(str, args)]
-        try:
+    argv, environ = sys.argv, dict(os.environ)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["cqil", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.argv = argv
-            signal.signal(signal.SIGTERM, sigterm)
-            os.environ.clear()
-            os.environ.update(environ)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)
+        os.environ.clear()
+        os.environ.update(environ)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture()
+def cqil():
+    """run_cqil, for tests that take it as a fixture."""
+    return run_cqil
 
 
 def assert_clean_error(result: CliResult, *fragments: str) -> None:

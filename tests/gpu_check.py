@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_modeling import GROUPINGS, TINY, V, padded_batch, randomise_bypass, rel, tiny_hf  # noqa: E402
+from test_modeling import GROUPINGS, KINDS, tiny_hf  # noqa: E402
+from tiny_models import VOCAB_SIZE as V  # noqa: E402
+from tiny_models import padded_batch, randomise_bypass, rel  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from cqil_cli.runtime.checkpoint import build_cqil_model  # noqa: E402
@@ -41,7 +43,7 @@ def report(name: str, value: float, tol: float) -> None:
 
 
 def check_singles(device, dtype) -> None:
-    for kind in sorted(TINY):
+    for kind in KINDS:
         hf = tiny_hf(kind).to(device, dtype)
         model = build_cqil_model(hf, "none", 0)
         ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3)).to(device)
@@ -60,8 +62,8 @@ def check_singles(device, dtype) -> None:
 
 
 def check_fused(device, dtype) -> None:
-    cases = [(kind, g, d) for kind in ("mistral", "qwen3") for g in sorted(GROUPINGS) for d in range(4)]
-    cases += [("llama_bias", [[0, 1], [2, 3, 4]], 2), ("qwen2", [[0, 1], [2, 3, 4]], 2)]
+    cases = [(kind, g, d) for kind in ("mistral-one-kv", "qwen3-qknorm") for g in sorted(GROUPINGS) for d in range(4)]
+    cases += [("llama-bias", [[0, 1], [2, 3, 4]], 2), ("qwen2-bias", [[0, 1], [2, 3, 4]], 2)]
     for kind, grouping, distance in cases:
         groups = GROUPINGS[grouping] if isinstance(grouping, str) else grouping
         model = build_cqil_model(tiny_hf(kind), groups, distance)
@@ -88,8 +90,9 @@ def check_fused(device, dtype) -> None:
 
 
 def check_fastgen(device) -> None:
-    for kind, groups, distance in [("llama", "none", 0), ("llama", "1-2,3-4", 1),
-                                   ("mistral", "0-1,2-4,5-6", 2), ("qwen3", "0-3,4-6", 3)]:
+    for kind, groups, distance in [("llama-gqa", "none", 0), ("llama-gqa", "1-2,3-4", 1),
+                                   ("mistral-one-kv", "0-1,2-4,5-6", 2),
+                                   ("qwen3-qknorm", "0-3,4-6", 3)]:
         model = build_cqil_model(tiny_hf(kind), groups, distance)
         randomise_bypass(model)
         model.to(device)
@@ -106,7 +109,7 @@ def check_fastgen(device) -> None:
 
 
 def check_skip(device) -> None:
-    model = build_cqil_model(tiny_hf("mistral"), [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
+    model = build_cqil_model(tiny_hf("mistral-one-kv"), [[0], [1, 2], [3], [4], [5], [6]], 1, skip_layers=[3, 5])
     randomise_bypass(model)
     model.to(device)
     ids, mask = (t.to(device) for t in padded_batch())

@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from tiny_models import VOCAB_SIZE as V
 from tiny_models import offline_tokenizer, randomise_bypass, rel, tiny_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.checkpoint import (
@@ -25,7 +25,6 @@ from cqil_cli.runtime.checkpoint import (
 )
 from cqil_cli.runtime.manifest import Manifest, read_manifest, verify_folder, write_manifest
 from cqil_cli.runtime.modeling_cqil import CqilForCausalLM
-
 
 # --------------------------------------------------------------------------- parse_groups
 
@@ -140,24 +139,28 @@ def test_load_with_trust_remote_code_without_cqil(saved, tmp_path):
     """A user without cqil: only transformers + the modeling file shipped in the folder."""
     model, out = saved
     ids = [[5, 9, 17, 33, 2, 70]]
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         want = model(torch.tensor(ids)).logits[0, -1].tolist()
+        want_tokens = model.generate(torch.tensor(ids), **greedy)[0, len(ids[0]):].tolist()
     script = textwrap.dedent(f"""
         import json, sys, torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
         assert not any(name.startswith("cqil_cli") for name in sys.modules), "cqil_cli was imported"
         with torch.no_grad():
-            print(json.dumps([type(m).__name__, m(torch.tensor({ids})).logits[0, -1].tolist()]))
+            tokens = m.generate(torch.tensor({ids}), **{greedy!r})[0, {len(ids[0])}:].tolist()
+            print(json.dumps([type(m).__name__, m(torch.tensor({ids})).logits[0, -1].tolist(), tokens]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))  # no writes to ~
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    name, got = json.loads(proc.stdout.strip().splitlines()[-1])
+    name, got, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     assert name == "CqilForCausalLM"
     assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert tokens == want_tokens  # generate() through the shipped files keeps the cache
 
 
 def test_save_refuses_existing_folder_and_cleans_up_on_failure(tmp_path):

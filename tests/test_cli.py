@@ -14,13 +14,6 @@ import pytest
 from conftest import assert_clean_error
 
 
-@pytest.fixture()
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
 def test_analyze_writes_report_and_heatmap(cqil, tiny_folder, text_file, tmp_path, umask_022):
     report_path, plot_path = tmp_path / "r.json", tmp_path / "h.png"
     result = cqil("analyze", tiny_folder, "--calib", text_file, "--samples", 3, "--seq-len", 16,

@@ -2,18 +2,24 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import assert_clean_error
 
 from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.manifest import read_manifest
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "cqil_cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=900)
+def convert_in_process(*args):
+    """`cqil convert ARGS` through click in this process (usable from module-scoped fixtures,
+    where the function-scoped `cqil` fixture is not)."""
+    from click.testing import CliRunner
+
+    from cqil_cli.cli.app import cli
+
+    result = CliRunner().invoke(cli, ["convert", *map(str, args)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +36,9 @@ def long_text(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(llama_folder, long_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "out"
-    proc = run("convert", llama_folder, "--out", out, "--groups", "1-2", "--bypass", "1",
-               "--tune-steps", "2", "--lora-rank", "2", "--calib", long_text, "--eval",
-               long_text, "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
+    convert_in_process(llama_folder, "--out", out, "--groups", "1-2", "--bypass", "1",
+                       "--tune-steps", "2", "--lora-rank", "2", "--calib", long_text, "--eval",
+                       long_text, "--device", "cpu")
     return out
 
 
@@ -56,7 +61,7 @@ def test_output_is_a_complete_hf_folder_with_manifest(converted):
     assert not any(p.name.startswith(".") for p in converted.parent.iterdir())
 
 
-def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path):
+def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path, cqil):
     import shutil
 
     from cqil_cli.inputs.models import load_model
@@ -71,16 +76,14 @@ def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path):
     with pytest.raises(CqilError, match="changed or truncated"):
         load_model(str(copy))
     (copy / "model.safetensors").write_bytes(b"")
-    proc = run("analyze", copy)
-    assert proc.returncode == 2 and "changed or truncated" in proc.stderr
+    assert_clean_error(cqil("analyze", copy), "changed or truncated")
 
 
-def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path):
+def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path, cqil):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run("convert", llama_folder, "--out", out, "--groups", "1-2")
-    assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert_clean_error(cqil("convert", llama_folder, "--out", out, "--groups", "1-2"), "not empty")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -148,17 +151,17 @@ def test_manifest_records_the_steps_taken(converted):
 
 def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder, long_text, tmp_path):
     import torch
-    from cqil_cli.calibrate.evaluate import perplexity
 
+    from cqil_cli.calibrate.evaluate import perplexity
     from cqil_cli.calibrate.strategies import skip_kept_layers_for_count
     from cqil_cli.convert import pipeline as conv
     from cqil_cli.inputs.models import load_model
 
-    proc = run("convert", llama_folder, "--out", tmp_path / "k", "--strategy", "skip", "--steps", 3,
-               "--tune-steps", 2, "--lora-rank", 2, "--calib", long_text, "--eval", long_text,
-               "--eval-ood", "none", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    assert "skipped when decoding: 1,3" in proc.stdout
+    result = convert_in_process(llama_folder, "--out", tmp_path / "k", "--strategy", "skip",
+                                "--steps", 3, "--tune-steps", 2, "--lora-rank", 2, "--calib",
+                                long_text, "--eval", long_text, "--eval-ood", "none",
+                                "--device", "cpu")
+    assert "skipped when decoding: 1,3" in result.stdout
     manifest = read_manifest(tmp_path / "k")
     assert manifest.strategy == "skip" and manifest.skipped_layers == [1, 3]
     assert manifest.steps == [[0], [2], [4]] and manifest.tuning["steps"] == 2
@@ -166,7 +169,7 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
     loaded = load_model(str(tmp_path / "k"))
     model = loaded.model
     assert model.config.skip_layers == [1, 3]
-    ids = torch.randint(5, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         # perplexity after a prompt = the NLL of one prompt_length pass on the scored tokens

@@ -1,10 +1,9 @@
 """`cqil analyze` on the real default model and text (SmolLM2-135M-Instruct, Shakespeare)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cqil
 
 pytestmark = pytest.mark.integration
 
@@ -12,11 +11,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze") / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cqil_cli", "--quiet", "analyze", "default", "--samples", "2",
-         "--seq-len", "64", "--window", "2", "--repeats", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    result = run_cqil("--quiet", "analyze", "default", "--samples", "2", "--seq-len", "64",
+                      "--window", "2", "--repeats", "2", "--json", out)
+    assert result.code == 0, result.err
     return json.loads(out.read_text())
 
 

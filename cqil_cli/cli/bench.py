@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import click
 
+from ..bench.options import BenchOptions
 from ..core.errors import CqilError
 from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
 from .tables import bench_tables
+
+DEFAULTS = BenchOptions()
 
 
 @click.command()
@@ -19,28 +22,28 @@ from .tables import bench_tables
               help="Compare against this model. Default: the base model named in a converted "
                    "folder's manifest (or config).")
 @model_options
-@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--prompt-len", default=DEFAULTS.prompt_len, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens of the latency test (windows of the --eval text).")
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=2),
+@click.option("--new-tokens", default=DEFAULTS.new_tokens, show_default=True, type=click.IntRange(min=2),
               help="Tokens generated per latency run (the first belongs to the prefill).")
-@click.option("--batch", "batch", default="1", show_default=True, metavar="B[,B...]",
+@click.option("--batch", "batch", default=",".join(map(str, DEFAULTS.batches)), show_default=True, metavar="B[,B...]",
               help="Batch sizes of the latency test, e.g. 1,4,8.")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=DEFAULTS.repeats, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; in each, every model runs once (round-robin).")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup", default=DEFAULTS.warmup, show_default=True, type=click.IntRange(min=0),
               help="Untimed runs per model and batch size first (reported apart).")
-@click.option("--eval", "eval_spec", default="default:heldout", show_default=True,
+@click.option("--eval", "eval_spec", default=DEFAULTS.eval_spec, show_default=True,
               metavar="TEXT", help="Held-out text for the quality test (any text spec).")
-@click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
+@click.option("--eval-tokens", default=DEFAULTS.eval_tokens, show_default=True, type=click.IntRange(min=2),
               help="Tokens of teacher-forced evaluation.")
-@click.option("--eval-window", default=256, show_default=True, type=click.IntRange(min=2),
+@click.option("--eval-window", default=DEFAULTS.eval_window, show_default=True, type=click.IntRange(min=2),
               help="Tokens per evaluation window.")
 @click.option("--eval-prompt", type=click.IntRange(min=0), metavar="N",
               help="Leading tokens of each evaluation window that are the prompt, not scored "
                    "(default: half the window; 0 scores every token).")
-@click.option("--greedy-prompts", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--greedy-prompts", default=DEFAULTS.greedy_prompts, show_default=True, type=click.IntRange(min=1),
               help="Prompts of the greedy-continuation test.")
-@click.option("--greedy-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--greedy-tokens", default=DEFAULTS.greedy_tokens, show_default=True, type=click.IntRange(min=1),
               help="Greedy tokens generated after each prompt (its length too).")
 @click.option("--cqil-engine", is_flag=True,
               help="Also run plain Llama-family checkpoints (and the baseline) on cqil's "
@@ -49,7 +52,7 @@ from .tables import bench_tables
               help="torch.compile cqil's decode step (warm-up then includes compilation).")
 @click.option("--no-quality", is_flag=True, help="Latency only.")
 @click.option("--no-latency", is_flag=True, help="Quality only.")
-@click.option("--seed", default=0, show_default=True, help="Which text windows are drawn.")
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, help="Which text windows are drawn.")
 @click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
 @click.option("--plot", "plot_path", metavar="PATH",
               help="Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
@@ -71,7 +74,7 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
     See docs/bench.md for how every number is measured, the JSON schema and the chart.
     """
     from ..bench.baseline import resolve_baseline
-    from ..bench.options import BenchOptions, parse_batches
+    from ..bench.options import parse_batches
     from ..bench.plan import plan_entries
     from ..bench.run import progress_steps, run_bench
     from ..inputs.models import load_model, resolve_device, torch_dtype

@@ -92,6 +92,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     p = opts.prompt_tokens
     quality_of = Scorer(eval_ids, ood_ids, p)
 
+    num_layers = loaded.num_layers  # the base model may be freed once converted
     max_group = opts.devices if opts.strategy == "cqil" else 1
     tick = cb.progress("measuring latency", 3 * max_group)
     latency = measure_latency_model(loaded.model, max_group, on_progress=tick)
@@ -104,7 +105,6 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
         conversion.tune = None  # releases what tuning needed (prune's teacher)
 
     predicted_ms = latency.predict_ms(conversion.steps)
-    num_layers = loaded.num_layers
     manifest = Manifest(
         cqil_version=__version__,
         strategy=opts.strategy,
