@@ -1,0 +1,67 @@
+"""The package's layering (docs/development.md): a module imports only from its own layer and
+the layers below it, and the runtime files copied next to converted weights import only torch,
+transformers, the standard library and each other."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cqil_cli"
+# Lowest first; layers on one rank (convert, bench) may not import each other.
+RANKS = {"core": 0, "runtime": 1, "inputs": 2, "calibrate": 3, "convert": 4, "bench": 4,
+         "cli": 5, "benchmarks": 6}
+SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "fused_cqil.py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of what a file imports (relative imports resolved), every import anywhere."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "cqil_cli" and parts[1] in RANKS else None
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_a_higher_layer(path):
+    own = path.relative_to(PACKAGE).parts[0]
+    for module in imported_modules(path):
+        other = layer_of(module)
+        if other is None or other == own:
+            continue
+        assert RANKS[other] < RANKS[own], f"{path.name} ({own}) imports {module} ({other})"
+
+
+@pytest.mark.parametrize("name", SELF_CONTAINED)
+def test_runtime_files_are_self_contained(name):
+    allowed = {"torch", "transformers", "__future__", *sys.stdlib_module_names}
+    for module in imported_modules(PACKAGE / "runtime" / name):
+        top = module.split(".")[0]
+        if module.startswith("cqil_cli.runtime."):
+            sibling = module.split(".")[2]
+            assert f"{sibling}.py" in SELF_CONTAINED, f"{name} imports {module}"
+        else:
+            assert top in allowed, f"{name} imports {module}"
