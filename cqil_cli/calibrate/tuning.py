@@ -31,21 +31,10 @@ from torch import nn
 from ..core.errors import CqilError
 from ..core.metrics import mean_kl
 from .evaluate import prompt_kwargs
+from .options import TuneOptions
 
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@dataclass
-class TuneOptions:
-    steps: int | None = None  # stop after this many optimizer steps …
-    minutes: float | None = 3.0  # … or after this much wall time, whichever comes first
-    lora_rank: int = 16
-    lr_bypass: float = 2e-3
-    lr_lora: float = 1e-3
-    batch_size: int = 4
-    precision: str = "auto"  # auto | bf16 | fp32 (autocast dtype of forward/backward)
-    seed: int = 0
 
 
 @dataclass

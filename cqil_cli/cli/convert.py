@@ -32,13 +32,14 @@ DEFAULTS = ConvertOptions(out=Path("."))
               "other layers stay single) or none.")
 @click.option("--start", type=int, help="The papers' notation: first grouped layer (0-based) ...")
 @click.option("--end", type=int, help="... end of the grouped range (exclusive) ...")
-@click.option("--parallel", type=int, help="... and the group size: consecutive groups of P.")
+@click.option("--parallel", type=int, help="... and the group size: consecutive groups of this many layers (at most "
+                   "--devices).")
 @click.option("--bypass", default=DEFAULTS.bypass, show_default=True, type=int,
               help="Bypass distance D: each layer's MLP also sees the attention of the D layers "
                    "before it in its group (0: none).")
-@click.option("--tune-steps", type=int, help="Distillation steps (0: no tuning).")
+@click.option("--tune-steps", type=int, help="Tuning (distillation) steps (0: no tuning).")
 @click.option("--tune-minutes", type=float,
-              help="Distillation wall-time bound (0: no tuning); the first bound reached stops. "
+              help="Tuning wall-time bound (0: no tuning); the first bound reached stops. "
                    f"Default: {DEFAULT_TUNE_MINUTES:g} unless --tune-steps is given.")
 @click.option("--lora-rank", default=DEFAULTS.lora_rank, show_default=True, type=int,
               help="LoRA rank on the grouped layers, merged before writing (0: bypass weights only).")
@@ -67,8 +68,9 @@ def convert(state: State, model, out_dir, strategy, devices, budget, speedup, st
     \b
     The grouping comes from a search under a latency budget (--budget, --speedup, --steps;
     default --budget 0.9) on measured sensitivity and latency, or is given by hand (--groups,
-    or --start/--end/--parallel). The bypass weights (and LoRA, merged) are then distilled
-    briefly from the original; the tuned model is kept only if held-out perplexity improves.
+    or --start/--end/--parallel). The bypass weights (and LoRA, merged) are then tuned
+    briefly by distillation from the original; the tuned model is kept only if held-out
+    perplexity improves.
     --strategy skip and prune are the comparison methods, with the same budget and tuning
     options. Held-out perplexity scores the second half of each window after the first half
     as a prompt (--eval-prompt).

@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..calibrate.options import DEFAULT_TUNE_MINUTES, TuneOptions
 from ..core.errors import CqilError
 
 STRATEGIES = ("cqil", "skip", "prune")
 DEFAULT_BUDGET = 0.9  # decode latency as a fraction of the original's, when nothing is given
-DEFAULT_TUNE_MINUTES = 3.0  # the tuning bound when neither --tune-steps nor --tune-minutes is given
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ConvertOptions:
     bypass: int = 1
     tune_steps: int | None = None
     tune_minutes: float | None = None  # None: DEFAULT_TUNE_MINUTES unless tune_steps is given
-    lora_rank: int = 16
+    lora_rank: int = TuneOptions.lora_rank
     calib: str = "default"
     eval: str = "default:heldout"
     eval_ood: str | None = "default:ood"  # out-of-domain text, reported beside --eval
