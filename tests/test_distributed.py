@@ -1,0 +1,367 @@
+"""The distributed engine (cqil_cli/runtime/distributed_cqil.py): its layout and shards without
+processes, then W local gloo ranks against the single-device engines.
+
+Process start-up costs seconds here, so each world size runs as one job: W processes forked
+from a forkserver that has already imported torch and transformers, each running every case of
+that W and saving its tokens and logits to a file; meanwhile this process computes the
+references. A job ends within JOB_TIMEOUT_S even when a rank fails (the others are killed).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import padded_batch, randomise_bypass, rel, tiny_model
+from transformers import DynamicCache
+
+from cqil_cli.runtime.checkpoint import build_cqil_model
+from cqil_cli.runtime.distributed_cqil import (
+    DistributedCqil,
+    fitting_world_sizes,
+    init_distributed,
+    plan_layout,
+    shard_from_model,
+)
+
+REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
+NEW_TOKENS = 16
+JOB_TIMEOUT_S = 240  # one world size's whole job; a rank still running then is killed
+# What the forkserver imports once, so that every rank starts in well under a second.
+PRELOAD = ["torch", "torch.distributed", "transformers", "cqil_cli.runtime.checkpoint",
+           "cqil_cli.runtime.distributed_cqil"] + [
+    f"transformers.models.{family}.modeling_{family}"
+    for family in ("llama", "mistral", "qwen2", "qwen3")]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model (tests/tiny_models.py), converted with `groups` and bypass D, on W ranks.
+    groups "none" (and no skip_layers): the original model under tensor parallelism, compared
+    with transformers itself; otherwise compared with the fused engine."""
+
+    world: int
+    kind: str
+    groups: str | tuple = "none"
+    bypass: int = 0
+    overrides: tuple = ()  # tiny_model config overrides, (name, value) pairs
+    skip_layers: tuple = ()
+    fail_on_rank: int | None = None  # that rank raises before its first collective
+
+    @property
+    def baseline(self) -> bool:
+        return self.groups == "none" and not self.skip_layers
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{k}={v}" for k, v in self.overrides)
+        groups = self.groups if isinstance(self.groups, str) else \
+            ",".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in self.groups)
+        skip = f"-skip{list(self.skip_layers)}" if self.skip_layers else ""
+        return f"W{self.world}-{self.kind}{extra}-{groups}-D{self.bypass}{skip}"
+
+
+def pairs(n):  # [[0, 1], [2, 3], ...] (+ [n-1] when n is odd)
+    return tuple(tuple(range(i, min(i + 2, n))) for i in range(0, n, 2))
+
+
+KV2, KV4 = (("num_key_value_heads", 2),), (("num_key_value_heads", 4),)
+CASES = [
+    # W = 2: the original under tensor parallelism (every family; one-kv-head families with 2 kv
+    # heads, since 2 ranks cannot split one), and groups of 2 on lanes of one rank, D = 0, 1, 2.
+    Case(2, "llama-gqa"),
+    Case(2, "llama-gqa", pairs(5), 0),
+    Case(2, "llama-gqa", pairs(5), 1),
+    Case(2, "llama-gqa", pairs(5), 2),
+    Case(2, "llama-gqa", skip_layers=(2, 3)),  # Unified Layer Skipping, tensor-parallel
+    Case(2, "llama-bias"),
+    Case(2, "llama-bias", ((0,), (1, 2), (3, 4)), 1),
+    Case(2, "qwen2-bias"),
+    Case(2, "qwen2-bias", ((0, 1), (2,), (3, 4)), 2),
+    Case(2, "mistral-one-kv", overrides=KV2),
+    Case(2, "mistral-one-kv", pairs(6), 0, (("num_hidden_layers", 6),)),
+    Case(2, "mistral-one-kv", pairs(6), 1, (("num_hidden_layers", 6),)),
+    Case(2, "qwen3-qknorm", overrides=KV2),
+    Case(2, "qwen3-qknorm", pairs(6), 2, (("num_hidden_layers", 6),)),
+    # W = 4: tensor parallelism over 4, groups of 2 on lanes of 2 ranks, groups of 4 on lanes of
+    # one rank, and both sizes in one model.
+    Case(4, "llama-bias"),
+    Case(4, "llama-bias", pairs(5), 0),
+    Case(4, "llama-bias", pairs(5), 1),
+    Case(4, "llama-bias", ((0, 1, 2, 3), (4,)), 2),
+    Case(4, "llama-gqa", pairs(4), 1, (("num_hidden_layers", 4),)),
+    Case(4, "llama-gqa", ((0, 1, 2, 3),), 3, (("num_hidden_layers", 4),)),
+    Case(4, "llama-gqa", ((0, 1), (2, 3, 4, 5)), 1, (("num_hidden_layers", 6),)),
+    Case(4, "qwen2-bias", overrides=KV4),
+    Case(4, "qwen2-bias", pairs(4), 0, (("num_hidden_layers", 4),)),
+    Case(4, "mistral-one-kv", overrides=KV4),
+    Case(4, "mistral-one-kv", ((0, 1, 2, 3), (4, 5, 6, 7)), 2, (("num_hidden_layers", 8),)),
+    Case(4, "qwen3-qknorm", overrides=KV4),
+    Case(4, "qwen3-qknorm", ((0, 1, 2, 3), (4, 5, 6, 7)), 1, (("num_hidden_layers", 8),)),
+]
+WORLDS = sorted({c.world for c in CASES})
+
+
+def build(case: Case):
+    """(transformers model, converted CqilForCausalLM with random bypass weights), both fp32;
+    the same on every rank and here (seeded)."""
+    hf = tiny_model(case.kind, stop_at_eos=False, **dict(case.overrides))
+    groups = case.groups if isinstance(case.groups, str) else [list(g) for g in case.groups]
+    model = build_cqil_model(hf, groups, case.bypass, skip_layers=list(case.skip_layers) or None)
+    randomise_bypass(model, seed=case.bypass + 3)
+    return hf, model
+
+
+# --------------------------------------------------------------------------- the ranks
+
+
+def rank_main(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
+    """One rank: every case's greedy generation with logits, saved to out_dir/rank{rank}.pt."""
+    out = Path(out_dir)
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        init_distributed("cpu", timeout_s=JOB_TIMEOUT_S)
+        ids, mask = padded_batch()
+        results = {}
+        for case in cases:
+            if case.fail_on_rank == rank:
+                raise RuntimeError(f"planned failure on rank {rank}")
+            engine = DistributedCqil.from_model(build(case)[1])
+            gen = engine.generate(ids, mask, NEW_TOKENS, output_logits=True)
+            results[case.name] = {"tokens": gen.tokens, "logits": gen.logits}
+        torch.save(results, out / f"rank{rank}.pt")
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """W rank processes running `cases`; results() waits (at most JOB_TIMEOUT_S from start),
+    kills whatever is left, and returns each rank's results or raises with the ranks' errors."""
+
+    def __init__(self, world: int, cases: list[Case], out_dir: Path):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        self.out_dir, self.world = out_dir, world
+        port = free_port()
+        self.procs = [ctx.Process(target=rank_main, args=(r, world, port, cases, str(out_dir)),
+                                  daemon=True) for r in range(world)]
+        self.deadline = time.monotonic() + JOB_TIMEOUT_S
+        try:
+            for p in self.procs:
+                p.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """End every rank still running: SIGTERM, then SIGKILL."""
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+    def results(self) -> list[dict]:
+        try:
+            while time.monotonic() < self.deadline:
+                codes = [p.exitcode for p in self.procs]
+                if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
+                    break  # done, or a rank failed: the others may wait for it forever
+                time.sleep(0.05)
+        finally:
+            self.stop()
+        errors = [f.read_text() for f in sorted(self.out_dir.glob("rank*.err"))]
+        codes = [p.exitcode for p in self.procs]
+        if errors or any(c != 0 for c in codes):
+            late = time.monotonic() >= self.deadline
+            raise RuntimeError(f"W={self.world}: exit codes {codes}"
+                               f"{' (timed out)' if late else ''}\n" + "\n".join(errors))
+        return [torch.load(self.out_dir / f"rank{r}.pt") for r in range(self.world)]
+
+
+def reference(case: Case, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The single-device run of a case: transformers for the baseline, else the fused engine
+    (CqilForCausalLM in eval mode under no_grad). Greedy tokens with their logits, computed the
+    way DistributedCqil.generate feeds them (positions from the mask), and generate()'s tokens."""
+    hf, model = build(case)
+    ref = hf if case.baseline else model
+    with torch.no_grad():
+        cache = DynamicCache(config=hf.config) if case.baseline else DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        logits = [ref(ids, attention_mask=mask, position_ids=positions, cache=cache).logits]
+        tokens = [logits[-1][:, -1].argmax(-1)]
+        pos, full_mask = positions[:, -1:], mask
+        for _ in range(NEW_TOKENS - 1):
+            pos = pos + 1
+            full_mask = torch.cat([full_mask, torch.ones_like(pos)], dim=1)
+            logits.append(ref(tokens[-1][:, None], attention_mask=full_mask, position_ids=pos,
+                              cache=cache).logits)  # [B, 1, V]
+            tokens.append(logits[-1][:, -1].argmax(-1))
+        generated = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    return {"tokens": torch.stack(tokens, dim=1), "logits": logits, "generate": generated}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """world size -> (every rank's results, the references), all jobs started at once."""
+    ids, mask = padded_batch()
+    jobs = {}
+    try:
+        for w in WORLDS:
+            cases = [c for c in CASES if c.world == w]
+            jobs[w] = Job(w, cases, tmp_path_factory.mktemp(f"world{w}"))
+        refs = {c.name: reference(c, ids, mask) for c in CASES}  # while the ranks run
+        yield {w: (job.results(), refs) for w, job in jobs.items()}
+    finally:
+        for job in jobs.values():
+            job.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_and_no_forkserver_left():
+    """Tiny models on a shared CPU that the ranks also use: one thread here is many times
+    faster than several. Afterwards, leave no process behind: the forkserver would otherwise
+    live until pytest exits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private, but there since 3.8
+    if stop is not None:
+        stop()
+
+
+def max_errors(case: Case, got: dict, want: dict, mask: torch.Tensor) -> tuple[float, float]:
+    """(prefill, worst decode step) relative errors; a baseline's padded positions are
+    don't-care (transformers masks them its own way)."""
+    real = mask.bool() if case.baseline else torch.ones_like(mask, dtype=torch.bool)
+    prefill = rel(got["logits"][0][real], want["logits"][0][real])
+    decode = max(rel(g, w) for g, w in zip(got["logits"][1:], want["logits"][1:], strict=True))
+    return prefill, decode
+
+
+# --------------------------------------------------------------------------- tests: W ranks
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_distributed_equals_single_device(runs, case):
+    ranks, refs = runs[case.world]
+    got, want = ranks[0][case.name], refs[case.name]
+    _, mask = padded_batch()
+    assert torch.equal(want["tokens"], want["generate"])  # the reference loop is generate()'s
+    assert got["tokens"].shape == (mask.shape[0], NEW_TOKENS)
+    assert torch.equal(got["tokens"], want["tokens"]), "greedy tokens differ"
+    prefill, decode = max_errors(case, got, want, mask)
+    assert prefill < REL_TOL and decode < REL_TOL, f"prefill {prefill:.2e}, decode {decode:.2e}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_rank_computes_the_same_tokens_and_logits(runs, world):
+    ranks, _ = runs[world]
+    for name, first in ranks[0].items():
+        for r, other in enumerate(ranks[1:], start=1):
+            assert torch.equal(other[name]["tokens"], first["tokens"]), f"{name}: rank {r}"
+            for a, b in zip(other[name]["logits"], first["logits"], strict=True):
+                assert torch.equal(a, b), f"{name}: rank {r} logits"
+
+
+def test_a_failing_rank_ends_the_job(tmp_path):
+    """Rank 1 fails; rank 0 would wait in its first collective: the job still ends, with the
+    error, and no rank is left running."""
+    job = Job(2, [Case(2, "llama-gqa", fail_on_rank=1)], tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="planned failure on rank 1"):
+            job.results()
+        assert all(not p.is_alive() for p in job.procs)
+    finally:
+        job.stop()
+
+
+# --------------------------------------------------------------------------- tests: no processes
+
+
+def test_layout_places_lanes_and_slices():
+    _, model = build(Case(4, "llama-bias", pairs(5), 1))  # 4 heads (hd 16), 4 kv heads, MLP 96
+    layout = plan_layout(model.config, 4)
+    assert layout.placement() == {0: (0, 1), 1: (2, 3), 2: (0, 1), 3: (2, 3), 4: (0, 1, 2, 3)}
+    sl = layout.slice(3, 0)  # rank 3 in step [0, 1]: layer 1, second rank of lane (2, 3)
+    assert (sl.layer, sl.member, sl.tp_rank) == (1, 1, 1)
+    assert (sl.heads, sl.kv_heads, sl.columns) == (range(2, 4), range(2, 4), range(48, 96))
+    sl = layout.slice(3, 2)  # the single layer 4 over all four ranks
+    assert (sl.layer, sl.lane, sl.heads, sl.kv_heads, sl.columns) == (4, (0, 1, 2, 3), range(3, 4),
+                                                                      range(3, 4), range(72, 96))
+    assert layout.lane_sizes() == [2, 4]
+
+
+def test_shard_slices_name_the_checkpoint_rows_and_columns():
+    _, model = build(Case(4, "llama-bias", ((0, 1, 2, 3), (4,)), 1))
+    shard = shard_from_model(model, plan_layout(model.config, 4), rank=1)
+    slices = shard.tensor_slices()
+    q = slices["layers.4.self_attn.q_proj.weight"]  # layer 4 over 4 ranks: head 1 = rows 16..32
+    assert (q.name, q.dim, q.start, q.stop) == ("model.layers.4.self_attn.q_proj.weight", 0, 16, 32)
+    down = slices["layers.4.mlp.down_proj.weight"]  # input columns 24..48 of the MLP
+    assert (down.dim, down.start, down.stop) == (1, 24, 48)
+    assert "layers.4.mlp.down_proj.bias" not in slices  # a row-parallel bias: lane rank 0 only
+    assert slices["layers.1.self_attn.o_proj.bias"].dim is None  # layer 1 alone on rank 1: whole
+    assert slices["layers.1.cqil_beta"].name == "model.layers.1.cqil_beta"
+    assert torch.equal(shard.layers["4"].self_attn.q_proj.weight,
+                       model.model.layers[4].self_attn.q_proj.weight[16:32])
+
+
+def test_single_rank_needs_no_process_group_and_equals_transformers():
+    case = Case(1, "qwen3-qknorm")
+    hf, model = build(case)
+    ids, mask = padded_batch()
+    engine = DistributedCqil.from_model(model, rank=0, world_size=1)
+    got = engine.generate(ids, mask, 4, output_logits=True)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+    assert rel(got.logits[0][mask.bool()], want[mask.bool()]) < REL_TOL
+
+
+@pytest.mark.parametrize("kind, groups, world, message", [
+    ("mistral-one-kv", "none", 2,
+     r"lane of 2 ranks, which must divide its 1 kv heads .*fit this grouping: 1$"),
+    ("qwen3-qknorm", "none", 4, r"lane of 4 ranks.*1 kv heads.*fit this grouping: 1$"),
+    ("llama-gqa", "none", 4,
+     r"single layer .*lane of 4 ranks.*2 kv heads.*fit this grouping: 1, 2$"),
+    ("qwen2-bias", ((0, 1), (2,), (3, 4)), 4, r"fit this grouping: 2$"),
+    ("llama-gqa", ((0, 1, 2), (3, 4)), 2, r"group \[0, 1, 2\] has 3 layers.*must divide the number "
+                                          r"of ranks 2; no world size fits"),
+    ("llama-bias", pairs(5), 3, r"group \[0, 1\] has 2 layers.*fit this grouping: 2, 4$"),
+])
+def test_layout_refuses_what_does_not_divide(kind, groups, world, message):
+    _, model = build(Case(world, kind, groups))
+    with pytest.raises(ValueError, match=message):
+        plan_layout(model.config, world)
+
+
+def test_fitting_world_sizes():
+    _, model = build(Case(1, "llama-bias"))  # 4 kv heads, MLP 96: lanes of 1, 2, 4
+    assert fitting_world_sizes(model.config) == [1, 2, 4]
+    _, model = build(Case(2, "llama-bias", pairs(5)))
+    assert fitting_world_sizes(model.config) == [2, 4]
