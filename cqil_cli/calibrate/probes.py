@@ -9,6 +9,7 @@ or skip it (replaying a recorded output), which is all analyze needs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 import torch
@@ -58,7 +59,19 @@ def hidden_out(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _replacehidden_out(output, hidden):
+def cache_kwargs(model: nn.Module, output) -> dict:
+    """forward() keyword arguments that continue from the KV cache a model output carries.
+
+    transformers 5.24 renamed past_key_values to cache (in outputs and in forward's
+    parameters; the old name still works, with a deprecation warning); older releases and
+    cqil's own model use past_key_values."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    cache = getattr(output, "cache" if "cache" in fields else "past_key_values")
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}
+
+
+def _replace_hidden_out(output, hidden):
     if isinstance(output, (tuple, list)):
         return (hidden, *output[1:])
     return hidden
@@ -126,7 +139,7 @@ class GroupState:
         out = proxy.inner(*args, **kwargs)
         self.delta_sum += hidden_out(out) - self.x
         if proxy is self.members[-1]:
-            return _replacehidden_out(out, self.x + self.delta_sum)
+            return _replace_hidden_out(out, self.x + self.delta_sum)
         return out
 
 

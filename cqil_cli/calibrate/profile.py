@@ -28,7 +28,14 @@ from ..core.documents import Schema
 from ..core.errors import CqilError
 from ..core.metrics import log_probs, next_token_nll, perplexity_of, token_kl
 from .options import AnalyzeOptions
-from .probes import GroupState, LayerProxy, find_decoder_layers, hidden_out, proxied_layers
+from .probes import (
+    GroupState,
+    LayerProxy,
+    cache_kwargs,
+    find_decoder_layers,
+    hidden_out,
+    proxied_layers,
+)
 
 SCHEMA = Schema("cqil.analyze", 1, "a `cqil analyze --json` report", "run `cqil analyze` again")
 
@@ -236,7 +243,7 @@ def _measure_latency(model, proxies: list[LayerProxy], prompt: torch.Tensor, rep
             p.timer = timer
         synchronize(device)
         start = time.perf_counter()
-        model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=next_token, use_cache=True, **cache_kwargs(model, out))
         synchronize(device)
         decode_total.append(time.perf_counter() - start)
         if rep == 0:
