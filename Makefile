@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
 # The whole pipeline on the default model: analyze -> convert (default budget 0.9, 3 minutes of
-# tuning) -> bench against the original; about 9 minutes on a 2-core CPU.
+# tuning) -> bench against the original; 9 to 14 minutes on a 2-core CPU (docs/quality.md).
 demo: install
 	@mkdir -p $(DEMO_OUT)
 	$(CQIL) analyze default --json $(DEMO_OUT)/analyze.json --plot $(DEMO_OUT)/similarity.png
