@@ -56,8 +56,9 @@ def test_output_is_a_complete_hf_folder_with_manifest(converted):
     assert {"ppl_original", "ppl_untuned", "ppl_tuned", "ood"} <= set(manifest.quality)
     assert manifest.quality["ppl_tuned"] <= manifest.quality["ppl_untuned"]
     assert set(manifest.files) == {n for n in names if n != "manifest.json"}
-    held = [layer for rank in manifest.placement["ranks"] for layer in rank["layers"]]
-    assert sorted(held) == list(range(5))
+    # every layer is placed (a single layer is split over every rank, a group member on its lane)
+    held = {layer for rank in manifest.placement["ranks"] for layer in rank["layers"]}
+    assert held == set(range(5))
     assert not any(p.name.startswith(".") for p in converted.parent.iterdir())
 
 

@@ -19,16 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import padded_batch, randomise_bypass, rel, tiny_model
+from tiny_models import offline_tokenizer, padded_batch, randomise_bypass, rel, tiny_model
 from transformers import DynamicCache
 
-from cqil_cli.runtime.checkpoint import build_cqil_model
+from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+from cqil_cli.runtime.configuration_cqil import CqilConfig
 from cqil_cli.runtime.distributed_cqil import (
     DistributedCqil,
     fitting_world_sizes,
     init_distributed,
+    load_rank,
+    load_shard,
     plan_layout,
+    safetensors_reader,
     shard_from_model,
+    shard_nbytes,
 )
 
 REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
@@ -54,6 +59,7 @@ class Case:
     overrides: tuple = ()  # tiny_model config overrides, (name, value) pairs
     skip_layers: tuple = ()
     fail_on_rank: int | None = None  # that rank raises before its first collective
+    folder: str | None = None  # the case saved there: its ranks load their shards from it
 
     @property
     def baseline(self) -> bool:
@@ -135,6 +141,9 @@ def rank_main(rank: int, world: int, port: int, cases: list[Case], out_dir: str)
         for case in cases:
             if case.fail_on_rank == rank:
                 raise RuntimeError(f"planned failure on rank {rank}")
+            if case.folder is not None:
+                results[case.name] = load_and_compare(case, rank, world, ids, mask)
+                continue
             engine = DistributedCqil.from_model(build(case)[1])
             gen = engine.generate(ids, mask, NEW_TOKENS, output_logits=True)
             results[case.name] = {"tokens": gen.tokens, "logits": gen.logits}
@@ -143,6 +152,28 @@ def rank_main(rank: int, world: int, port: int, cases: list[Case], out_dir: str)
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise SystemExit(1) from None
+
+
+def load_and_compare(case: Case, rank: int, world: int, ids, mask) -> dict:
+    """This rank's shard read from the case's safetensors folder (counting the bytes read)
+    against its shard of the model in memory: their logits, and whether load_rank agrees."""
+    read = safetensors_reader(case.folder)
+    sizes = []
+
+    def counted(sl):
+        tensor = read(sl)
+        sizes.append(tensor.nbytes)
+        return tensor
+
+    config = CqilConfig.from_pretrained(case.folder)
+    shard = load_shard(config, plan_layout(config, world), rank, counted)
+    direct = load_rank(case.folder, rank, world).state_dict()
+    same = direct.keys() == shard.state_dict().keys() and all(
+        torch.equal(t, direct[k]) for k, t in shard.state_dict().items())
+    loaded = DistributedCqil(shard)(ids, mask)
+    in_memory = DistributedCqil.from_model(build(case)[1])(ids, mask)
+    return {"read_bytes": sum(sizes), "load_rank_same": same, "loaded": loaded,
+            "in_memory": in_memory}
 
 
 def free_port() -> int:
@@ -299,6 +330,51 @@ def test_a_failing_rank_ends_the_job(tmp_path):
         assert all(not p.is_alive() for p in job.procs)
     finally:
         job.stop()
+
+
+LOADED = [Case(2, "llama-gqa", pairs(5), 1),  # tied head, groups on lanes of one rank
+          Case(2, "llama-bias")]  # untied head, every layer tensor-parallel with its biases
+
+
+def test_ranks_read_only_their_slices_from_safetensors(tmp_path):
+    """Each case saved as a converted folder (save_converted); on 2 ranks, each reads its shard
+    from the safetensors files (safetensors_reader, load_rank): the bytes it reads are its
+    layout's (shard_nbytes), under the whole model's, and its logits equal those of its shard of
+    the model in memory, bit for bit."""
+    cases = []
+    for case in LOADED:
+        folder = save_converted(build(case)[1], offline_tokenizer(), tmp_path / case.name)
+        cases.append(Case(case.world, case.kind, case.groups, case.bypass, folder=str(folder)))
+    (tmp_path / "ranks").mkdir()
+    job = Job(2, cases, tmp_path / "ranks")
+    ranks = job.results()
+    for case in cases:
+        model = build(case)[1]
+        whole = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+        layout = plan_layout(model.config, case.world)
+        for r, results in enumerate(ranks):
+            got = results[case.name]
+            assert got["read_bytes"] == shard_nbytes(model.config, layout, r, torch.float32)
+            assert got["read_bytes"] < whole, f"{case.name}: rank {r} read the whole model"
+            assert got["load_rank_same"]
+            assert torch.equal(got["loaded"], got["in_memory"]), f"{case.name}: rank {r}"
+            print(f"{case.name} rank {r}: reads {got['read_bytes']} of {whole} bytes "
+                  f"({got['read_bytes'] / whole:.2f})")
+
+
+def test_sharded_checkpoint_reads_through_its_index(tmp_path):
+    """A checkpoint split over several files (model.safetensors.index.json): every rank's shard
+    equals its shard of the model in memory; the tied head is the embedding."""
+    model = build(Case(2, "llama-gqa", ((0, 1), (2,), (3, 4)), 2))[1]
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    layout = plan_layout(model.config, 2)
+    for r in range(2):
+        shard = load_shard(model.config, layout, r, safetensors_reader(tmp_path))
+        want = shard_from_model(model, layout, r).state_dict()
+        got = shard.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert shard.lm_head.weight is shard.embed_tokens.weight
 
 
 # --------------------------------------------------------------------------- tests: no processes

@@ -18,6 +18,7 @@ from .analyze import analyze
 from .assets import assets
 from .bench import bench
 from .convert import convert
+from .generate import generate
 from .options import State
 
 EXIT_USER_ERROR = 2
@@ -101,7 +102,7 @@ def main() -> None:
         sys.exit(1)
 
 
-for command in (analyze, convert, bench, assets):
+for command in (analyze, convert, bench, generate, assets):
     cli.add_command(command)
 
 if __name__ == "__main__":

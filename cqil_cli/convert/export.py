@@ -12,30 +12,55 @@ from ..core.files import staged_folder
 from ..runtime.manifest import Manifest, write_manifest
 
 
-def placement(model, steps: list[list[int]], devices: int,
-              layer_names: list[int] | None = None) -> dict:
-    """Which rank holds which layers for P devices, with bytes per rank.
-
-    steps index model.model.layers; layer_names maps those indices to the layer numbers the
-    manifest records (a pruned model's layers keep their original numbers). Member j of each
-    group goes to rank j, so a group's layers run at the same time; a single layer goes to the
-    least-loaded rank (it runs alone either way). Embedding, final norm and head: rank 0.
-    """
-    def nbytes(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters())
-
+def placement(model, strategy: str, devices: int, layer_names: list[int] | None = None) -> dict:
+    """The manifest's `placement` (docs/convert.md): for cqil the distributed engine's layout on
+    `devices` ranks (engine_placement); skip and prune run on one device: every layer, and every
+    byte, on rank 0. layer_names: the manifest's numbers of model.model.layers (a pruned model's
+    layers keep their original numbers)."""
+    if strategy == "cqil":
+        return engine_placement(model, devices)
     names = layer_names if layer_names is not None else list(range(len(model.model.layers)))
-    layers = model.model.layers
-    ranks = [{"rank": r, "layers": [], "bytes": 0} for r in range(devices)]
-    ranks[0]["bytes"] += nbytes(model.model.embed_tokens) + nbytes(model.model.norm)
-    if not model.config.tie_word_embeddings:
-        ranks[0]["bytes"] += nbytes(model.lm_head)
-    for step in steps:
-        for j, layer in enumerate(step):
-            target = min(ranks, key=lambda r: r["bytes"]) if len(step) == 1 else ranks[j % devices]
-            target["layers"].append(names[layer])
-            target["bytes"] += nbytes(layers[layer])
-    return {"ranks": ranks, "embedding_and_head": 0}
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    return {"ranks": [{"rank": 0, "layers": list(names), "bytes": nbytes}],
+            "embedding_and_head": 0}
+
+
+def engine_placement(model, world_size: int) -> dict:
+    """What each of W ranks holds under the distributed engine (runtime/distributed_cqil.py):
+    exactly plan_layout(config, W), with the bytes of each rank's shard (its layer slices plus
+    the replicated embedding, final norm and head, a tied head once).
+
+    ranks[r]: `rank`, `layers` (its layer of every step, in step order), `bytes`, and `slices`
+    (per step: layer, lane of ranks, and the [start, stop) of its heads, kv heads and MLP
+    columns). When the engine cannot run W ranks (plan_layout's ValueError) the folder is still a
+    valid one-device conversion: `ranks` is null and `refused` says why.
+    """
+    from ..runtime.distributed_cqil import plan_layout, shard_nbytes
+
+    config = model.config
+    engine = "cqil_cli/runtime/distributed_cqil.py"
+    try:
+        layout = plan_layout(config, world_size)
+    except ValueError as refused:
+        return {"engine": engine, "world_size": world_size, "ranks": None, "refused": str(refused)}
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}  # checkpoint names
+    replicated = [model.model.embed_tokens, model.model.norm]
+    if not config.tie_word_embeddings:
+        replicated.append(model.lm_head)
+    ranks = []
+    for r in range(world_size):
+        slices = layout.slices(r)
+        ranks.append({
+            "rank": r, "layers": [sl.layer for sl in slices],
+            "bytes": shard_nbytes(config, layout, r, dtypes),
+            "slices": [{"step": sl.step, "layer": sl.layer, "lane": list(sl.lane),
+                        "heads": [sl.heads.start, sl.heads.stop],
+                        "kv_heads": [sl.kv_heads.start, sl.kv_heads.stop],
+                        "columns": [sl.columns.start, sl.columns.stop]} for sl in slices]})
+    return {"engine": engine, "world_size": world_size,
+            "replicated_bytes": sum(p.numel() * p.element_size()
+                                    for m in replicated for p in m.parameters()),
+            "ranks": ranks}
 
 
 def fingerprint(ids: torch.Tensor) -> str:

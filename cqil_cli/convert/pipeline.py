@@ -116,7 +116,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
         num_layers=num_layers,
         bypass_distance=conversion.bypass,
         devices=conversion.devices,
-        placement=placement(model, _model_steps(conversion), conversion.devices,
+        placement=placement(model, opts.strategy, conversion.devices,
                             conversion.placement_names),
         predicted={"latency_ratio": predicted_ms / latency.original_ms,
                    "decode_ms_per_token": predicted_ms,
@@ -146,14 +146,6 @@ def _base_digests(loaded) -> dict:
     from ..core.files import safetensors_digests
 
     return safetensors_digests(loaded.path)
-
-
-def _model_steps(conversion: Conversion) -> list[list[int]]:
-    """The steps in the model's own layer numbering (a pruned model renumbers its layers;
-    a layer-skipping model still holds, and places, every layer)."""
-    if conversion.placement_names is not None:
-        return [[i] for i in range(len(conversion.placement_names))]
-    return conversion.steps
 
 
 def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callbacks,

@@ -1,9 +1,10 @@
 """The JSON documents cqil writes and reads back, and the check of their schema tag.
 
-Three documents, each defined once as a typed class next to the code that writes it:
+Four documents, each defined once as a typed class next to the code that writes it:
   cqil.analyze/1   calibrate/profile.py   AnalyzeReport   `cqil analyze --json`, read by convert
   cqil.manifest/1  runtime/manifest.py    Manifest        manifest.json of a converted folder
   cqil.bench/1     bench/report.py        BenchReport     `cqil bench --json`
+  cqil.generate/1  generate/run.py        GenerateResult  `cqil generate --json`
 Each carries "schema": "NAME/VERSION". A reader checks the tag first (`Schema.check`): a
 document of another kind, or of an older or newer version, is refused with one line that says
 which, instead of failing later on a missing key.

@@ -45,7 +45,10 @@ The parts, each usable alone:
                                   MLP columns (pure; a ValueError names the world sizes that fit)
   CqilShard.tensor_slices()       which slice of which checkpoint tensor a rank holds
   load_shard(..., read)           the shard, from wherever read(TensorSlice) gets tensors;
+  safetensors_reader(folder)      a read of only those slices from a folder's safetensors files
+  load_rank(folder, rank, W)      config.json + plan_layout + load_shard over that reader
   shard_from_model(model, ...)    from a CqilForCausalLM in memory
+  shard_nbytes(...)               a rank's shard bytes (the manifest's placement records them)
   init_distributed()              torch.distributed from torchrun's environment (gloo / NCCL)
   DistributedCqil                 one rank's forward (per-rank RankKVCache) and greedy generate
 """
@@ -53,11 +56,13 @@ The parts, each usable alone:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -241,15 +246,14 @@ class CqilShard(nn.Module):
 
     def tensor_slices(self) -> dict[str, TensorSlice]:
         """state-dict name -> the slice of the checkpoint tensor it holds (which slice, not where
-        the tensor comes from: see load_shard)."""
+        the tensor comes from: see load_shard). A tied lm_head is left out (it is embed_tokens)."""
         hd = self.config.head_dim
         out = {}
         for name in self.state_dict():
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # the embedding's tensor (load_shard ties them): read and counted once
             if not name.startswith("layers."):
-                source = "lm_head.weight" if name == "lm_head.weight" else f"model.{name}"
-                if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                    source = "model.embed_tokens.weight"
-                out[name] = TensorSlice(source)
+                out[name] = TensorSlice(name if name == "lm_head.weight" else f"model.{name}")
                 continue
             _, layer, local = name.split(".", 2)  # layers.N.<module path>.<weight|bias>
             sl = next(s for s in self.slices if s.layer == int(layer))
@@ -280,10 +284,73 @@ def load_shard(config: CqilConfig, layout: DistributedLayout, rank: int,
     for name, sl in shard.tensor_slices().items():
         t = read(sl)
         state[name] = t.to(device=device, dtype=dtype or t.dtype, copy=True).contiguous()
-    shard.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = shard.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         shard.lm_head.weight = shard.embed_tokens.weight
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"shard state mismatch: missing {missing}, unexpected {unexpected}")
     return shard.eval().requires_grad_(False)
+
+
+def shard_nbytes(config: CqilConfig, layout: DistributedLayout, rank: int,
+                 dtypes: torch.dtype | Mapping[str, torch.dtype]) -> int:
+    """Bytes of rank `rank`'s shard as load_shard reads it: each of tensor_slices()' slices,
+    elements x the element size of its checkpoint tensor (dtypes: one dtype for all, or
+    checkpoint name -> dtype). Pure: builds the shard on the meta device only."""
+    with torch.device("meta"):
+        shard = CqilShard(config, layout, rank)
+    state = shard.state_dict()
+    return sum(state[name].numel() * (dtypes if isinstance(dtypes, torch.dtype)
+                                      else dtypes[sl.name]).itemsize
+               for name, sl in shard.tensor_slices().items())
+
+
+def safetensors_reader(folder: str | Path) -> Callable[[TensorSlice], torch.Tensor]:
+    """A `read` for load_shard over the *.safetensors files of a converted folder.
+
+    Each call reads its slice only (safe_open(...).get_slice(name)[rows, columns]): no rank
+    reads the whole model. Tensor -> file comes from model.safetensors.index.json when the
+    checkpoint is sharded, else from every file's header. Files are opened (memory-mapped)
+    once, on first use, and stay open while the reader lives.
+    """
+    from safetensors import safe_open  # a dependency of transformers
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {name: folder / file
+                 for name, file in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        files = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), path))
+    if not files:
+        raise ValueError(f"{folder} holds no safetensors weights")
+    handles = {}
+
+    def read(sl: TensorSlice) -> torch.Tensor:
+        path = files.get(sl.name)
+        if path is None:
+            raise ValueError(f"{sl.name} is not in the safetensors files of {folder}")
+        if path not in handles:
+            handles[path] = safe_open(path, framework="pt")
+        if sl.dim is None:
+            return handles[path].get_tensor(sl.name)
+        rows_cols = (slice(None),) * sl.dim + (slice(sl.start, sl.stop),)
+        return handles[path].get_slice(sl.name)[rows_cols]
+
+    return read
+
+
+def load_rank(folder: str | Path, rank: int, world_size: int, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> CqilShard:
+    """Rank `rank`'s shard of the converted folder for `world_size` ranks: config.json, the
+    layout (plan_layout: a ValueError when W does not fit), then only this rank's slices."""
+    config = CqilConfig.from_pretrained(folder)
+    layout = plan_layout(config, world_size)
+    return load_shard(config, layout, rank, safetensors_reader(folder), device, dtype)
 
 
 def shard_from_model(model, layout: DistributedLayout, rank: int,
@@ -507,5 +574,6 @@ class DistributedCqil:
 
 
 __all__ = ["LayerSlice", "DistributedLayout", "plan_layout", "fitting_world_sizes", "TensorSlice",
-           "CqilShard", "load_shard", "shard_from_model", "init_distributed", "RankKVCache",
-           "DistributedGeneration", "DistributedCqil"]
+           "CqilShard", "load_shard", "shard_nbytes", "safetensors_reader", "load_rank",
+           "shard_from_model", "init_distributed", "RankKVCache", "DistributedGeneration",
+           "DistributedCqil"]

@@ -1,0 +1,110 @@
+"""`cqil generate`: the click command over cqil_cli/generate (docs/generate.md)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..core.errors import CqilError
+from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+
+
+@click.command()
+@click.argument("model")
+@click.option("--prompt", "prompts", multiple=True, required=True, metavar="TEXT",
+              help="A prompt; repeat for several (one left-padded batch).")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate per prompt (fewer when it ends with end-of-sequence).")
+@click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
+              help="W: run on W local ranks (cqil's distributed engine); started here, or be "
+                   "one rank when torchrun started this process.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write the tokens, texts and timings (schema cqil.generate/1).")
+@model_options
+@click.pass_obj
+def generate(state: State, model, prompts, new_tokens, devices, json_path, device, dtype,
+             trust_remote_code, allow_pickle):
+    """Greedy continuations of each --prompt by MODEL (a converted folder or any causal LM).
+
+    \b
+    One device by default: cqil's engine for a converted folder or a Llama-family model,
+    transformers' generate() for any other. --devices W runs a converted or Llama-family
+    model on W local processes (gloo on CPU, NCCL with W GPUs), split as the grouping
+    allows; the tokens are those of one device. Under torchrun (several machines) each
+    process is one rank. See docs/generate.md.
+    """
+    json_target = check_writable(json_path, "JSON")
+    prompts = list(prompts)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if devices == 1 and world > 1:
+        raise CqilError(f"torchrun started {world} ranks: pass --devices {world}")
+    if devices > 1:
+        result = _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
+                                  trust_remote_code, allow_pickle)
+        if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
+    else:
+        from ..generate.run import generate_single
+        from ..inputs.models import load_model
+
+        use_all_cores()
+        with loading(state, f"loading {model}"):
+            loaded = load_model(model, device=device, dtype=dtype,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        result = generate_single(loaded, prompts, new_tokens)
+    _show(state, result)
+    write_outputs(state, result, json_target, None, None, "")
+
+
+def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
+                     trust_remote_code, allow_pickle):
+    """The GenerateResult of W ranks (None on a torchrun rank other than 0)."""
+    from ..generate.launch import is_rank, launch_local
+    from ..generate.run import GenerateRequest, GenerateResult, check_world_size, generate_rank
+
+    check_world_size(model, devices)
+    request = GenerateRequest(model, prompts, new_tokens, _rank_device(device, devices), dtype,
+                              trust_remote_code, allow_pickle)
+    if is_rank():  # torchrun started this process: be one rank of its group
+        world = int(os.environ["WORLD_SIZE"])
+        if world != devices:
+            raise CqilError(f"--devices {devices} but torchrun started {world} ranks")
+        document = generate_rank(request)
+        return None if document is None else GenerateResult.from_json(document)
+    with loading(state, f"generating on {devices} ranks"):
+        return GenerateResult.from_json(launch_local(request, devices))
+
+
+def _rank_device(device: str, devices: int) -> str:
+    """cpu (gloo) or cuda (NCCL, one GPU per local rank) for the ranks."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda" if gpus >= local else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if gpus < local:
+            raise CqilError(f"--devices {devices} on cuda needs {local} GPUs on this machine; "
+                            f"it has {gpus} (use --device cpu)")
+        return "cuda"
+    raise CqilError(f"--devices runs on cpu or cuda, not '{device}'")
+
+
+def _show(state: State, result) -> None:
+    """The continuations on stdout (the command's output: shown with --quiet too), the timing
+    line on stderr."""
+    several = len(result.texts) > 1
+    for i, (prompt, text) in enumerate(zip(result.prompts, result.texts, strict=True)):
+        if several:
+            click.echo(f"--- prompt {i + 1}: {prompt}")
+        click.echo(text)
+    t = result.timings
+    decode = t.get("decode_ms_per_token")
+    decode_text = f", decode {decode:.2f} ms/token" if decode is not None else ""
+    where = f"{result.devices} ranks" if result.devices > 1 else result.device
+    state.err.print(f"{result.engine} engine on {where}: prefill {t['prefill_ms']:.1f} ms"
+                    f"{decode_text}", markup=False, highlight=False)

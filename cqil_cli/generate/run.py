@@ -1,0 +1,333 @@
+"""Greedy generation for `cqil generate` (docs/generate.md): on one device, or as one rank of W.
+
+  generate_single(loaded, prompts, n)   one device: cqil's FastGenerator for a converted folder
+                                        or a Llama-family model, transformers' generate() else
+  generate_rank(request)                one rank of W (torch.distributed already described in
+                                        the environment): load, shard, DistributedCqil.generate;
+                                        rank 0 returns the document, the other ranks None
+  check_world_size(spec, W)             plan_layout's verdict from config.json alone, before any
+                                        process starts
+
+Every engine returns the same tokens for the same greedy run: each prompt's tokens end at its
+first end-of-sequence token (included), whatever the engine did after it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..core.devices import synchronize
+from ..core.documents import Schema
+from ..core.errors import CqilError
+
+GENERATE_SCHEMA = Schema("cqil.generate", 1, "a `cqil generate --json` document",
+                         "run `cqil generate` again")
+COLLECTIVE_TIMEOUT_S = 30.0  # a rank waiting longer than this in a collective fails (bounded end)
+FAIL_AFTER_PREFILL_ENV = "CQIL_GENERATE_FAIL_RANK"  # tests only: that rank exits after prefill
+
+
+@dataclass
+class GenerateRequest:
+    """What every rank needs to run the same generation (picklable: it crosses processes)."""
+
+    spec: str  # the model, as the user wrote it
+    prompts: list[str]
+    new_tokens: int
+    device: str = "cpu"  # "cpu" (gloo) or "cuda" (NCCL, cuda:LOCAL_RANK) on the ranks
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    error_dir: str | None = None  # where a failing rank writes its one-line error (rank{R}.txt)
+
+
+@dataclass
+class GenerateResult:
+    """The cqil.generate/1 document."""
+
+    model: str
+    engine: str  # "cqil", "transformers" or "cqil-distributed"
+    device: str
+    devices: int  # W, the number of ranks (1: single device)
+    prompts: list[str]
+    new_tokens: int  # the most tokens asked for per prompt
+    tokens: list[list[int]]  # new token ids per prompt, ending at the first eos (included)
+    texts: list[str]  # their decoded text
+    timings: dict = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, ...
+
+    def to_json(self) -> dict:
+        return {"schema": GENERATE_SCHEMA.tag, "model": self.model, "engine": self.engine,
+                "device": self.device, "devices": self.devices, "prompts": self.prompts,
+                "new_tokens": self.new_tokens, "tokens": self.tokens, "texts": self.texts,
+                "timings": self.timings}
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerateResult:
+        data = GENERATE_SCHEMA.check(data, "generation result")
+        return cls(**{k: v for k, v in data.items() if k != "schema"})
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch: ids [B, T] and mask [B, T] (1 = token)."""
+    if not prompts:
+        raise CqilError("give at least one --prompt")
+    if tokenizer.pad_token is None:  # padding needs an id; it is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    if batch["input_ids"].shape[1] == 0 or bool((batch["attention_mask"].sum(1) == 0).any()):
+        raise CqilError("a prompt has no tokens; give some text")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def stop_ids(model) -> list[int]:
+    """The end-of-sequence ids of the model's generation config (or config), maybe none."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
+
+
+def pad_id(tokenizer, stops: list[int]) -> int:
+    """The id that follows a finished sequence's eos (dropped from the result anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return stops[0] if stops else 0
+
+
+def cut_at_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
+    """tokens [B, n] -> per row, the ids up to and including its first stop id."""
+    rows = []
+    for row in tokens.tolist():
+        for i, t in enumerate(row):
+            if t in stops:
+                row = row[: i + 1]
+                break
+        rows.append(row)
+    return rows
+
+
+def decode_texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+def timings_of(prefill_s: float, decode_s: list[float], total_s: float) -> dict:
+    """prefill (prompt forward + first token), median decode time per later token, total."""
+    ordered = sorted(decode_s)
+    return {"prefill_ms": 1000.0 * prefill_s,
+            "decode_ms_per_token": 1000.0 * ordered[len(ordered) // 2] if ordered else None,
+            "decode_tokens": len(decode_s), "total_ms": 1000.0 * total_s}
+
+
+class CallTimer:
+    """Wraps a forward callable and records the duration of every call, in seconds (the first
+    call is the prefill, each later one a decode step)."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.durations = fn, device, []
+
+    def __call__(self, *args, **kwargs):
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        synchronize(self.device)
+        self.durations.append(time.perf_counter() - start)
+        return out
+
+
+def runs_on_cqil(loaded) -> bool:
+    from ..inputs.models import LLAMA_FAMILY
+
+    return loaded.model_type == "cqil" or loaded.model_type in LLAMA_FAMILY
+
+
+# ---------------------------------------------------------------------------- one device
+
+
+def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResult:
+    """Greedy continuations of prompts (one left-padded batch) on the model's own device."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids, mask = encode_prompts(tokenizer, prompts)
+    stops = stop_ids(model)
+    pad = pad_id(tokenizer, stops)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    if runs_on_cqil(loaded):
+        from ..runtime.fastgen import FastGenerator
+
+        engine = "cqil"
+        try:
+            out = FastGenerator(model).generate(ids, mask, max_new_tokens=new_tokens,
+                                                eos_token_id=stops or None, pad_token_id=pad)
+        except (ValueError, NotImplementedError) as exc:
+            raise CqilError(f"'{loaded.spec}' cannot run on cqil's engine: {exc}") from exc
+        tokens, prefill_s, decode_s = out.tokens, out.prefill_s, list(out.decode_s)
+    else:
+        engine = "transformers"
+        timer = _time_forward_calls(model, device)
+        try:
+            with torch.no_grad():
+                sequences = model.generate(input_ids=ids.to(device),
+                                           attention_mask=mask.to(device),
+                                           max_new_tokens=new_tokens, do_sample=False,
+                                           eos_token_id=stops or None, pad_token_id=pad)
+        finally:
+            timer.remove()
+        tokens = sequences[:, ids.shape[1]:]
+        prefill_s, decode_s = (timer.durations[0] if timer.durations else 0.0), timer.durations[1:]
+    total_s = time.perf_counter() - start
+    rows = cut_at_stop(tokens.cpu(), stops)
+    return GenerateResult(loaded.name, engine, str(device), 1, list(prompts), new_tokens, rows,
+                          decode_texts(tokenizer, rows), timings_of(prefill_s, decode_s, total_s))
+
+
+def _time_forward_calls(model, device):
+    """Forward hooks that record each forward call's duration in .durations; .remove() ends."""
+    state = SimpleNamespace(durations=[], start=0.0)
+
+    def before(module, args):
+        synchronize(device)
+        state.start = time.perf_counter()
+
+    def after(module, args, output):
+        synchronize(device)
+        state.durations.append(time.perf_counter() - state.start)
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    state.remove = lambda: [h.remove() for h in handles]
+    return state
+
+
+# ---------------------------------------------------------------------------- W ranks
+
+
+def check_world_size(spec: str, world_size: int) -> None:
+    """A one-line CqilError when W ranks cannot run this model (plan_layout's ValueError), read
+    from config.json alone; a model whose config is not a local file is checked by the ranks."""
+    from ..inputs.models import LLAMA_FAMILY, default_model_dir, read_config
+    from ..runtime.distributed_cqil import plan_layout
+
+    if world_size < 1:
+        raise CqilError(f"--devices must be at least 1, got {world_size}")
+    folder = default_model_dir() if spec == "default" else Path(spec).expanduser()
+    if not folder.is_dir():
+        return
+    raw = read_config(folder)
+    kind = raw.get("model_type")
+    if kind != "cqil" and kind not in LLAMA_FAMILY:
+        raise CqilError(f"--devices runs converted or Llama-family models "
+                        f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{kind}'")
+    try:
+        layers = int(raw["num_hidden_layers"])
+        config = SimpleNamespace(
+            groups=raw.get("groups") or [[i] for i in range(layers)],
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=int(raw.get("num_key_value_heads")
+                                    or raw["num_attention_heads"]),
+            intermediate_size=int(raw["intermediate_size"]))
+    except (KeyError, TypeError, ValueError):
+        return  # an unusual config: the ranks' own check reports it
+    try:
+        plan_layout(config, world_size)
+    except ValueError as exc:
+        raise CqilError(f"{spec}: {exc}") from exc
+
+
+def generate_rank(request: GenerateRequest) -> dict | None:
+    """This process's part of a W-rank generation (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    environment): load the model, take this rank's shard, run DistributedCqil.generate.
+
+    Returns the cqil.generate/1 document on rank 0 and None on the others. A failure writes its
+    one line to request.error_dir/rank{R}.txt (when given) before it propagates.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _generate_rank(request, rank)
+    except BaseException as exc:
+        if request.error_dir and not isinstance(exc, SystemExit):
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, CqilError):
+                line = f"{type(exc).__name__}: {line}"
+            Path(request.error_dir, f"rank{rank}.txt").write_text(line[:300] + "\n")
+        raise
+
+
+def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
+    import torch.distributed as dist
+
+    from ..inputs.models import load_model
+    from ..runtime.checkpoint import build_cqil_model
+    from ..runtime.distributed_cqil import (
+        DistributedCqil,
+        init_distributed,
+        plan_layout,
+        shard_from_model,
+    )
+
+    world_size = int(os.environ["WORLD_SIZE"])
+    if request.device == "cpu":  # the ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
+            os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    # Load first (no collective waits on a slow load), then join the process group.
+    loaded = load_model(request.spec, device="cpu", dtype=request.dtype,
+                        trust_remote_code=request.trust_remote_code,
+                        allow_pickle=request.allow_pickle)
+    if not runs_on_cqil(loaded):
+        raise CqilError(f"--devices runs converted or Llama-family models; '{request.spec}' is "
+                        f"'{loaded.model_type}'")
+    model, stops = loaded.model, stop_ids(loaded.model)
+    if loaded.model_type != "cqil":
+        model = build_cqil_model(model, None, 0)  # every layer its own step
+    try:
+        layout = plan_layout(model.config, world_size)
+    except ValueError as exc:
+        raise CqilError(f"{request.spec}: {exc}") from exc
+    rank, world_size, device = init_distributed(request.device, COLLECTIVE_TIMEOUT_S)
+    try:
+        engine = DistributedCqil(shard_from_model(model, layout, rank, device))
+        del model, loaded.model
+        ids, mask = encode_prompts(loaded.tokenizer, request.prompts)
+        timer = CallTimer(engine.forward, device)
+        engine.forward = _fail_after_prefill(timer, rank)
+        start = time.perf_counter()
+        out = engine.generate(ids, mask, max_new_tokens=request.new_tokens,
+                              eos_token_id=stops[0] if len(stops) == 1 else None,
+                              pad_token_id=pad_id(loaded.tokenizer, stops))
+        total_s = time.perf_counter() - start
+        if rank != 0:
+            return None
+        rows = cut_at_stop(out.tokens.cpu(), stops)
+        durations = timer.durations
+        return GenerateResult(
+            loaded.name, "cqil-distributed", device.type, world_size, list(request.prompts),
+            request.new_tokens, rows, decode_texts(loaded.tokenizer, rows),
+            timings_of(durations[0], durations[1:], total_s)).to_json()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fail_after_prefill(forward, rank: int):
+    """forward itself, unless a test set FAIL_AFTER_PREFILL_ENV to this rank: then the process
+    exits abruptly (os._exit(1), as a crash would) right after its first forward call."""
+    target = os.environ.get(FAIL_AFTER_PREFILL_ENV)
+    if target is None or int(target) != rank:
+        return forward
+
+    def forward_then_die(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        os._exit(1)
+        return out
+
+    return forward_then_die

@@ -1,0 +1,181 @@
+"""`cqil generate` (cqil_cli/generate, cqil_cli/cli/generate.py): greedy tokens on one device
+against transformers' generate(), on W = 2 local ranks against one device, the JSON document,
+a world size the model cannot use, and a rank that dies mid-run.
+
+Each --devices 2 run starts two fresh interpreters (seconds each), so there are few of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error
+from tiny_models import randomise_bypass
+
+from cqil_cli.generate.run import FAIL_AFTER_PREFILL_ENV, GENERATE_SCHEMA
+
+PROMPTS = ("it was the best of times", "hope")  # two lengths: a left-padded batch
+NEW_TOKENS = 6
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prompt_args():
+    return [arg for p in PROMPTS for arg in ("--prompt", p)]
+
+
+def generate_json(cqil, folder, tmp_path, *extra, name="out.json") -> dict:
+    out = tmp_path / name
+    result = cqil("-q", "generate", folder, *prompt_args(), "--new-tokens", NEW_TOKENS,
+                  "--json", out, *extra)
+    assert result.code == 0, result.err
+    document = json.loads(out.read_text())
+    assert document["texts"] and all(text in result.out for text in document["texts"] if text)
+    return document
+
+
+def reference_tokens(folder: Path) -> list[list[int]]:
+    """transformers' greedy generate() on the batch, each row cut after its first eos."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cqil_cli  # noqa: F401  (registers the converted folders' classes)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(PROMPTS), return_tensors="pt", padding=True)
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    rows = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory, llama_folder) -> Path:
+    """The tiny Llama converted with groups 1-2, 3-4 (bypass 1, random bypass weights)."""
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+
+    loaded = load_model(str(llama_folder))
+    model = build_cqil_model(loaded.model, "1-2,3-4", 1)
+    randomise_bypass(model)
+    return save_converted(model, loaded.tokenizer, tmp_path_factory.mktemp("conv") / "cqil")
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny GPT-2: not Llama-family, so it runs on transformers' generate()."""
+    from tiny_models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------ one device
+
+
+def test_single_device_equals_transformers_generate(cqil, llama_folder, tmp_path):
+    document = generate_json(cqil, llama_folder, tmp_path)
+    assert document["engine"] == "cqil" and document["devices"] == 1
+    assert document["tokens"] == reference_tokens(llama_folder)
+
+
+def test_converted_folder_single_device(cqil, converted_folder, tmp_path):
+    document = generate_json(cqil, converted_folder, tmp_path)
+    assert document["engine"] == "cqil"
+    assert document["tokens"] == reference_tokens(converted_folder)
+
+
+def test_other_model_runs_on_transformers(cqil, gpt2_folder, tmp_path):
+    document = generate_json(cqil, gpt2_folder, tmp_path)
+    assert document["engine"] == "transformers"
+    assert document["tokens"] == reference_tokens(gpt2_folder)
+
+
+def test_json_document(cqil, llama_folder, tmp_path):
+    document = generate_json(cqil, llama_folder, tmp_path)
+    assert document["schema"] == GENERATE_SCHEMA.tag == "cqil.generate/1"
+    assert document["prompts"] == list(PROMPTS) and document["new_tokens"] == NEW_TOKENS
+    assert len(document["tokens"]) == len(document["texts"]) == len(PROMPTS)
+    assert all(1 <= len(row) <= NEW_TOKENS for row in document["tokens"])
+    timings = document["timings"]
+    assert {"prefill_ms", "decode_ms_per_token", "decode_tokens", "total_ms"} <= set(timings)
+    assert timings["prefill_ms"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no staging file left
+
+
+# ------------------------------------------------------------------------------ W ranks
+
+
+@pytest.mark.parametrize("which", ["plain", "converted"])
+def test_two_ranks_equal_one_device(cqil, llama_folder, converted_folder, tmp_path, which):
+    folder = llama_folder if which == "plain" else converted_folder
+    single = generate_json(cqil, folder, tmp_path, name="one.json")
+    document = generate_json(cqil, folder, tmp_path, "--devices", "2", "--device", "cpu",
+                             name="two.json")
+    assert document["devices"] == 2 and document["engine"] == "cqil-distributed"
+    assert document["tokens"] == single["tokens"]
+    assert document["texts"] == single["texts"]
+
+
+@pytest.mark.parametrize("which, fragment", [("plain", "fit this grouping: 1, 2"),
+                                             ("converted", "fit this grouping: 2")])
+def test_unusable_world_size_is_one_line(cqil, llama_folder, converted_folder, which, fragment):
+    folder = llama_folder if which == "plain" else converted_folder
+    result = cqil("generate", folder, "--prompt", "hi", "--devices", "3", "--device", "cpu")
+    assert_clean_error(result, "cannot run this model on 3 ranks", fragment)
+
+
+def test_other_model_cannot_use_ranks(cqil, gpt2_folder):
+    result = cqil("generate", gpt2_folder, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    assert_clean_error(result, "Llama-family")
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds marker (what the test's command started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = next(line for line in (entry / "status").read_text().splitlines()
+                         if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if marker.encode() in environ and "zombie" not in state:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_dead_rank_ends_every_rank(llama_folder):
+    marker = f"cqil-generate-test-{uuid.uuid4().hex}"
+    env = dict(os.environ, **{FAIL_AFTER_PREFILL_ENV: "1", "CQIL_TEST_MARKER": marker})
+    done = subprocess.run(
+        [sys.executable, "-m", "cqil_cli", "generate", str(llama_folder), "--prompt", "hello",
+         "--new-tokens", "8", "--devices", "2", "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cqil: error:")]
+    assert len(lines) == 1, done.stderr
+    assert "rank 1 exited with code 1" in lines[0]
+    assert _processes_with(marker) == []
+
