@@ -79,6 +79,8 @@ def pairs(n):  # [[0, 1], [2, 3], ...] (+ [n-1] when n is odd)
 
 
 KV2, KV4 = (("num_key_value_heads", 2),), (("num_key_value_heads", 4),)
+# 6 heads on 3 kv heads (the default model's 9 on 3, in small): 2 ranks split them 2 + 1.
+KV3 = (("hidden_size", 48), ("num_attention_heads", 6), ("num_key_value_heads", 3), ("head_dim", 8))
 CASES = [
     # W = 2: the original under tensor parallelism (every family; one-kv-head families with 2 kv
     # heads, since 2 ranks cannot split one), and groups of 2 on lanes of one rank, D = 0, 1, 2.
@@ -96,6 +98,10 @@ CASES = [
     Case(2, "mistral-one-kv", pairs(6), 1, (("num_hidden_layers", 6),)),
     Case(2, "qwen3-qknorm", overrides=KV2),
     Case(2, "qwen3-qknorm", pairs(6), 2, (("num_hidden_layers", 6),)),
+    # Uneven tensor parallelism: kv heads that W does not divide (3 on 2 ranks, 4 on 3 ranks).
+    Case(2, "llama-gqa", overrides=KV3),
+    Case(2, "llama-gqa", pairs(5), 1, KV3),
+    Case(3, "llama-bias"),
     # W = 4: tensor parallelism over 4, groups of 2 on lanes of 2 ranks, groups of 4 on lanes of
     # one rank, and both sizes in one model.
     Case(4, "llama-bias"),
@@ -421,7 +427,7 @@ def test_single_rank_needs_no_process_group_and_equals_transformers():
 
 @pytest.mark.parametrize("kind, groups, world, message", [
     ("mistral-one-kv", "none", 2,
-     r"lane of 2 ranks, which must divide its 1 kv heads .*fit this grouping: 1$"),
+     r"lane of 2 ranks but has only 1 kv heads .*fit this grouping: 1$"),
     ("qwen3-qknorm", "none", 4, r"lane of 4 ranks.*1 kv heads.*fit this grouping: 1$"),
     ("llama-gqa", "none", 4,
      r"single layer .*lane of 4 ranks.*2 kv heads.*fit this grouping: 1, 2$"),
@@ -430,14 +436,14 @@ def test_single_rank_needs_no_process_group_and_equals_transformers():
                                           r"of ranks 2; no world size fits"),
     ("llama-bias", pairs(5), 3, r"group \[0, 1\] has 2 layers.*fit this grouping: 2, 4$"),
 ])
-def test_layout_refuses_what_does_not_divide(kind, groups, world, message):
+def test_layout_refuses_what_does_not_fit(kind, groups, world, message):
     _, model = build(Case(world, kind, groups))
     with pytest.raises(ValueError, match=message):
         plan_layout(model.config, world)
 
 
 def test_fitting_world_sizes():
-    _, model = build(Case(1, "llama-bias"))  # 4 kv heads, MLP 96: lanes of 1, 2, 4
-    assert fitting_world_sizes(model.config) == [1, 2, 4]
+    _, model = build(Case(1, "llama-bias"))  # 4 kv heads, MLP 96: lanes of 1 to 4 ranks
+    assert fitting_world_sizes(model.config) == [1, 2, 3, 4]
     _, model = build(Case(2, "llama-bias", pairs(5)))
     assert fitting_world_sizes(model.config) == [2, 4]

@@ -123,8 +123,22 @@ def test_json_document(cqil, llama_folder, tmp_path):
 # ------------------------------------------------------------------------------ W ranks
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of every tensor in the folder's *.safetensors files (the whole model)."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for path in folder.glob("*.safetensors")
+               for t in load_file(path).values())
+
+
 @pytest.mark.parametrize("which", ["plain", "converted"])
-def test_two_ranks_equal_one_device(cqil, llama_folder, converted_folder, tmp_path, which):
+def test_two_ranks_equal_one_device_reading_their_slices(cqil, llama_folder, converted_folder,
+                                                         tmp_path, which):
+    """Tokens as on one device; each rank read only its slices of the safetensors (the plain
+    tiny Llama has tied embeddings: lm_head is read once, as the embedding)."""
+    from cqil_cli.runtime.configuration_cqil import CqilConfig
+    from cqil_cli.runtime.distributed_cqil import plan_layout, shard_nbytes
+
     folder = llama_folder if which == "plain" else converted_folder
     single = generate_json(cqil, folder, tmp_path, name="one.json")
     document = generate_json(cqil, folder, tmp_path, "--devices", "2", "--device", "cpu",
@@ -132,6 +146,45 @@ def test_two_ranks_equal_one_device(cqil, llama_folder, converted_folder, tmp_pa
     assert document["devices"] == 2 and document["engine"] == "cqil-distributed"
     assert document["tokens"] == single["tokens"]
     assert document["texts"] == single["texts"]
+    assert "ranks" not in single
+    whole = checkpoint_bytes(folder)
+    if which == "plain":
+        from transformers import AutoConfig
+
+        config = CqilConfig.from_base_config(AutoConfig.from_pretrained(folder), None)
+    else:
+        config = CqilConfig.from_pretrained(folder)
+    layout = plan_layout(config, 2)
+    assert [r["rank"] for r in document["ranks"]] == [0, 1]
+    for r in document["ranks"]:
+        assert 0 < r["bytes"] < whole
+        assert r["bytes"] == shard_nbytes(config, layout, r["rank"], torch.float32)
+
+
+def test_ranks_refuse_a_tampered_folder_and_pickled_weights(cqil, converted_folder, llama_folder,
+                                                           tmp_path):
+    """The ranks read slices themselves, but check the folder as load_model does."""
+    from conftest import copy_folder
+    from safetensors.torch import load_file
+
+    from cqil_cli.runtime.manifest import Manifest, write_manifest
+
+    tampered = copy_folder(converted_folder, tmp_path / "tampered")
+    write_manifest(tampered, Manifest(
+        cqil_version="0", strategy="cqil", base_model={"name": "tiny"}, steps=[[0], [1, 2], [3, 4]],
+        num_steps=3, num_layers=5, bypass_distance=1, devices=2, placement={}, predicted={},
+        quality={}, calibration={}, tuning={}, grouping={}))
+    with open(tampered / "model.safetensors", "r+b") as handle:  # tensor data, not the header
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\0" * 8)
+    result = cqil("generate", tampered, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    assert_clean_error(result, "changed or truncated")
+
+    pickled = copy_folder(llama_folder, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    result = cqil("generate", pickled, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    assert_clean_error(result, "only pickled weights")
 
 
 @pytest.mark.parametrize("which, fragment", [("plain", "fit this grouping: 1, 2"),

@@ -3,8 +3,10 @@
   generate_single(loaded, prompts, n)   one device: cqil's FastGenerator for a converted folder
                                         or a Llama-family model, transformers' generate() else
   generate_rank(request)                one rank of W (torch.distributed already described in
-                                        the environment): load, shard, DistributedCqil.generate;
-                                        rank 0 returns the document, the other ranks None
+                                        the environment): load this rank's shard (load_rank_part:
+                                        its slices only, from a local safetensors folder),
+                                        DistributedCqil.generate; rank 0 returns the document,
+                                        the other ranks None
   check_world_size(spec, W)             plan_layout's verdict from config.json alone, before any
                                         process starts
 
@@ -59,12 +61,16 @@ class GenerateResult:
     tokens: list[list[int]]  # new token ids per prompt, ending at the first eos (included)
     texts: list[str]  # their decoded text
     timings: dict = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, ...
+    ranks: list[dict] | None = None  # with W ranks: [{"rank": r, "bytes": weight bytes read}]
 
     def to_json(self) -> dict:
-        return {"schema": GENERATE_SCHEMA.tag, "model": self.model, "engine": self.engine,
-                "device": self.device, "devices": self.devices, "prompts": self.prompts,
-                "new_tokens": self.new_tokens, "tokens": self.tokens, "texts": self.texts,
-                "timings": self.timings}
+        document = {"schema": GENERATE_SCHEMA.tag, "model": self.model, "engine": self.engine,
+                    "device": self.device, "devices": self.devices, "prompts": self.prompts,
+                    "new_tokens": self.new_tokens, "tokens": self.tokens, "texts": self.texts,
+                    "timings": self.timings}
+        if self.ranks is not None:
+            document["ranks"] = self.ranks
+        return document
 
     @classmethod
     def from_json(cls, data: dict) -> GenerateResult:
@@ -90,10 +96,15 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
 
 def stop_ids(model) -> list[int]:
     """The end-of-sequence ids of the model's generation config (or config), maybe none."""
-    config = getattr(model, "generation_config", None) or model.config
-    eos = getattr(config, "eos_token_id", None)
+    return eos_ids(getattr(model, "generation_config", None), model.config)
+
+
+def eos_ids(generation_config, config) -> list[int]:
+    """The eos_token_id of the generation config (None: absent), else of the model config, as
+    a list (maybe empty)."""
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
+        eos = getattr(config, "eos_token_id", None)
     if eos is None:
         return []
     return [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
@@ -266,20 +277,124 @@ def generate_rank(request: GenerateRequest) -> dict | None:
 def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
     import torch.distributed as dist
 
-    from ..inputs.models import load_model
-    from ..runtime.checkpoint import build_cqil_model
-    from ..runtime.distributed_cqil import (
-        DistributedCqil,
-        init_distributed,
-        plan_layout,
-        shard_from_model,
-    )
+    from ..runtime.distributed_cqil import DistributedCqil, init_distributed
 
     world_size = int(os.environ["WORLD_SIZE"])
     if request.device == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
             os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     # Load first (no collective waits on a slow load), then join the process group.
+    part = load_rank_part(request, rank, world_size)
+    rank, world_size, device = init_distributed(request.device, COLLECTIVE_TIMEOUT_S)
+    try:
+        engine = DistributedCqil(part.shard.to(device))
+        read_bytes = _gather_ints(part.bytes_read, world_size, device)
+        tokenizer, stops = part.tokenizer, part.stops
+        ids, mask = encode_prompts(tokenizer, request.prompts)
+        timer = CallTimer(engine.forward, device)
+        engine.forward = _fail_after_prefill(timer, rank)
+        start = time.perf_counter()
+        out = engine.generate(ids, mask, max_new_tokens=request.new_tokens,
+                              eos_token_id=stops[0] if len(stops) == 1 else None,
+                              pad_token_id=pad_id(tokenizer, stops))
+        total_s = time.perf_counter() - start
+        if rank != 0:
+            return None
+        rows = cut_at_stop(out.tokens.cpu(), stops)
+        durations = timer.durations
+        return GenerateResult(
+            part.name, "cqil-distributed", device.type, world_size, list(request.prompts),
+            request.new_tokens, rows, decode_texts(tokenizer, rows),
+            timings_of(durations[0], durations[1:], total_s),
+            ranks=[{"rank": r, "bytes": b} for r, b in enumerate(read_bytes)]).to_json()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class RankPart:
+    """What one rank loaded before joining the process group."""
+
+    shard: object  # its CqilShard, on the CPU
+    tokenizer: object
+    name: str  # the model's readable name
+    stops: list[int]  # end-of-sequence ids
+    bytes_read: int  # weight bytes this rank read (its slices, or the whole model on fallback)
+
+
+def load_rank_part(request: GenerateRequest, rank: int, world_size: int) -> RankPart:
+    """Rank `rank`'s shard of request.spec for world_size ranks.
+
+    A local folder (or `default`) with safetensors weights: only this rank's slices are read
+    (safetensors_reader + load_shard), after load_model's checks (config.json, no pickled-only
+    weights, a cqil-written folder's manifest). Any other spec (a .gguf file, a hub id,
+    pickled weights allowed): the whole model is loaded and sliced (shard_from_model).
+    """
+    from ..inputs.models import (
+        LLAMA_FAMILY,
+        check_model_folder,
+        folder_model_name,
+        load_tokenizer,
+        local_model_folder,
+        torch_dtype,
+    )
+    from ..runtime.distributed_cqil import load_shard, safetensors_reader
+
+    folder = local_model_folder(request.spec)
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return _load_rank_part_whole(request, rank, world_size)
+    raw = check_model_folder(folder, request.allow_pickle)
+    kind = raw.get("model_type")
+    if kind != "cqil" and kind not in LLAMA_FAMILY:
+        raise CqilError(f"--devices runs converted or Llama-family models; '{request.spec}' is "
+                        f"'{kind}'")
+    config, stops = _folder_config_and_stops(folder, kind, request.trust_remote_code)
+    layout = _plan(config, world_size, request.spec)
+    read = safetensors_reader(folder)
+    counted = [0]
+
+    def read_counted(sl):  # the slice's own bytes: what this rank reads from the files
+        t = read(sl)
+        counted[0] += t.numel() * t.element_size()
+        return t
+
+    try:
+        shard = load_shard(config, layout, rank, read_counted, "cpu", torch_dtype(request.dtype))
+    except ValueError as exc:  # a tensor missing from the files, or of the wrong shape
+        raise CqilError(f"{folder}: cannot read this rank's weights ({exc})") from exc
+    return RankPart(shard, load_tokenizer(folder, request.trust_remote_code),
+                    folder_model_name(request.spec, folder, raw), stops, counted[0])
+
+
+def _folder_config_and_stops(folder: Path, kind: str, trust_remote_code: bool):
+    """(CqilConfig, stop ids) from the folder's config files, without its weights. A plain
+    Llama-family folder becomes every layer its own step; its tensor names are the ones a
+    converted checkpoint uses, so the same reader serves both."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from ..runtime.configuration_cqil import CqilConfig
+
+    try:
+        if kind == "cqil":
+            config = CqilConfig.from_pretrained(folder)
+        else:
+            config = CqilConfig.from_base_config(
+                AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), None)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise CqilError(f"{folder}: cannot read its config ({line})") from exc
+    generation = None
+    if (folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(folder)
+    return config, eos_ids(generation, config)
+
+
+def _load_rank_part_whole(request: GenerateRequest, rank: int, world_size: int) -> RankPart:
+    from ..inputs.models import load_model
+    from ..runtime.checkpoint import build_cqil_model
+    from ..runtime.distributed_cqil import shard_from_model
+
     loaded = load_model(request.spec, device="cpu", dtype=request.dtype,
                         trust_remote_code=request.trust_remote_code,
                         allow_pickle=request.allow_pickle)
@@ -287,35 +402,31 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
         raise CqilError(f"--devices runs converted or Llama-family models; '{request.spec}' is "
                         f"'{loaded.model_type}'")
     model, stops = loaded.model, stop_ids(loaded.model)
+    whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     if loaded.model_type != "cqil":
         model = build_cqil_model(model, None, 0)  # every layer its own step
+    layout = _plan(model.config, world_size, request.spec)
+    return RankPart(shard_from_model(model, layout, rank, "cpu"), loaded.tokenizer, loaded.name,
+                    stops, whole_bytes)
+
+
+def _plan(config, world_size: int, spec: str):
+    from ..runtime.distributed_cqil import plan_layout
+
     try:
-        layout = plan_layout(model.config, world_size)
+        return plan_layout(config, world_size)
     except ValueError as exc:
-        raise CqilError(f"{request.spec}: {exc}") from exc
-    rank, world_size, device = init_distributed(request.device, COLLECTIVE_TIMEOUT_S)
-    try:
-        engine = DistributedCqil(shard_from_model(model, layout, rank, device))
-        del model, loaded.model
-        ids, mask = encode_prompts(loaded.tokenizer, request.prompts)
-        timer = CallTimer(engine.forward, device)
-        engine.forward = _fail_after_prefill(timer, rank)
-        start = time.perf_counter()
-        out = engine.generate(ids, mask, max_new_tokens=request.new_tokens,
-                              eos_token_id=stops[0] if len(stops) == 1 else None,
-                              pad_token_id=pad_id(loaded.tokenizer, stops))
-        total_s = time.perf_counter() - start
-        if rank != 0:
-            return None
-        rows = cut_at_stop(out.tokens.cpu(), stops)
-        durations = timer.durations
-        return GenerateResult(
-            loaded.name, "cqil-distributed", device.type, world_size, list(request.prompts),
-            request.new_tokens, rows, decode_texts(loaded.tokenizer, rows),
-            timings_of(durations[0], durations[1:], total_s)).to_json()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        raise CqilError(f"{spec}: {exc}") from exc
+
+
+def _gather_ints(value: int, world_size: int, device: torch.device) -> list[int]:
+    """Every rank's value, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def _fail_after_prefill(forward, rank: int):

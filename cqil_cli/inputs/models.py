@@ -176,7 +176,8 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- loading any spec
 
 
-def _check_weights_are_safe(folder: Path, allow_pickle: bool) -> None:
+def check_weights_are_safe(folder: Path, allow_pickle: bool) -> None:
+    """A CqilError unless the folder holds safetensors weights (pickled-only: with allow_pickle)."""
     names = {p.name for p in folder.iterdir()}
     has_safetensors = any(n.endswith(".safetensors") for n in names)
     has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names)
@@ -197,7 +198,6 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
     if spec == "default":
         folder = default_model_dir()
         loaded = _load_folder(folder, spec, dt, trust_remote_code, allow_pickle=False)
-        loaded.name = DEFAULT_NAME
     elif path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise CqilError(f"model file not found: {spec}")
@@ -235,16 +235,42 @@ def read_config(folder: Path) -> dict:
         raise CqilError(f"{config_file}: unreadable ({_first_line(exc)})") from exc
 
 
+def local_model_folder(spec: str) -> Path | None:
+    """The folder a spec names when it is a local folder (`default`: its materialised folder),
+    else None (a .gguf file, a hub id, nothing)."""
+    if str(spec) == "default":
+        return default_model_dir()
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def check_model_folder(folder: Path, allow_pickle: bool) -> dict:
+    """What load_model checks before reading a folder's weights: config.json (returned, as a
+    dict), safetensors weights (pickled-only needs allow_pickle) and, for a cqil-written
+    folder, its manifest (a tampered checkpoint is refused)."""
+    from ..runtime.manifest import verify_folder
+
+    raw = read_config(folder)
+    check_weights_are_safe(folder, allow_pickle)
+    verify_folder(folder)
+    return raw
+
+
+def folder_model_name(spec: str, folder: Path, raw: dict) -> str:
+    """A readable model name: DEFAULT_NAME for `default`, else the config's _name_or_path
+    (its last part) or the folder's name."""
+    if str(spec) == "default":
+        return DEFAULT_NAME
+    name = raw.get("_name_or_path") or folder.name
+    return Path(name).name if name else folder.name
+
+
 def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
                  allow_pickle: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    raw = read_config(folder)
+    raw = check_model_folder(folder, allow_pickle)
     model_type = raw.get("model_type", "?")
-    _check_weights_are_safe(folder, allow_pickle)
-    from ..runtime.manifest import verify_folder  # refuse a tampered cqil-written checkpoint
-
-    verify_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dt, trust_remote_code=trust_remote_code,
@@ -257,13 +283,13 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
         raise CqilError(f"{folder}: cannot load as a causal LM ({message})") from exc
     except (OSError, RuntimeError, KeyError) as exc:
         raise CqilError(f"{folder}: cannot load ({_first_line(exc)})") from exc
-    tokenizer = _load_tokenizer(folder, trust_remote_code)
-    name = raw.get("_name_or_path") or folder.name
-    return LoadedModel(model, tokenizer, spec, Path(name).name if name else folder.name,
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    return LoadedModel(model, tokenizer, spec, folder_model_name(spec, folder, raw),
                        folder, model_type, extra={"config": raw})
 
 
-def _load_tokenizer(source, trust_remote_code: bool):
+def load_tokenizer(source, trust_remote_code: bool):
+    """The tokenizer of a folder or hub id; a CqilError when it cannot be loaded."""
     from transformers import AutoTokenizer
 
     try:
@@ -281,7 +307,7 @@ def _load_hub(spec: str, dt, trust_remote_code: bool) -> LoadedModel:
     except Exception as exc:
         raise CqilError(f"could not load '{spec}' from the Hugging Face Hub "
                         f"(offline, or no such model?): {_first_line(exc)}") from exc
-    tokenizer = _load_tokenizer(spec, trust_remote_code)
+    tokenizer = load_tokenizer(spec, trust_remote_code)
     return LoadedModel(model, tokenizer, spec, spec, None, model.config.model_type)
 
 

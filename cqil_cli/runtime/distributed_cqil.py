@@ -7,7 +7,8 @@ work of every step spread over all W ranks:
 
   single layer   tensor-parallel over all W ranks (Megatron split): q/k/v and gate/up split by
                  output rows (heads, MLP columns), o_proj and down_proj by input columns, kv
-                 heads split. Two all-reduces: a = Σ_r a_r, then m = Σ_r m_r.
+                 heads split (in near-equal runs when W does not divide them, each kv head with
+                 its query heads). Two all-reduces: a = Σ_r a_r, then m = Σ_r m_r.
   group of P     P divides W; member j runs on lane j, the W/P consecutive ranks
                  [j*W/P, (j+1)*W/P), tensor-parallel over its lane (one rank each when P = W).
                  Each rank's attention gives a_j's part of its lane (the whole a_j on a lane of
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,11 +120,14 @@ class DistributedLayout:
             raise ValueError(f"rank {rank} is out of range 0..{self.world_size - 1}")
         group, t = self.groups[step], self.lane_size(step)
         j, i = divmod(rank, t)  # lane (member), index in the lane
-        h, g, c = self.num_heads // t, self.num_kv_heads // t, self.intermediate_size // t
+        # kv heads in near-equal contiguous runs (3 kv heads on 2 ranks: 2 + 1), each with the
+        # query heads that read it; MLP columns likewise.
+        kv = _part(self.num_kv_heads, t, i)
+        per_kv = self.num_heads // self.num_kv_heads
         return LayerSlice(step=step, layer=group[j], member=j, group_size=len(group),
                           lane=tuple(range(j * t, (j + 1) * t)), tp_rank=i,
-                          heads=range(i * h, (i + 1) * h), kv_heads=range(i * g, (i + 1) * g),
-                          columns=range(i * c, (i + 1) * c))
+                          heads=range(kv.start * per_kv, kv.stop * per_kv), kv_heads=kv,
+                          columns=_part(self.intermediate_size, t, i))
 
     def slices(self, rank: int) -> list[LayerSlice]:
         """This rank's slice of every step, in step order (every rank takes part in every step)."""
@@ -140,6 +143,14 @@ class DistributedLayout:
         return out
 
 
+def _part(n: int, parts: int, i: int) -> range:
+    """The i-th of `parts` contiguous, near-equal runs of range(n); the first n % parts runs
+    are one longer."""
+    q, r = divmod(n, parts)
+    start = i * q + min(i, r)
+    return range(start, start + q + (1 if i < r else 0))
+
+
 def _misfit(config: CqilConfig, world_size: int) -> str | None:
     """Why W ranks cannot run this grouping (None: they can)."""
     G, intermediate = config.num_key_value_heads, config.intermediate_size
@@ -148,26 +159,28 @@ def _misfit(config: CqilConfig, world_size: int) -> str | None:
             return (f"group {step} has {len(step)} layers and a group's size must divide the "
                     f"number of ranks {world_size}")
         t = world_size // len(step)
-        if G % t or intermediate % t:
+        if t > G or t > intermediate:  # every rank of a lane needs a kv head and a column
             what = "a single layer" if len(step) == 1 else f"each member of group {step}"
-            return (f"{what} would run tensor-parallel on a lane of {t} ranks, which must divide "
-                    f"its {G} kv heads and {intermediate} MLP columns")
+            return (f"{what} would run tensor-parallel on a lane of {t} ranks but has only {G} "
+                    f"kv heads and {intermediate} MLP columns (at least one of each per rank)")
     return None
 
 
 def fitting_world_sizes(config: CqilConfig) -> list[int]:
-    """Every world size W that can run this grouping (lane sizes W/P must divide the kv heads
-    and the MLP width; so W <= smallest group size x gcd(kv heads, MLP width))."""
-    limit = min(len(s) for s in config.groups) * math.gcd(config.num_key_value_heads,
-                                                           config.intermediate_size)
+    """Every world size W that can run this grouping (group sizes divide W; a lane of W/P ranks
+    needs a kv head and an MLP column per rank: W <= smallest group size x min(kv heads, MLP
+    width))."""
+    limit = min(len(s) for s in config.groups) * min(config.num_key_value_heads,
+                                                      config.intermediate_size)
     return [w for w in range(1, limit + 1) if _misfit(config, w) is None]
 
 
 def plan_layout(config: CqilConfig, world_size: int) -> DistributedLayout:
     """Place a converted model's steps on `world_size` ranks (pure: no process needed).
 
-    Raises ValueError when a group size does not divide W or a lane cannot split the kv heads
-    or MLP columns of its layer evenly, naming the world sizes that work.
+    Raises ValueError when a group size does not divide W or a lane has more ranks than its
+    layer has kv heads (or MLP columns), naming the world sizes that work. Heads and columns
+    that do not divide evenly are split into near-equal runs (the first ranks get one more).
     """
     if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
         raise ValueError(f"the world size must be a positive integer, got {world_size!r}")
