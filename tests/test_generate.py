@@ -232,3 +232,42 @@ def test_a_dead_rank_ends_every_rank(llama_folder):
     assert "rank 1 exited with code 1" in lines[0]
     assert _processes_with(marker) == []
 
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_two_machines_simulated_on_localhost_equal_one_device(cqil, converted_folder, tmp_path):
+    """Two torchrun launches (--nnodes 2, one rank each, c10d rendezvous on 127.0.0.1), as two
+    machines would run them, generate the same tokens as one process."""
+    single = generate_json(cqil, converted_folder, tmp_path, "--device", "cpu", name="one.json")
+    marker = f"cqil-generate-test-{uuid.uuid4().hex}"
+    env = dict(os.environ, CQIL_TEST_MARKER=marker)
+    out = tmp_path / "two.json"  # written by whichever launch hosts rank 0
+    port = _free_port()
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"127.0.0.1:{port}", "--rdzv-id", marker, "-m", "cqil_cli", "-q", "generate",
+         str(converted_folder), *prompt_args(), "--new-tokens", str(NEW_TOKENS), "--devices",
+         "2", "--device", "cpu", "--json", str(out)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    try:
+        results = [launch.communicate(timeout=180) for launch in launches]
+    finally:
+        for launch in launches:
+            if launch.poll() is None:
+                launch.kill()
+                launch.wait()
+    for launch, (_, err) in zip(launches, results, strict=True):
+        assert launch.returncode == 0, err[-2000:]
+    two = json.loads(out.read_text())
+    assert two["devices"] == 2 and two["tokens"] == single["tokens"]
+    assert _processes_with(marker) == []
