@@ -138,9 +138,9 @@ def engine_of(loaded) -> str:
 
 
 def can_run_on_cqil(loaded) -> bool:
-    from ..inputs.models import LLAMA_FAMILY
+    from ..inputs.models import runs_on_cqil_engine
 
-    return is_converted(loaded) or loaded.model_type in LLAMA_FAMILY
+    return runs_on_cqil_engine(loaded.model_type)
 
 
 def make_runner(loaded, engine: str, compile: bool = False) -> TransformersRunner:

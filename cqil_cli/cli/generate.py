@@ -63,7 +63,7 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
     from ..generate.launch import is_rank, launch_local
     from ..generate.run import GenerateRequest, GenerateResult, check_world_size, generate_rank
 
-    check_world_size(model, devices)
+    check_world_size(model, devices, trust_remote_code)
     request = GenerateRequest(model, prompts, new_tokens, _rank_device(device, devices), dtype,
                               trust_remote_code, allow_pickle)
     if is_rank():  # torchrun started this process: be one rank of its group

