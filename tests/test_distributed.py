@@ -30,8 +30,10 @@ from cqil_cli.runtime.distributed_cqil import (
     init_distributed,
     load_rank,
     load_shard,
+    next_tokens,
     plan_layout,
     safetensors_reader,
+    sampling_scores,
     shard_from_model,
     shard_nbytes,
 )
@@ -60,6 +62,7 @@ class Case:
     skip_layers: tuple = ()
     fail_on_rank: int | None = None  # that rank raises before its first collective
     folder: str | None = None  # the case saved there: its ranks load their shards from it
+    vocab_parallel: bool = True  # False: embedding and lm_head replicated on every rank
 
     @property
     def baseline(self) -> bool:
@@ -71,7 +74,8 @@ class Case:
         groups = self.groups if isinstance(self.groups, str) else \
             ",".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in self.groups)
         skip = f"-skip{list(self.skip_layers)}" if self.skip_layers else ""
-        return f"W{self.world}-{self.kind}{extra}-{groups}-D{self.bypass}{skip}"
+        head = "" if self.vocab_parallel else "-replicated-head"
+        return f"W{self.world}-{self.kind}{extra}-{groups}-D{self.bypass}{skip}{head}"
 
 
 def pairs(n):  # [[0, 1], [2, 3], ...] (+ [n-1] when n is odd)
@@ -102,6 +106,9 @@ CASES = [
     Case(2, "llama-gqa", overrides=KV3),
     Case(2, "llama-gqa", pairs(5), 1, KV3),
     Case(3, "llama-bias"),
+    # The embedding and lm_head replicated instead of vocab-parallel (tied and untied heads).
+    Case(2, "llama-gqa", pairs(5), 1, vocab_parallel=False),
+    Case(2, "llama-bias", vocab_parallel=False),
     # W = 4: tensor parallelism over 4, groups of 2 on lanes of 2 ranks, groups of 4 on lanes of
     # one rank, and both sizes in one model.
     Case(4, "llama-bias"),
@@ -117,7 +124,10 @@ CASES = [
     Case(4, "mistral-one-kv", ((0, 1, 2, 3), (4, 5, 6, 7)), 2, (("num_hidden_layers", 8),)),
     Case(4, "qwen3-qknorm", overrides=KV4),
     Case(4, "qwen3-qknorm", ((0, 1, 2, 3), (4, 5, 6, 7)), 1, (("num_hidden_layers", 8),)),
+    Case(4, "llama-bias", pairs(5), 1, vocab_parallel=False),
 ]
+# Sampling settings every rank uses for a second, sampled generation of each case.
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)
 WORLDS = sorted({c.world for c in CASES})
 
 
@@ -150,9 +160,10 @@ def rank_main(rank: int, world: int, port: int, cases: list[Case], out_dir: str)
             if case.folder is not None:
                 results[case.name] = load_and_compare(case, rank, world, ids, mask)
                 continue
-            engine = DistributedCqil.from_model(build(case)[1])
+            engine = DistributedCqil.from_model(build(case)[1], vocab_parallel=case.vocab_parallel)
             gen = engine.generate(ids, mask, NEW_TOKENS, output_logits=True)
-            results[case.name] = {"tokens": gen.tokens, "logits": gen.logits}
+            sampled = engine.generate(ids, mask, NEW_TOKENS, **SAMPLING).tokens
+            results[case.name] = {"tokens": gen.tokens, "logits": gen.logits, "sampled": sampled}
         torch.save(results, out / f"rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -237,27 +248,39 @@ class Job:
         return [torch.load(self.out_dir / f"rank{r}.pt") for r in range(self.world)]
 
 
-def reference(case: Case, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The single-device run of a case: transformers for the baseline, else the fused engine
-    (CqilForCausalLM in eval mode under no_grad). Greedy tokens with their logits, computed the
-    way DistributedCqil.generate feeds them (positions from the mask), and generate()'s tokens."""
-    hf, model = build(case)
-    ref = hf if case.baseline else model
+def decode(ref, baseline: bool, ids, mask, pick) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """NEW_TOKENS tokens [B, n] of a single-device model and its logits, fed the way
+    DistributedCqil.generate feeds them (positions from the mask); pick: logits [B, V] -> [B]."""
     with torch.no_grad():
-        cache = DynamicCache(config=hf.config) if case.baseline else DynamicCache()
+        cache = DynamicCache(config=ref.config) if baseline else DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         logits = [ref(ids, attention_mask=mask, position_ids=positions, cache=cache).logits]
-        tokens = [logits[-1][:, -1].argmax(-1)]
+        tokens = [pick(logits[-1][:, -1])]
         pos, full_mask = positions[:, -1:], mask
         for _ in range(NEW_TOKENS - 1):
             pos = pos + 1
             full_mask = torch.cat([full_mask, torch.ones_like(pos)], dim=1)
             logits.append(ref(tokens[-1][:, None], attention_mask=full_mask, position_ids=pos,
                               cache=cache).logits)  # [B, 1, V]
-            tokens.append(logits[-1][:, -1].argmax(-1))
+            tokens.append(pick(logits[-1][:, -1]))
+    return torch.stack(tokens, dim=1), logits
+
+
+def reference(case: Case, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The single-device run of a case: transformers for the baseline, else the fused engine
+    (CqilForCausalLM in eval mode under no_grad). Greedy tokens with their logits, generate()'s
+    tokens, and the tokens next_tokens draws with SAMPLING's settings and seed."""
+    hf, model = build(case)
+    ref = hf if case.baseline else model
+    tokens, logits = decode(ref, case.baseline, ids, mask, lambda x: x.argmax(-1))
+    settings = {k: v for k, v in SAMPLING.items() if k != "seed"}
+    generator = torch.Generator().manual_seed(SAMPLING["seed"])
+    sampled, _ = decode(ref, case.baseline, ids, mask,
+                        lambda x: next_tokens(x, generator=generator, **settings))
+    with torch.no_grad():
         generated = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                                  do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
-    return {"tokens": torch.stack(tokens, dim=1), "logits": logits, "generate": generated}
+    return {"tokens": tokens, "logits": logits, "generate": generated, "sampled": sampled}
 
 
 @pytest.fixture(scope="module")
@@ -317,11 +340,22 @@ def test_distributed_equals_single_device(runs, case):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_sampling_draws_the_tokens_of_one_process(runs, world):
+    """temperature, top-k and top-p with one seed: W ranks draw what one process draws (the
+    logits agree within REL_TOL, so the same uniform draws pick the same tokens)."""
+    ranks, refs = runs[world]
+    for name, got in ranks[0].items():
+        assert torch.equal(got["sampled"], refs[name]["sampled"]), name
+        assert not torch.equal(got["sampled"], got["tokens"]), f"{name}: sampling = greedy?"
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_every_rank_computes_the_same_tokens_and_logits(runs, world):
     ranks, _ = runs[world]
     for name, first in ranks[0].items():
         for r, other in enumerate(ranks[1:], start=1):
             assert torch.equal(other[name]["tokens"], first["tokens"]), f"{name}: rank {r}"
+            assert torch.equal(other[name]["sampled"], first["sampled"]), f"{name}: rank {r}"
             for a, b in zip(other[name]["logits"], first["logits"], strict=True):
                 assert torch.equal(a, b), f"{name}: rank {r} logits"
 
@@ -447,3 +481,28 @@ def test_fitting_world_sizes():
     assert fitting_world_sizes(model.config) == [1, 2, 3, 4]
     _, model = build(Case(2, "llama-bias", pairs(5)))
     assert fitting_world_sizes(model.config) == [2, 4]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, None), (1.0, 5, None),
+                                                       (1.0, None, 0.8), (1.3, 50, 0.95)])
+def test_sampling_scores_keep_what_transformers_keeps(temperature, top_k, top_p):
+    """The tokens left to draw from and their probabilities are those of transformers'
+    temperature, top-k and top-p warpers (fp32, 1e-6)."""
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(3, 257, generator=torch.Generator().manual_seed(1)) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    want = warpers(None, logits.clone()).softmax(-1)
+    got = sampling_scores(logits, temperature, top_k, top_p).softmax(-1)
+    assert torch.equal(got > 0, want > 0)
+    assert (got - want).abs().max() < 1e-6
+    assert torch.equal(next_tokens(logits), logits.argmax(-1))

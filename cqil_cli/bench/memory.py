@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from ..core.devices import peak_rss_bytes
 
 MB = 1024.0 * 1024.0
 
@@ -96,8 +97,7 @@ def _rss_bytes() -> int:
 
 
 def _ru_maxrss() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peak_rss_bytes()
 
 
 def _rss_peak_bytes(resettable: bool) -> int:

@@ -19,29 +19,48 @@ from .options import State, check_writable, loading, model_options, use_all_core
 @click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
               help="W: run on W local ranks (cqil's distributed engine); started here, or be "
                    "one rank when torchrun started this process.")
+@click.option("--do-sample", is_flag=True,
+              help="Draw each token from the model's distribution instead of taking the most "
+                   "likely one (greedy, the default).")
+@click.option("--temperature", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="With --do-sample: divide the logits by this first.")
+@click.option("--top-k", type=click.IntRange(min=1), metavar="K",
+              help="With --do-sample: draw among the K most likely tokens only.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), metavar="P",
+              help="With --do-sample: draw among the most likely tokens whose probability "
+                   "reaches P (nucleus sampling).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="With --do-sample: the generator's seed (every rank draws the same tokens).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the tokens, texts and timings (schema cqil.generate/1).")
 @model_options
 @click.pass_obj
-def generate(state: State, model, prompts, new_tokens, devices, json_path, device, dtype,
-             trust_remote_code, allow_pickle):
-    """Greedy continuations of each --prompt by MODEL (a converted folder or any causal LM).
+def generate(state: State, model, prompts, new_tokens, devices, do_sample, temperature, top_k,
+             top_p, seed, json_path, device, dtype, trust_remote_code, allow_pickle):
+    """Continuations of each --prompt by MODEL (a converted folder or any causal LM).
 
     \b
+    Greedy by default; --do-sample draws (temperature, top-k, top-p, seed).
     One device by default: cqil's engine for a converted folder or a Llama-family model,
     transformers' generate() for any other. --devices W runs a converted or Llama-family
     model on W local processes (gloo on CPU, NCCL with W GPUs), split as the grouping
     allows; the tokens are those of one device. Under torchrun (several machines) each
     process is one rank. See docs/generate.md.
     """
+    from ..generate.run import Sampling
+
     json_target = check_writable(json_path, "JSON")
+    if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
+        raise CqilError("--temperature, --top-k and --top-p need --do-sample")
+    sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
     prompts = list(prompts)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if devices == 1 and world > 1:
         raise CqilError(f"torchrun started {world} ranks: pass --devices {world}")
     if devices > 1:
         result = _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
-                                  trust_remote_code, allow_pickle)
+                                  trust_remote_code, allow_pickle, sampling)
         if result is None:  # a rank other than 0 under torchrun: rank 0 reports
             return
     else:
@@ -52,20 +71,20 @@ def generate(state: State, model, prompts, new_tokens, devices, json_path, devic
         with loading(state, f"loading {model}"):
             loaded = load_model(model, device=device, dtype=dtype,
                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        result = generate_single(loaded, prompts, new_tokens)
+        result = generate_single(loaded, prompts, new_tokens, sampling)
     _show(state, result)
     write_outputs(state, result, json_target, None, None, "")
 
 
 def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
-                     trust_remote_code, allow_pickle):
+                     trust_remote_code, allow_pickle, sampling):
     """The GenerateResult of W ranks (None on a torchrun rank other than 0)."""
-    from ..generate.launch import is_rank, launch_local
+    from ..core.launch import is_rank, launch_local
     from ..generate.run import GenerateRequest, GenerateResult, check_world_size, generate_rank
 
     check_world_size(model, devices, trust_remote_code)
     request = GenerateRequest(model, prompts, new_tokens, _rank_device(device, devices), dtype,
-                              trust_remote_code, allow_pickle)
+                              trust_remote_code, allow_pickle, sampling)
     if is_rank():  # torchrun started this process: be one rank of its group
         world = int(os.environ["WORLD_SIZE"])
         if world != devices:
@@ -73,7 +92,8 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
         document = generate_rank(request)
         return None if document is None else GenerateResult.from_json(document)
     with loading(state, f"generating on {devices} ranks"):
-        return GenerateResult.from_json(launch_local(request, devices))
+        return GenerateResult.from_json(launch_local(generate_rank, request, devices,
+                                                     "cqil-generate"))
 
 
 def _rank_device(device: str, devices: int) -> str:

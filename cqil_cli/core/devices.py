@@ -11,3 +11,13 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started, in bytes (getrusage's
+    ru_maxrss: kB on Linux, bytes on macOS). bench/memory.py measures a block's peak instead."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -24,14 +24,34 @@ from types import SimpleNamespace
 
 import torch
 
-from ..core.devices import synchronize
+from ..core.devices import peak_rss_bytes, synchronize
 from ..core.documents import Schema
 from ..core.errors import CqilError
+from ..core.launch import COLLECTIVE_TIMEOUT_S
 
 GENERATE_SCHEMA = Schema("cqil.generate", 1, "a `cqil generate --json` document",
                          "run `cqil generate` again")
-COLLECTIVE_TIMEOUT_S = 30.0  # a rank waiting longer than this in a collective fails (bounded end)
 FAIL_AFTER_PREFILL_ENV = "CQIL_GENERATE_FAIL_RANK"  # tests only: that rank exits after prefill
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (do_sample False), or drawn from
+    softmax(logits / temperature) limited to the top_k tokens and the top_p mass, with a
+    generator seeded by `seed` (runtime/distributed_cqil.py: next_tokens)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, seed=self.seed)
+
+    def to_json(self) -> dict | None:
+        return self.kwargs() if self.do_sample else None
 
 
 @dataclass
@@ -45,7 +65,7 @@ class GenerateRequest:
     dtype: str = "float32"
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    error_dir: str | None = None  # where a failing rank writes its one-line error (rank{R}.txt)
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass
@@ -61,15 +81,18 @@ class GenerateResult:
     tokens: list[list[int]]  # new token ids per prompt, ending at the first eos (included)
     texts: list[str]  # their decoded text
     timings: dict = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, ...
-    ranks: list[dict] | None = None  # with W ranks: [{"rank": r, "bytes": weight bytes read}]
+    # with W ranks: [{"rank": r, "bytes": weight bytes read, "peak_rss_bytes": the process's}]
+    ranks: list[dict] | None = None
+    sampling: dict | None = None  # Sampling.to_json(): None when greedy
 
     def to_json(self) -> dict:
         document = {"schema": GENERATE_SCHEMA.tag, "model": self.model, "engine": self.engine,
                     "device": self.device, "devices": self.devices, "prompts": self.prompts,
                     "new_tokens": self.new_tokens, "tokens": self.tokens, "texts": self.texts,
                     "timings": self.timings}
-        if self.ranks is not None:
-            document["ranks"] = self.ranks
+        for key in ("ranks", "sampling"):
+            if getattr(self, key) is not None:
+                document[key] = getattr(self, key)
         return document
 
     @classmethod
@@ -169,8 +192,9 @@ def _require_rank_model(model_type: str | None, spec: str) -> None:
 # ---------------------------------------------------------------------------- one device
 
 
-def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResult:
-    """Greedy continuations of prompts (one left-padded batch) on the model's own device."""
+def generate_single(loaded, prompts: list[str], new_tokens: int,
+                    sampling: Sampling = Sampling()) -> GenerateResult:
+    """Continuations of prompts (one left-padded batch) on the model's own device."""
     from ..inputs.models import runs_on_cqil_engine
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -185,7 +209,8 @@ def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResu
         engine = "cqil"
         try:
             out = FastGenerator(model).generate(ids, mask, max_new_tokens=new_tokens,
-                                                eos_token_id=stops or None, pad_token_id=pad)
+                                                eos_token_id=stops or None, pad_token_id=pad,
+                                                **sampling.kwargs())
         except (ValueError, NotImplementedError) as exc:
             raise CqilError(f"'{loaded.spec}' cannot run on cqil's engine: {exc}") from exc
         tokens, prefill_s, decode_s = out.tokens, out.prefill_s, list(out.decode_s)
@@ -194,10 +219,14 @@ def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResu
         timer = _time_forward_calls(model, device)
         try:
             with torch.no_grad():
-                sequences = model.generate(input_ids=ids.to(device),
-                                           attention_mask=mask.to(device),
-                                           max_new_tokens=new_tokens, do_sample=False,
-                                           eos_token_id=stops or None, pad_token_id=pad)
+                if sampling.do_sample:
+                    torch.manual_seed(sampling.seed)
+                sequences = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=new_tokens, eos_token_id=stops or None, pad_token_id=pad,
+                    do_sample=sampling.do_sample,
+                    **({"temperature": sampling.temperature, "top_k": sampling.top_k or 0,
+                        "top_p": sampling.top_p or 1.0} if sampling.do_sample else {}))
         finally:
             timer.remove()
         tokens = sequences[:, ids.shape[1]:]
@@ -205,7 +234,8 @@ def generate_single(loaded, prompts: list[str], new_tokens: int) -> GenerateResu
     total_s = time.perf_counter() - start
     rows = cut_at_stop(tokens.cpu(), stops)
     return GenerateResult(loaded.name, engine, str(device), 1, list(prompts), new_tokens, rows,
-                          decode_texts(tokenizer, rows), timings_of(prefill_s, decode_s, total_s))
+                          decode_texts(tokenizer, rows), timings_of(prefill_s, decode_s, total_s),
+                          sampling=sampling.to_json())
 
 
 def _time_forward_calls(model, device):
@@ -249,19 +279,9 @@ def generate_rank(request: GenerateRequest) -> dict | None:
     """This process's part of a W-rank generation (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
     environment): load the model, take this rank's shard, run DistributedCqil.generate.
 
-    Returns the cqil.generate/1 document on rank 0 and None on the others. A failure writes its
-    one line to request.error_dir/rank{R}.txt (when given) before it propagates.
+    Returns the cqil.generate/1 document on rank 0 and None on the others.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        return _generate_rank(request, rank)
-    except BaseException as exc:
-        if request.error_dir and not isinstance(exc, SystemExit):
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if not isinstance(exc, CqilError):
-                line = f"{type(exc).__name__}: {line}"
-            Path(request.error_dir, f"rank{rank}.txt").write_text(line[:300] + "\n")
-        raise
+    return _generate_rank(request, int(os.environ.get("RANK", "0")))
 
 
 def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
@@ -285,9 +305,10 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
         engine.forward = _fail_after_prefill(timer, rank)
         start = time.perf_counter()
         out = engine.generate(ids, mask, max_new_tokens=request.new_tokens,
-                              eos_token_id=stops[0] if len(stops) == 1 else None,
-                              pad_token_id=pad_id(tokenizer, stops))
+                              eos_token_id=stops or None, pad_token_id=pad_id(tokenizer, stops),
+                              **request.sampling.kwargs())
         total_s = time.perf_counter() - start
+        peaks = _gather_ints(peak_rss_bytes(), world_size, device)
         if rank != 0:
             return None
         rows = cut_at_stop(out.tokens.cpu(), stops)
@@ -296,7 +317,9 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
             part.name, "cqil-distributed", device.type, world_size, list(request.prompts),
             request.new_tokens, rows, decode_texts(tokenizer, rows),
             timings_of(durations[0], durations[1:], total_s),
-            ranks=[{"rank": r, "bytes": b} for r, b in enumerate(read_bytes)]).to_json()
+            ranks=[{"rank": r, "bytes": b, "peak_rss_bytes": m}
+                   for r, (b, m) in enumerate(zip(read_bytes, peaks, strict=True))],
+            sampling=request.sampling.to_json()).to_json()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,12 +1,16 @@
 """W local ranks started by torch's own launcher (torch.distributed.launcher.api.elastic_launch,
-what torchrun runs), so that `cqil generate --devices W` needs no torchrun (docs/generate.md).
+what torchrun runs), so that `--devices W` on generate, bench and convert needs no torchrun
+(docs/generate.md).
 
+launch_local(entry, payload, W) runs entry(payload) on W ranks and returns rank 0's result.
 A standalone rendezvous on 127.0.0.1 (port 0: the store picks a free one), no restarts. Each rank
-runs generate_rank in a fresh (spawned) interpreter, its stdout and stderr kept in a log folder
-that is removed afterwards. When a rank fails or dies, the launcher's agent stops the others
-(SIGTERM, then SIGKILL after SHUTDOWN_TIMEOUT_S) and this module raises one CqilError line: the
-failing rank's own error line when it wrote one, else how it ended. A rank stuck in a collective
-fails after run.COLLECTIVE_TIMEOUT_S, which ends the others the same way.
+runs in a fresh (spawned) interpreter (entry must be a module-level function and payload
+picklable), its stdout and stderr kept in a log folder that is removed afterwards. When a rank
+fails or dies, the launcher's agent stops the others (SIGTERM, then SIGKILL after
+SHUTDOWN_TIMEOUT_S) and this module raises one CqilError line: the failing rank's own error line
+(which run_rank writes) when it wrote one, else how it ended. A rank stuck in a collective fails
+after COLLECTIVE_TIMEOUT_S (the process-group timeout its entry passes to init_distributed),
+which ends the others the same way.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from ..core.errors import CqilError
-from .run import GenerateRequest, generate_rank
+from .errors import CqilError
 
+COLLECTIVE_TIMEOUT_S = 30.0  # a rank waiting longer than this in a collective fails (bounded end)
 SHUTDOWN_TIMEOUT_S = 5  # SIGTERM to SIGKILL of the other ranks once one has failed
 MONITOR_INTERVAL_S = 0.2  # how often the agent looks at its ranks
 
@@ -32,33 +38,47 @@ def is_rank() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch_local(request: GenerateRequest, world_size: int) -> dict:
-    """Run generate_rank on world_size local processes; rank 0's document, or a CqilError."""
+def run_rank(entry: Callable[[Any], Any], payload: Any, error_dir: str | None = None) -> Any:
+    """entry(payload) in this rank (RANK in the environment); a failure writes its one line to
+    error_dir/rank{R}.txt (when given) before it propagates, so that the launcher can name it."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return entry(payload)
+    except BaseException as exc:
+        if error_dir and not isinstance(exc, SystemExit):
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, CqilError):
+                line = f"{type(exc).__name__}: {line}"
+            Path(error_dir, f"rank{rank}.txt").write_text(line[:300] + "\n")
+        raise
+
+
+def launch_local(entry: Callable[[Any], Any], payload: Any, world_size: int,
+                 name: str = "cqil") -> Any:
+    """Run entry(payload) on world_size local processes; rank 0's result, or a CqilError."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    work = Path(tempfile.mkdtemp(prefix="cqil-generate-"))
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     try:
         errors = work / "errors"
         errors.mkdir()
-        request.error_dir = str(errors)
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=world_size,
-            run_id=f"cqil-generate-{uuid.uuid4().hex[:8]}",
+            run_id=f"{name}-{uuid.uuid4().hex[:8]}",
             rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
             monitor_interval=MONITOR_INTERVAL_S, start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=str(work / "logs"), redirects=Std.ALL),
             shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         try:
             with _quiet_launcher():
-                results = elastic_launch(config, generate_rank)(request)
+                results = elastic_launch(config, run_rank)(entry, payload, str(errors))
         except ChildFailedError as exc:
             raise CqilError(_failure_line(exc, errors)) from None
-        document = results.get(0)
-        if document is None:
+        if 0 not in results:
             raise CqilError("rank 0 returned no result")
-        return document
+        return results[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
