@@ -371,3 +371,31 @@ def test_eval_prompt_default_fits_the_smallest_window():
     BenchOptions(eval_window=2, eval_tokens=2).check()
     with pytest.raises(CqilError, match="--eval-prompt"):
         BenchOptions(eval_prompt=255).check()
+
+
+def test_bench_on_two_ranks_reports_latency_bytes_and_memory_per_rank(converted, tiny_pair,
+                                                                      eval_text, tmp_path):
+    """--devices 2: the baseline (tensor-parallel) and the converted folder each timed on two
+    local ranks; every rank read only its slices (bytes = its shard's) and reports its peak
+    memory; the single-device measurements stay as they were."""
+    from cqil_cli.inputs.ranks import safetensors_weight_bytes
+    from cqil_cli.runtime.configuration_cqil import CqilConfig
+    from cqil_cli.runtime.distributed_cqil import plan_layout, shard_nbytes
+
+    report, out = bench_json([converted, "--baseline", tiny_pair[0], "--eval", eval_text,
+                              "--no-quality", "--devices", "2", *SMALL], tmp_path)
+    section = report["distributed"]
+    assert section["world_size"] == 2 and section["device"] == "cpu"
+    assert [row["model"] for row in section["rows"]] == [str(tiny_pair[0]), str(converted)]
+    assert "on 2 ranks" in out
+    for row, folder in zip(section["rows"], [tiny_pair[0], converted], strict=True):
+        assert row["decode_ms_per_token"]["p50"] > 0 and row["decode_ms_per_token"]["n"] == 6
+        assert row["model_weight_bytes"] == safetensors_weight_bytes(folder)
+        config = CqilConfig.from_pretrained(folder) if folder == converted else None
+        for r in row["ranks"]:
+            assert 0 < r["weight_fraction"] < 1 and r["peak_rss_mb"] > 0
+            if config is not None:
+                assert r["weight_bytes"] == shard_nbytes(config, plan_layout(config, 2),
+                                                          r["rank"], torch.float32)
+    assert section["rows"][1]["num_steps"] == 3  # 1-2 and 3-4 grouped: 0, [1, 2], [3, 4]
+    assert report["results"][0]["latency"] is not None  # one device as before

@@ -30,6 +30,7 @@ class BenchOptions:
     compile: bool = False  # torch.compile cqil's decode step
     latency: bool = True
     quality: bool = True
+    devices: int = 1  # W > 1: also decode latency on W ranks of the distributed engine
 
     def check(self) -> None:
         if self.prompt_len < 1:
@@ -50,7 +51,9 @@ class BenchOptions:
         if self.greedy_prompts < 1 or self.greedy_prompt_len < 1 or self.greedy_tokens < 1:
             raise CqilError("the greedy-continuation test needs at least 1 prompt of 1 token "
                             "and 1 new token")
-        if not self.latency and not self.quality:
+        if self.devices < 1:
+            raise CqilError(f"bad --devices {self.devices}: at least 1")
+        if not self.latency and not self.quality and self.devices == 1:
             raise CqilError("nothing to measure: both latency and quality are switched off")
 
     @property

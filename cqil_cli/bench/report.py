@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -43,6 +43,7 @@ class BenchReport:
     baseline: dict
     engine_baseline: dict | None
     results: list[dict]
+    distributed: dict | None = None  # --devices W > 1: bench/distributed.py's object
 
     @property
     def rows(self) -> list[dict]:
@@ -58,9 +59,9 @@ class BenchReport:
         """The report of a parsed document; a foreign, older or newer schema, or a missing key,
         is a one-line CqilError naming source."""
         data = SCHEMA.check(data, source)
-        names = tuple(f.name for f in fields(cls))
-        SCHEMA.require(data, names, source)
-        return cls(**{k: data[k] for k in names})
+        required = tuple(f.name for f in fields(cls) if f.default is MISSING)
+        SCHEMA.require(data, required, source)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def assemble_report(plan: BenchPlan, options: BenchOptions, device: str, dtype: str,

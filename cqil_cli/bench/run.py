@@ -13,9 +13,11 @@ from .tokens import bench_tokens
 
 
 def run_bench(plan: BenchPlan, options: BenchOptions, device: str, dtype: str,
-              advance: Callable[[str], None] | None = None) -> BenchReport:
+              advance: Callable[[str], None] | None = None, rank_device: str = "cpu",
+              load_kwargs: dict | None = None) -> BenchReport:
     """Measure every entry of the plan (advance(label) after each step, progress_steps in all);
-    returns the report."""
+    returns the report. With options.devices W > 1, the baseline and every MODEL are also
+    timed on W ranks of the distributed engine (bench/distributed.py) on `rank_device`."""
     options.check()
     advance = advance or (lambda _label: None)
     tokens = bench_tokens(plan.baseline.loaded.tokenizer, options)
@@ -23,12 +25,21 @@ def run_bench(plan: BenchPlan, options: BenchOptions, device: str, dtype: str,
         run_latency(plan.timed, tokens, options, advance)
     if options.quality:
         run_quality(plan.timed[1:], plan.baseline, tokens, options, advance)
-    return assemble_report(plan, options, device, dtype, tokens)
+    report = assemble_report(plan, options, device, dtype, tokens)
+    if options.devices > 1:
+        from .distributed import bench_on_ranks
+
+        specs = [plan.baseline.spec] + [e.spec for e in plan.entries]
+        report.distributed = bench_on_ranks(
+            specs, options.devices, tokens.prompts[options.batches[0]], options.new_tokens,
+            options.warmup, options.repeats, rank_device, dtype, **(load_kwargs or {}),
+            on_model=lambda spec: advance(f"{spec} on {options.devices} ranks"))
+    return report
 
 
 def progress_steps(plan: BenchPlan, options: BenchOptions) -> int:
     """How many times run_bench calls `advance` (for a progress bar)."""
-    steps = 0
+    steps = len(plan.entries) + 1 if options.devices > 1 else 0
     if options.latency:
         steps += len(options.batches) * len(plan.timed) * (options.warmup + options.repeats)
     if options.quality:

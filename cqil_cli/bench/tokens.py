@@ -58,7 +58,7 @@ def bench_tokens(tokenizer, options: BenchOptions) -> BenchTokens:
                        options.seed + 1, f"{options.greedy_prompts} greedy prompts",
                        options.eval_spec, "--greedy-prompts")
     prompts = {}
-    if options.latency:
+    if options.latency or options.devices > 1:
         # The first B windows of the largest batch's: batch 1's prompt is also in batch 8.
         biggest = max(options.batches)
         pool = _draw(stream, biggest, options.prompt_len, options.seed + 2, f"batch {biggest}",

@@ -10,7 +10,15 @@ import click
 
 from ..bench.options import BenchOptions
 from ..core.errors import CqilError
-from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+from .options import (
+    State,
+    check_writable,
+    loading,
+    model_options,
+    rank_device,
+    use_all_cores,
+    write_outputs,
+)
 from .tables import bench_tables
 
 DEFAULTS = BenchOptions()
@@ -50,6 +58,10 @@ DEFAULTS = BenchOptions()
                    "engine, to separate the engine's gain from the grouping's.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile cqil's decode step (warm-up then includes compilation).")
+@click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
+              help="W > 1: also time the baseline and every MODEL on W local ranks of cqil's "
+                   "distributed engine (the original under tensor parallelism), with each "
+                   "rank's weight bytes and peak memory.")
 @click.option("--no-quality", is_flag=True, help="Latency only.")
 @click.option("--no-latency", is_flag=True, help="Quality only.")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, help="Which text windows are drawn.")
@@ -59,7 +71,7 @@ DEFAULTS = BenchOptions()
 @click.pass_obj
 def bench(state: State, models, baseline, device, dtype, trust_remote_code, allow_pickle,
           prompt_len, new_tokens, batch, repeats, warmup, eval_spec, eval_tokens, eval_window,
-          eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_, no_quality,
+          eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_, devices, no_quality,
           no_latency, seed, json_path, plot_path):
     """Latency and quality of MODEL(s) side by side with a baseline.
 
@@ -87,7 +99,7 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
         eval_window=eval_window, eval_prompt=eval_prompt, greedy_prompts=greedy_prompts,
         greedy_prompt_len=greedy_tokens, greedy_tokens=greedy_tokens, seed=seed,
         cqil_engine=cqil_engine, compile=compile_, latency=not no_latency,
-        quality=not no_quality)
+        quality=not no_quality, devices=devices)
     options.check()
     if plot_target and not (options.latency and options.quality):
         raise CqilError("--plot draws latency against perplexity: it needs both measurements "
@@ -96,6 +108,13 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
     torch_dtype(dtype)
     models = list(models)
     baseline_spec, source = resolve_baseline(models, baseline)
+    ranks_on = "cpu"
+    if devices > 1:
+        from ..inputs.ranks import check_world_size
+
+        ranks_on = rank_device(device, devices)
+        for spec in [baseline_spec, *models]:
+            check_world_size(spec, devices, trust_remote_code)
     use_all_cores()
 
     def load(spec: str):
@@ -110,7 +129,8 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
         def advance(label: str) -> None:
             progress.update(task, advance=1, description=label)
 
-        report = run_bench(plan, options, device, dtype, advance)
+        report = run_bench(plan, options, device, dtype, advance, ranks_on,
+                           {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
     bench_tables(report, state.out)
     for row in report.results:
         if row.get("base_weights_match") is False:

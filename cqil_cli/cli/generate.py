@@ -7,7 +7,15 @@ import os
 import click
 
 from ..core.errors import CqilError
-from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+from .options import (
+    State,
+    check_writable,
+    loading,
+    model_options,
+    rank_device,
+    use_all_cores,
+    write_outputs,
+)
 
 
 @click.command()
@@ -80,10 +88,11 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
                      trust_remote_code, allow_pickle, sampling):
     """The GenerateResult of W ranks (None on a torchrun rank other than 0)."""
     from ..core.launch import is_rank, launch_local
-    from ..generate.run import GenerateRequest, GenerateResult, check_world_size, generate_rank
+    from ..generate.run import GenerateRequest, GenerateResult, generate_rank
+    from ..inputs.ranks import check_world_size
 
     check_world_size(model, devices, trust_remote_code)
-    request = GenerateRequest(model, prompts, new_tokens, _rank_device(device, devices), dtype,
+    request = GenerateRequest(model, prompts, new_tokens, rank_device(device, devices), dtype,
                               trust_remote_code, allow_pickle, sampling)
     if is_rank():  # torchrun started this process: be one rank of its group
         world = int(os.environ["WORLD_SIZE"])
@@ -94,24 +103,6 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
     with loading(state, f"generating on {devices} ranks"):
         return GenerateResult.from_json(launch_local(generate_rank, request, devices,
                                                      "cqil-generate"))
-
-
-def _rank_device(device: str, devices: int) -> str:
-    """cpu (gloo) or cuda (NCCL, one GPU per local rank) for the ranks."""
-    import torch
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "auto":
-        return "cuda" if gpus >= local else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device.startswith("cuda"):
-        if gpus < local:
-            raise CqilError(f"--devices {devices} on cuda needs {local} GPUs on this machine; "
-                            f"it has {gpus} (use --device cpu)")
-        return "cuda"
-    raise CqilError(f"--devices runs on cpu or cuda, not '{device}'")
 
 
 def _show(state: State, result) -> None:

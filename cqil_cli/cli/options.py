@@ -82,3 +82,21 @@ def use_all_cores() -> None:
 def loading(state: State, what: str):
     """A spinner on stderr while something loads (nothing when quiet)."""
     return state.err.status(what) if not state.quiet else contextlib.nullcontext()
+
+
+def rank_device(device: str, devices: int) -> str:
+    """cpu (gloo) or cuda (NCCL, one GPU per local rank) for the ranks."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda" if gpus >= local else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if gpus < local:
+            raise CqilError(f"--devices {devices} on cuda needs {local} GPUs on this machine; "
+                            f"it has {gpus} (use --device cpu)")
+        return "cuda"
+    raise CqilError(f"--devices runs on cpu or cuda, not '{device}'")

@@ -133,9 +133,32 @@ def bench_tables(report: BenchReport, console: Console) -> None:
                              f"({_times(rat['decode'])})")
             by_batch.add_row(*cells)
         console.print(by_batch)
+    if report.distributed:
+        console.print(distributed_table(report.distributed))
     if settings["quality"]:
         console.print(f"quality: {settings['eval_windows']} windows of {settings['eval_window']}"
                       f" tokens of '{settings['eval_spec']}', scored after a "
                       f"{settings['eval_prompt']}-token prompt; greedy: "
                       f"{settings['greedy_prompts']} prompts, {settings['greedy_tokens']} tokens "
                       "each", style="dim")
+
+
+def distributed_table(section: dict) -> Table:
+    """`bench --devices W`: decode and prefill on W ranks, each rank's share of the weights and
+    its peak resident memory."""
+    t = Table(title=f"on {section['world_size']} ranks ({section['device']}, {section['dtype']}):"
+                    f" batch {section['batch']}, prompt {section['prompt_tokens']}, "
+                    f"{section['new_tokens']} new tokens, p50 of {section['repeats']} runs")
+    for name in ("model", "steps", "prefill ms", "decode ms/tok", "weights per rank",
+                 "peak MB per rank"):
+        t.add_column(name, justify="left" if name == "model" else "right")
+    for i, row in enumerate(section["rows"]):
+        ranks = row["ranks"]
+        t.add_row(f"{row['model']}{' (baseline)' if i == 0 else ''}",
+                  f"{row['num_steps']}/{row['num_layers']}",
+                  _num(row["prefill_ms"]["p50"], ".1f"),
+                  f"{_num(row['decode_ms_per_token']['p50'], '.2f')} "
+                  f"{_times(row['decode_ratio_to_baseline'])}",
+                  " / ".join(f"{r['weight_fraction']:.3f}" for r in ranks),
+                  " / ".join(f"{r['peak_rss_mb']:.0f}" for r in ranks))
+    return t

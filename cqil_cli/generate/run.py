@@ -1,4 +1,4 @@
-"""Greedy generation for `cqil generate` (docs/generate.md): on one device, or as one rank of W.
+"""Generation for `cqil generate` (docs/generate.md): on one device, or as one rank of W.
 
   generate_single(loaded, prompts, n)   one device: cqil's FastGenerator for a converted folder
                                         or a Llama-family model, transformers' generate() else
@@ -7,8 +7,6 @@
                                         its slices only, from a local safetensors folder),
                                         DistributedCqil.generate; rank 0 returns the document,
                                         the other ranks None
-  check_world_size(spec, W)             plan_layout's verdict from config.json alone, before any
-                                        process starts
 
 Every engine returns the same tokens for the same greedy run: each prompt's tokens end at its
 first end-of-sequence token (included), whatever the engine did after it.
@@ -19,15 +17,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from ..core.devices import peak_rss_bytes, synchronize
+from ..core.devices import CallTimer, peak_rss_bytes, synchronize
 from ..core.documents import Schema
 from ..core.errors import CqilError
 from ..core.launch import COLLECTIVE_TIMEOUT_S
+from ..inputs.ranks import gather_ints, load_rank_part, stop_ids
 
 GENERATE_SCHEMA = Schema("cqil.generate", 1, "a `cqil generate --json` document",
                          "run `cqil generate` again")
@@ -47,11 +45,15 @@ class Sampling:
     seed: int = 0
 
     def kwargs(self) -> dict:
-        return dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, seed=self.seed)
+        """generate()'s keyword arguments (top_p only when set)."""
+        out = dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                   seed=self.seed)
+        if self.top_p is not None:
+            out["top_p"] = self.top_p
+        return out
 
     def to_json(self) -> dict | None:
-        return self.kwargs() if self.do_sample else None
+        return {**self.kwargs(), "top_p": self.top_p} if self.do_sample else None
 
 
 @dataclass
@@ -117,22 +119,6 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return batch["input_ids"], batch["attention_mask"]
 
 
-def stop_ids(model) -> list[int]:
-    """The end-of-sequence ids of the model's generation config (or config), maybe none."""
-    return eos_ids(getattr(model, "generation_config", None), model.config)
-
-
-def eos_ids(generation_config, config) -> list[int]:
-    """The eos_token_id of the generation config (None: absent), else of the model config, as
-    a list (maybe empty)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
-
-
 def pad_id(tokenizer, stops: list[int]) -> int:
     """The id that follows a finished sequence's eos (dropped from the result anyway)."""
     if tokenizer.pad_token_id is not None:
@@ -162,31 +148,6 @@ def timings_of(prefill_s: float, decode_s: list[float], total_s: float) -> dict:
     return {"prefill_ms": 1000.0 * prefill_s,
             "decode_ms_per_token": 1000.0 * ordered[len(ordered) // 2] if ordered else None,
             "decode_tokens": len(decode_s), "total_ms": 1000.0 * total_s}
-
-
-class CallTimer:
-    """Wraps a forward callable and records the duration of every call, in seconds (the first
-    call is the prefill, each later one a decode step)."""
-
-    def __init__(self, fn, device):
-        self.fn, self.device, self.durations = fn, device, []
-
-    def __call__(self, *args, **kwargs):
-        synchronize(self.device)
-        start = time.perf_counter()
-        out = self.fn(*args, **kwargs)
-        synchronize(self.device)
-        self.durations.append(time.perf_counter() - start)
-        return out
-
-
-def _require_rank_model(model_type: str | None, spec: str) -> None:
-    """Only what cqil's distributed engine runs can be spread over ranks."""
-    from ..inputs.models import LLAMA_FAMILY, runs_on_cqil_engine
-
-    if not runs_on_cqil_engine(model_type):
-        raise CqilError(f"--devices runs converted or Llama-family models "
-                        f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{model_type}'")
 
 
 # ---------------------------------------------------------------------------- one device
@@ -258,23 +219,6 @@ def _time_forward_calls(model, device):
 # ---------------------------------------------------------------------------- W ranks
 
 
-def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> None:
-    """A one-line CqilError when W ranks cannot run this model (plan_layout's verdict), from the
-    folder's config files alone, before any process starts; a model that is not a local folder
-    (a .gguf file, a hub id) is checked by the ranks themselves."""
-    from ..inputs.models import local_model_folder, read_config
-
-    if world_size < 1:
-        raise CqilError(f"--devices must be at least 1, got {world_size}")
-    folder = local_model_folder(spec)
-    if folder is None:
-        return
-    kind = read_config(folder).get("model_type")
-    _require_rank_model(kind, spec)
-    config, _ = _folder_config_and_stops(folder, kind, trust_remote_code)
-    _plan(config, world_size, spec)
-
-
 def generate_rank(request: GenerateRequest) -> dict | None:
     """This process's part of a W-rank generation (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
     environment): load the model, take this rank's shard, run DistributedCqil.generate.
@@ -294,11 +238,12 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
             os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     # Load first (no collective waits on a slow load), then join the process group.
-    part = load_rank_part(request, rank, world_size)
+    part = load_rank_part(request.spec, rank, world_size, request.dtype,
+                          request.trust_remote_code, request.allow_pickle)
     rank, world_size, device = init_distributed(request.device, COLLECTIVE_TIMEOUT_S)
     try:
         engine = DistributedCqil(part.shard.to(device))
-        read_bytes = _gather_ints(part.bytes_read, world_size, device)
+        read_bytes = gather_ints(part.bytes_read, world_size, device)
         tokenizer, stops = part.tokenizer, part.stops
         ids, mask = encode_prompts(tokenizer, request.prompts)
         timer = CallTimer(engine.forward, device)
@@ -308,7 +253,7 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
                               eos_token_id=stops or None, pad_token_id=pad_id(tokenizer, stops),
                               **request.sampling.kwargs())
         total_s = time.perf_counter() - start
-        peaks = _gather_ints(peak_rss_bytes(), world_size, device)
+        peaks = gather_ints(peak_rss_bytes(), world_size, device)
         if rank != 0:
             return None
         rows = cut_at_stop(out.tokens.cpu(), stops)
@@ -323,118 +268,6 @@ def _generate_rank(request: GenerateRequest, rank: int) -> dict | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-@dataclass
-class RankPart:
-    """What one rank loaded before joining the process group."""
-
-    shard: object  # its CqilShard, on the CPU
-    tokenizer: object
-    name: str  # the model's readable name
-    stops: list[int]  # end-of-sequence ids
-    bytes_read: int  # weight bytes this rank read (its slices, or the whole model on fallback)
-
-
-def load_rank_part(request: GenerateRequest, rank: int, world_size: int) -> RankPart:
-    """Rank `rank`'s shard of request.spec for world_size ranks.
-
-    A local folder (or `default`) with safetensors weights: only this rank's slices are read
-    (safetensors_reader + load_shard), after load_model's checks (config.json, no pickled-only
-    weights, a cqil-written folder's manifest). Any other spec (a .gguf file, a hub id,
-    pickled weights allowed): the whole model is loaded and sliced (shard_from_model).
-    """
-    from ..inputs.models import (
-        check_model_folder,
-        folder_model_name,
-        load_tokenizer,
-        local_model_folder,
-        torch_dtype,
-    )
-    from ..runtime.distributed_cqil import load_shard, safetensors_reader
-
-    folder = local_model_folder(request.spec)
-    if folder is None or not any(folder.glob("*.safetensors")):
-        return _load_rank_part_whole(request, rank, world_size)
-    raw = check_model_folder(folder, request.allow_pickle)
-    kind = raw.get("model_type")
-    _require_rank_model(kind, request.spec)
-    config, stops = _folder_config_and_stops(folder, kind, request.trust_remote_code)
-    layout = _plan(config, world_size, request.spec)
-    read = safetensors_reader(folder)
-    counted = [0]
-
-    def read_counted(sl):  # the slice's own bytes: what this rank reads from the files
-        t = read(sl)
-        counted[0] += t.numel() * t.element_size()
-        return t
-
-    try:
-        shard = load_shard(config, layout, rank, read_counted, "cpu", torch_dtype(request.dtype))
-    except ValueError as exc:  # a tensor missing from the files, or of the wrong shape
-        raise CqilError(f"{folder}: cannot read this rank's weights ({exc})") from exc
-    return RankPart(shard, load_tokenizer(folder, request.trust_remote_code),
-                    folder_model_name(request.spec, folder, raw), stops, counted[0])
-
-
-def _folder_config_and_stops(folder: Path, kind: str, trust_remote_code: bool):
-    """(CqilConfig, stop ids) from the folder's config files, without its weights. A plain
-    Llama-family folder becomes every layer its own step; its tensor names are the ones a
-    converted checkpoint uses, so the same reader serves both."""
-    from transformers import AutoConfig, GenerationConfig
-
-    from ..runtime.configuration_cqil import CqilConfig
-
-    try:
-        if kind == "cqil":
-            config = CqilConfig.from_pretrained(folder)
-        else:
-            config = CqilConfig.from_base_config(
-                AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), None)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise CqilError(f"{folder}: cannot read its config ({line})") from exc
-    generation = None
-    if (folder / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(folder)
-    return config, eos_ids(generation, config)
-
-
-def _load_rank_part_whole(request: GenerateRequest, rank: int, world_size: int) -> RankPart:
-    from ..inputs.models import load_model
-    from ..runtime.checkpoint import build_cqil_model
-    from ..runtime.distributed_cqil import shard_from_model
-
-    loaded = load_model(request.spec, device="cpu", dtype=request.dtype,
-                        trust_remote_code=request.trust_remote_code,
-                        allow_pickle=request.allow_pickle)
-    _require_rank_model(loaded.model_type, request.spec)
-    model, stops = loaded.model, stop_ids(loaded.model)
-    whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
-    if loaded.model_type != "cqil":
-        model = build_cqil_model(model, None, 0)  # every layer its own step
-    layout = _plan(model.config, world_size, request.spec)
-    return RankPart(shard_from_model(model, layout, rank, "cpu"), loaded.tokenizer, loaded.name,
-                    stops, whole_bytes)
-
-
-def _plan(config, world_size: int, spec: str):
-    from ..runtime.distributed_cqil import plan_layout
-
-    try:
-        return plan_layout(config, world_size)
-    except ValueError as exc:
-        raise CqilError(f"{spec}: {exc}") from exc
-
-
-def _gather_ints(value: int, world_size: int, device: torch.device) -> list[int]:
-    """Every rank's value, in rank order (a collective: every rank calls it)."""
-    import torch.distributed as dist
-
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    every = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    return [int(t.item()) for t in every]
 
 
 def _fail_after_prefill(forward, rank: int):

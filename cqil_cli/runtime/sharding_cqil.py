@@ -236,7 +236,7 @@ _SPLIT_ROWS = {"self_attn.q_proj": "heads", "self_attn.k_proj": "kv_heads",
 _SPLIT_INPUTS = {"self_attn.o_proj": "heads", "mlp.down_proj": "columns"}
 
 
-def _slice_config(config: CqilConfig, sl: LayerSlice) -> CqilConfig:
+def slice_config(config: CqilConfig, sl: LayerSlice) -> CqilConfig:
     """The config of one rank's slice of a layer: its head, kv head and MLP column counts."""
     c = copy.copy(config)
     c.num_attention_heads, c.num_key_value_heads = len(sl.heads), len(sl.kv_heads)
@@ -263,7 +263,7 @@ class CqilShard(nn.Module):
         self.embed_tokens = nn.Embedding(rows, d)
         self.layers = nn.ModuleDict()
         for sl in self.slices:
-            layer = CqilDecoderLayer(_slice_config(config, sl), sl.layer, sl.member, sl.group_size)
+            layer = CqilDecoderLayer(slice_config(config, sl), sl.layer, sl.member, sl.group_size)
             if sl.tp_rank != 0:  # the lane's first rank adds the row-parallel biases
                 layer.self_attn.o_proj.bias = None
                 layer.mlp.down_proj.bias = None
