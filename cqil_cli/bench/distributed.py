@@ -37,19 +37,22 @@ class RankBenchRequest:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     threads: int | None = None  # torch threads per rank (default: the cores / local ranks)
+    vocab_parallel: bool = True  # False: embedding and lm_head replicated on every rank
 
 
 def bench_on_ranks(specs: list[str], world_size: int, prompt: torch.Tensor, new_tokens: int,
                    warmup: int, repeats: int, device: str = "cpu", dtype: str = "float32",
                    trust_remote_code: bool = False, allow_pickle: bool = False,
-                   on_model=lambda spec: None) -> dict:
+                   on_model=lambda spec: None, threads: int | None = None,
+                   vocab_parallel: bool = True) -> dict:
     """The report's `distributed` object: every spec timed on world_size ranks; rows in the
     order given, each with its decode ratio to the first (the baseline)."""
     rows = []
     for spec in specs:
         on_model(spec)
         request = RankBenchRequest(spec, prompt.tolist(), new_tokens, warmup, repeats, device,
-                                   dtype, trust_remote_code, allow_pickle)
+                                   dtype, trust_remote_code, allow_pickle, threads,
+                                   vocab_parallel)
         rows.append(launch_local(bench_rank, request, world_size, "cqil-bench"))
     first = rows[0]["decode_ms_per_token"]["p50"]
     for row in rows:
@@ -72,7 +75,7 @@ def bench_rank(request: RankBenchRequest) -> dict | None:
     if request.device == "cpu":
         torch.set_num_threads(threads)
     part = load_rank_part(request.spec, rank, world_size, request.dtype,
-                          request.trust_remote_code, request.allow_pickle)
+                          request.trust_remote_code, request.allow_pickle, request.vocab_parallel)
     rank, world_size, device = init_distributed(request.device, COLLECTIVE_TIMEOUT_S)
     try:
         engine = DistributedCqil(part.shard.to(device))
@@ -98,7 +101,7 @@ def bench_rank(request: RankBenchRequest) -> dict | None:
             "num_layers": int(config.num_hidden_layers),
             "num_steps": len(groups) - len(config.skip_layers or []),
             "groups": [g for g in groups if len(g) > 1],
-            "threads_per_rank": threads,
+            "threads_per_rank": threads, "vocab_parallel": request.vocab_parallel,
             "prefill_ms": summarize([1000.0 * s for s in prefill]),
             "decode_ms_per_token": summarize([1000.0 * s for s in decode]),
             "model_weight_bytes": part.model_bytes,

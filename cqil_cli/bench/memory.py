@@ -97,6 +97,7 @@ def _rss_bytes() -> int:
 
 
 def _ru_maxrss() -> int:
+    """The process's peak since it started (the fallback where the peak cannot be reset)."""
     return peak_rss_bytes()
 
 

@@ -17,11 +17,21 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size since it started, in bytes (getrusage's
-    ru_maxrss: kB on Linux, bytes on macOS). bench/memory.py measures a block's peak instead."""
+    """This process's peak resident set size, in bytes: VmHWM of /proc/self/status (the peak of
+    this address space, so a process started by fork + exec does not inherit its parent's
+    size, as getrusage's ru_maxrss does), else ru_maxrss (kB on Linux, bytes on macOS).
+    bench/memory.py measures one block's peak instead."""
+    import re
     import resource
     import sys
+    from pathlib import Path
 
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1)) * 1024
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
