@@ -64,8 +64,9 @@ def converted(tiny_pair, tmp_path_factory):
     base = {"name": "a", "path": str(a), "weights_sha256": safetensors_digests(a)}
     write_manifest(out, Manifest(
         cqil_version=__version__, strategy="cqil", base_model=base,
-        steps=[[0], [1, 2], [3, 4]], num_steps=3, num_layers=5, bypass_distance=0, devices=1,
-        placement={}, predicted={}, quality={}, calibration={}, tuning={}, grouping={}))
+        steps=[[0], [1, 2], [3, 4]], num_steps=3, num_layers=5, bypass_distance=0, devices=4,
+        placement={"world_size": 4}, predicted={}, quality={}, calibration={}, tuning={},
+        grouping={}))
     return out
 
 
@@ -90,7 +91,7 @@ def bench_json(args, tmp_path, name="r.json"):
     result = CliRunner().invoke(cli, ["bench", *map(str, args), "--json", str(path)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
-    return json.loads(path.read_text()), result.stdout
+    return json.loads(path.read_text()), result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- pure functions
@@ -388,6 +389,9 @@ def test_bench_on_two_ranks_reports_latency_bytes_and_memory_per_rank(converted,
     assert section["world_size"] == 2 and section["device"] == "cpu"
     assert [row["model"] for row in section["rows"]] == [str(tiny_pair[0]), str(converted)]
     assert "on 2 ranks" in out
+    words = " ".join(out.split())  # the terminal may wrap the note
+    assert words.count("placed on 4 ranks (manifest.json); its placement on 2 ranks is "
+                       "recomputed") == 1
     for row, folder in zip(section["rows"], [tiny_pair[0], converted], strict=True):
         assert row["decode_ms_per_token"]["p50"] > 0 and row["decode_ms_per_token"]["n"] == 6
         assert row["model_weight_bytes"] == safetensors_weight_bytes(folder)

@@ -114,7 +114,9 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
 
         ranks_on = rank_device(device, devices)
         for spec in [baseline_spec, *models]:
-            check_world_size(spec, devices, trust_remote_code)
+            note = check_world_size(spec, devices, trust_remote_code)
+            if note:
+                state.err.print(f"note: {note}", markup=False, highlight=False)
     use_all_cores()
 
     def load(spec: str):

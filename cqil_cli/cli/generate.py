@@ -91,7 +91,9 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
     from ..generate.run import GenerateRequest, GenerateResult, generate_rank
     from ..inputs.ranks import check_world_size
 
-    check_world_size(model, devices, trust_remote_code)
+    note = check_world_size(model, devices, trust_remote_code)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        state.err.print(f"note: {note}", markup=False, highlight=False)
     request = GenerateRequest(model, prompts, new_tokens, rank_device(device, devices), dtype,
                               trust_remote_code, allow_pickle, sampling)
     if is_rank():  # torchrun started this process: be one rank of its group

@@ -45,21 +45,31 @@ def require_rank_model(model_type: str | None, spec: str) -> None:
                         f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{model_type}'")
 
 
-def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> None:
+def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> str | None:
     """A one-line CqilError when W ranks cannot run this model (plan_layout's verdict), from the
     folder's config files alone, before any process starts; a model that is not a local folder
-    (a .gguf file, a hub id) is checked by the ranks themselves."""
+    (a .gguf file, a hub id) is checked by the ranks themselves.
+
+    Returns a note to show once when a converted folder's manifest placed it on another number
+    of ranks (the ranks then recompute its placement for W), else None."""
+    from ..runtime.manifest import read_manifest
     from .models import local_model_folder, read_config
 
     if world_size < 1:
         raise CqilError(f"--devices must be at least 1, got {world_size}")
     folder = local_model_folder(spec)
     if folder is None:
-        return
+        return None
     kind = read_config(folder).get("model_type")
     require_rank_model(kind, spec)
     config, _ = _folder_config_and_stops(folder, kind, trust_remote_code)
     plan_for(config, world_size, spec)
+    manifest = read_manifest(folder) if kind == "cqil" else None
+    placed = (manifest.placement or {}).get("world_size") if manifest else None
+    if placed is not None and placed != world_size:
+        return (f"{spec} was placed on {placed} ranks (manifest.json); its placement on "
+                f"{world_size} ranks is recomputed (runtime/sharding_cqil.py: plan_layout)")
+    return None
 
 
 @dataclass
