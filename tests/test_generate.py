@@ -271,3 +271,25 @@ def test_two_machines_simulated_on_localhost_equal_one_device(cqil, converted_fo
     two = json.loads(out.read_text())
     assert two["devices"] == 2 and two["tokens"] == single["tokens"]
     assert _processes_with(marker) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_machine_that_never_joins_ends_the_other_within_the_join_timeout(converted_folder):
+    """One of two torchrun machines starts; with docs/generate.md's `--rdzv-conf
+    join_timeout=15` it gives up in bounded time, non-zero, and leaves nothing running."""
+    import time
+
+    marker = f"cqil-generate-test-{uuid.uuid4().hex}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"127.0.0.1:{_free_port()}", "--rdzv-id", marker, "--rdzv-conf", "join_timeout=15",
+         "-m", "cqil_cli", "generate", str(converted_folder), "--prompt", "hi", "--devices", "2",
+         "--device", "cpu"],
+        cwd=REPO, env=dict(os.environ, CQIL_TEST_MARKER=marker), capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode != 0
+    assert "RendezvousTimeoutError" in done.stderr
+    assert time.monotonic() - started < 60
+    assert _processes_with(marker) == []
