@@ -200,3 +200,35 @@ def test_bf16_smoke(tmp_path):
             assert rel(got, want) < 5e-2
         out_ids = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out_ids.shape == (2, 14)
+
+
+def test_saved_folder_carries_the_distributed_engine(saved, tmp_path):
+    """The folder's own sharding_cqil.py / distributed_cqil.py, imported as a package by a
+    process that never imports cqil_cli, plan the layout on 2 ranks and read each rank's
+    slices from the folder: the same tensors as cqil's own code reads."""
+    import shutil
+
+    from cqil_cli.runtime.distributed_cqil import load_rank
+
+    _, out = saved
+    package = tmp_path / "shipped" / "cqil_runtime"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py",
+                 "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py"):
+        shutil.copyfile(out / name, package / name)
+    script = f"""
+import sys, torch
+from cqil_runtime.distributed_cqil import load_rank
+for rank in (0, 1):
+    shard = load_rank({str(out)!r}, rank, 2)
+    torch.save(shard.state_dict(), {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+assert not [m for m in sys.modules if m.startswith("cqil_cli")]
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "shipped",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        want = load_rank(out, rank, 2).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

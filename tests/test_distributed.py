@@ -506,3 +506,13 @@ def test_sampling_scores_keep_what_transformers_keeps(temperature, top_k, top_p)
     assert torch.equal(got > 0, want > 0)
     assert (got - want).abs().max() < 1e-6
     assert torch.equal(next_tokens(logits), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["gemma2-softcap", "gemma3-local", "phi3-partial"])
+def test_families_the_engine_does_not_run_are_refused_in_one_line(kind):
+    """Gemma and Phi-3 run on the one-device engines only: plan_layout says so (and the
+    converted folder's manifest records the refusal instead of a placement)."""
+    model = build_cqil_model(tiny_model(kind), "none", 0)
+    with pytest.raises(ValueError, match="distributed engine runs the Llama family"):
+        plan_layout(model.config, 2)
+    assert fitting_world_sizes(model.config) == []

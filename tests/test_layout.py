@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cqil_cli"
 # Lowest first; layers on one rank (convert, bench, generate) may not import each other.
 RANKS = {"core": 0, "runtime": 1, "inputs": 2, "calibrate": 3, "convert": 4, "bench": 4,
          "generate": 4, "cli": 5, "benchmarks": 6}
-SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "fused_cqil.py",
+SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "fused_cqil.py",
                   "sharding_cqil.py", "distributed_cqil.py")
 
 

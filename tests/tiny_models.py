@@ -68,9 +68,33 @@ KINDS = {
     "qwen3-qknorm": ("Qwen3Config", dict(num_hidden_layers=7, num_attention_heads=4,
                                          num_key_value_heads=1, head_dim=32,
                                          tie_word_embeddings=True)),
+    # Gemma 2: alternating sliding (window 6) / global layers from layer 0, a scale that is not
+    # head_dim's, attention and final logit soft-caps small enough to bite, tied embeddings
+    "gemma2-softcap": ("Gemma2Config", dict(num_hidden_layers=5, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                            query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                            final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    # Gemma 3 (text): per-head q/k norms, one kv head, two RoPEs (local base on the sliding
+    # layers, a linearly scaled global base on the others), a window of 6, untied head
+    "gemma3-local": ("Gemma3TextConfig", dict(
+        num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        sliding_window=6, query_pre_attn_scalar=20, tie_word_embeddings=False,
+        final_logit_softcapping=None,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1000000.0}})),
+    # Phi-3: fused qkv_proj / gate_up_proj, partial rotary (half of head_dim 16), window 8
+    "phi3-partial": ("Phi3Config", dict(num_hidden_layers=5, num_attention_heads=4,
+                                        num_key_value_heads=2, partial_rotary_factor=0.5,
+                                        sliding_window=8, tie_word_embeddings=False)),
 }
 # One kind per supported architecture: the saved folders of tests/conftest.py's tiny_folder.
 FAMILIES = ("llama-gqa", "mistral-one-kv", "qwen2-bias", "qwen3-qknorm")
+# The families beyond the Llama family (tests/test_families.py), one kind each.
+OTHER_FAMILIES = ("gemma2-softcap", "gemma3-local", "phi3-partial")
 
 
 def tiny_config(kind: str, **overrides):

@@ -1,9 +1,9 @@
 """Finding the decoder layers of any transformers causal LM, and steering them one by one.
 
-`analyze` must work on decoder-only models beyond the Llama family, so it does not call layers
-itself: it wraps each layer in a `LayerProxy` and runs the model's own forward. A proxy can
-time its layer, record its input, feed it another input, make it part of a concurrent group,
-or skip it (replaying a recorded output), which is all analyze needs.
+`analyze` must work on decoder-only models beyond the families cqil converts, so it does not
+call layers itself: it wraps each layer in a `LayerProxy` and runs the model's own forward. A
+proxy can time its layer, record its input, feed it another input, make it part of a
+concurrent group, or skip it (replaying a recorded output), which is all analyze needs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, str]:
             return parent, path.rsplit(".", 1)[-1], path
     raise CqilError(f"cannot find the decoder layers of '{model.config.model_type}' "
                     f"(looked for {', '.join(LAYER_PATHS)}); supported without question: "
-                    "llama, mistral, qwen2, qwen3")
+                    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3")
 
 
 def _hidden_of(args, kwargs) -> torch.Tensor:

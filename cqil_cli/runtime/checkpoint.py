@@ -1,7 +1,8 @@
 """Build, save and load CQIL-converted checkpoints (docs/runtime.md).
 
 - `parse_groups(spec, num_layers)`      "14-15,16-17" / "none" -> the ordered steps
-- `build_cqil_model(model, groups, D)`    a loaded transformers Llama-family model -> CqilForCausalLM
+- `build_cqil_model(model, groups, D)`    a loaded transformers causal LM of a supported family
+                                        (configuration_cqil.SUPPORTED_BASE_TYPES) -> CqilForCausalLM
 - `save_converted(model, tok, out_dir)` an atomic Hugging Face folder (config with auto_map,
                                         safetensors with the base names, tokenizer, modeling file)
 - `load_converted(path)`                load such a folder back (cqil's classes, no remote code)
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 
 from ..core.files import staged_folder
-from .configuration_cqil import SUPPORTED_BASE_TYPES, CqilConfig, check_groups
+from .configuration_cqil import FULL, SLIDING, SUPPORTED_BASE_TYPES, CqilConfig, check_groups
+from .families_cqil import make_rotary
 from .modeling_cqil import CqilForCausalLM
 
 RUNTIME_DIR = Path(__file__).parent
 # The self-contained files a converted folder carries (torch + transformers only), so that
 # trust_remote_code=True works where cqil is not installed.
-RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "fused_cqil.py")
+RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "fused_cqil.py",
+                 "sharding_cqil.py", "distributed_cqil.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
     "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM",
@@ -77,7 +80,9 @@ def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
 
 def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
                    skip_layers: list[int] | None = None) -> CqilForCausalLM:
-    """Build a CqilForCausalLM from a loaded transformers Llama/Mistral/Qwen2/Qwen3 causal LM.
+    """Build a CqilForCausalLM from a loaded transformers causal LM of SUPPORTED_BASE_TYPES
+    (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3: tensor names as the base's,
+    Phi-3's fused qkv_proj / gate_up_proj included).
 
     Every base tensor is copied (names and shapes checked); the new bypass weights (gamma, beta)
     start at 1. skip_layers: layers only the prompt runs through (Unified Layer Skipping).
@@ -125,10 +130,11 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
         for name in new_keys:
             target[name].fill_(1.0)
         # Non-persistent buffers (RoPE inverse frequencies) are computed, not loaded.
-        rope = model.model.rotary_emb
-        fresh = type(rope)(cfg).to(device)
-        rope.inv_freq = fresh.inv_freq
-        rope.original_inv_freq = fresh.original_inv_freq
+        for rope, kind in ((model.model.rotary_emb, FULL), (model.model.rotary_local, SLIDING)):
+            if rope is not None:
+                fresh = make_rotary(cfg, kind).to(device)
+                rope.inv_freq = fresh.inv_freq
+                rope.original_inv_freq = fresh.original_inv_freq
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if getattr(base_model, "generation_config", None) is not None:

@@ -1,7 +1,8 @@
-"""Configuration of a CQIL-converted Llama-family model (model_type "cqil").
+"""Configuration of a CQIL-converted model (model_type "cqil"): the Llama family (llama,
+mistral, qwen2, qwen3), Gemma 2, Gemma 3 (text) and Phi-3.
 
 Self-contained on purpose (torch, transformers and the standard library only): `cqil convert`
-copies it next to the converted weights with modeling_cqil.py and fused_cqil.py, so that
+copies it next to the converted weights with the other runtime files, so that
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works where cqil is not
 installed. The grouping it carries is explained in modeling_cqil.py and docs/runtime.md.
 """
@@ -12,7 +13,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-SUPPORTED_BASE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+SUPPORTED_BASE_TYPES = (*LLAMA_TYPES, *GEMMA_TYPES, "phi3")
 ENGINES = ("fused", "reference")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -50,12 +53,12 @@ def check_groups(groups: Any, num_layers: int) -> list[list[int]]:
 
 
 class CqilConfig(PreTrainedConfig):
-    r"""Configuration of a CQIL-converted Llama-family model.
+    r"""Configuration of a CQIL-converted model.
 
     It carries the base model's fields flat (so the usual names `hidden_size`,
     `num_hidden_layers`, ... mean what they mean in the base config) plus:
 
-    base_model_type (`str`): llama, mistral, qwen2 or qwen3 (the architecture converted).
+    base_model_type (`str`): one of SUPPORTED_BASE_TYPES (the architecture converted).
     groups (`list[list[int]]`): the ordered steps; size-1 lists are single layers.
         None means every layer is its own step (the original model).
     bypass_distance (`int`): D >= 0, how many earlier layers of its group feed a layer's MLP.
@@ -63,7 +66,19 @@ class CqilConfig(PreTrainedConfig):
         (Unified Layer Skipping); each must be its own step, and layer 0 always runs.
     engine (`str`): "fused" (default, inference) or "reference".
     attention_bias / attention_out_bias / mlp_bias / qk_norm: which optional tensors the
-        layers have (q/k/v bias, o_proj bias, MLP biases, per-head q/k RMSNorm of qwen3).
+        layers have (q/k/v bias, o_proj bias, MLP biases, per-head q/k RMSNorm of qwen3 and
+        gemma3).
+    What the Gemma and Phi-3 families add (all off for the Llama family; families_cqil.py):
+    norm_unit_offset (`bool`): RMSNorms scale by (1 + weight), in fp32 (Gemma).
+    post_norms (`bool`): four norms per layer: input, post-attention (on the attention output),
+        pre-feedforward (the MLP input), post-feedforward (on the MLP output) (Gemma).
+    scale_embeddings (`bool`): embeddings times sqrt(hidden_size), in their dtype (Gemma).
+    query_pre_attn_scalar (`float`): attention scores scaled by its -1/2 power, not head_dim's.
+    attn_logit_softcapping / final_logit_softcapping (`float`): cap * tanh(s / cap) of the
+        attention scores (Gemma 2) / of the logits (Gemma 2, Gemma 3 when set).
+    fused_projections (`bool`): one qkv_proj and one gate_up_proj per layer (Phi-3).
+    rope_parameters may hold one dict per layer type (Gemma 3: a local base for the sliding
+    layers, the global base and its scaling for the others).
     """
 
     model_type = "cqil"
@@ -90,6 +105,13 @@ class CqilConfig(PreTrainedConfig):
     attention_out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    fused_projections: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
     layer_types: list[str] | None = None
@@ -142,10 +164,6 @@ class CqilConfig(PreTrainedConfig):
                                  "(layer 0 always runs: it sets the cache length)")
             if i in grouped:
                 raise ValueError(f"skip_layers: layer {i} is in a group; only single layers can be skipped")
-        for step in self.groups:
-            if len({self.layer_types[i] for i in step}) > 1:
-                # One attention call covers the whole group, so it needs one mask.
-                raise ValueError(f"group {step} mixes full and sliding-window attention layers")
         super().__post_init__(**kwargs)
 
     @property
@@ -156,26 +174,29 @@ class CqilConfig(PreTrainedConfig):
     def from_base_config(
         cls, base_config: PreTrainedConfig, groups: list[list[int]] | None, bypass_distance: int = 0, **kwargs
     ) -> CqilConfig:
-        """Build a CqilConfig from a transformers Llama/Mistral/Qwen2/Qwen3 config."""
+        """Build a CqilConfig from a transformers config of a SUPPORTED_BASE_TYPES model."""
         kind = getattr(base_config, "model_type", None)
         if kind not in SUPPORTED_BASE_TYPES:
             raise ValueError(
                 f"cqil supports the architectures {', '.join(SUPPORTED_BASE_TYPES)}; got model_type '{kind}'"
             )
         c = base_config
+        if getattr(c, "use_bidirectional_attention", False):
+            raise ValueError(f"{kind} with use_bidirectional_attention is not a causal LM; cqil cannot convert it")
         n = c.num_hidden_layers
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        hidden_act = getattr(c, "hidden_act", "silu")
-        if kind == "llama":
+        hidden_act = getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", None) or "silu"
+        if kind in ("llama", "qwen3"):
             qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
-            mlp_bias = bool(getattr(c, "mlp_bias", False))
-        elif kind == "mistral":
+            mlp_bias = bool(getattr(c, "mlp_bias", False)) if kind == "llama" else False
+        elif kind in ("mistral", "phi3"):
             qkv_bias = out_bias = mlp_bias = False
         elif kind == "qwen2":
             qkv_bias, out_bias, mlp_bias = True, False, False
-        else:  # qwen3
+        else:  # gemma2, gemma3_text
             qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
             mlp_bias = False
+        gemma = kind in GEMMA_TYPES
         sliding_window = getattr(c, "sliding_window", None)
         layer_types = getattr(c, "layer_types", None)
         if layer_types is not None:
@@ -183,6 +204,8 @@ class CqilConfig(PreTrainedConfig):
             if SLIDING not in layer_types:
                 sliding_window = None
         rope = getattr(c, "rope_parameters", None)
+        if rope is not None:  # one level deeper for per-layer-type RoPE (Gemma 3)
+            rope = {k: dict(v) if isinstance(v, dict) else v for k, v in rope.items()}
         return cls(
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,
@@ -200,11 +223,19 @@ class CqilConfig(PreTrainedConfig):
             bos_token_id=getattr(c, "bos_token_id", None),
             eos_token_id=getattr(c, "eos_token_id", None),
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-            rope_parameters=dict(rope) if rope is not None else None,
+            rope_parameters=rope,
             attention_bias=qkv_bias,
             attention_out_bias=out_bias,
             mlp_bias=mlp_bias,
-            qk_norm=kind == "qwen3",
+            qk_norm=kind in ("qwen3", "gemma3_text"),
+            norm_unit_offset=gemma,
+            post_norms=gemma,
+            scale_embeddings=gemma,
+            query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) if gemma else None,
+            # Gemma 3 keeps the field but its attention never applies it (transformers 5.24).
+            attn_logit_softcapping=getattr(c, "attn_logit_softcapping", None) if kind == "gemma2" else None,
+            final_logit_softcapping=getattr(c, "final_logit_softcapping", None) if gemma else None,
+            fused_projections=kind == "phi3",
             attention_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
             sliding_window=sliding_window,
             layer_types=layer_types,
@@ -215,4 +246,5 @@ class CqilConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["CqilConfig", "check_groups", "SUPPORTED_BASE_TYPES", "ENGINES"]
+__all__ = ["CqilConfig", "check_groups", "SUPPORTED_BASE_TYPES", "LLAMA_TYPES", "GEMMA_TYPES", "ENGINES", "FULL",
+           "SLIDING"]

@@ -6,9 +6,11 @@ on a 135M model that overhead is larger than the arithmetic. Here:
 
   - the KV cache is preallocated once per step: [B, P*kv_heads, max_len, head_dim]; new keys
     are written with index_copy_ (no allocation, no concatenation);
-  - the decode mask is one preallocated bool row per sequence [B, 1, 1, max_len], updated in
-    place by one element per token (no mask utilities in the loop);
-  - RoPE cos/sin come from a table computed once;
+  - the decode mask is one preallocated additive row per sequence [B, 1, 1, max_len] per
+    attention type (full, sliding window), updated in place by one element per token (no mask
+    utilities in the loop);
+  - RoPE cos/sin come from a table computed once (one per RoPE: Gemma 3's sliding layers
+    have their own);
   - the prompt runs through the model's own fused steps (CqilModel.prepare_steps/run_steps);
   - the loop calls the fused steps directly (model.model.fused_steps()), then norm + lm_head on
     the last position only; with skip_layers (Unified Layer Skipping) the prompt runs through
@@ -18,8 +20,9 @@ on a 135M model that overhead is larger than the arithmetic. Here:
     (all its inputs live in preallocated buffers updated in place), which removes the
     per-kernel launch cost that dominates a small model's decode step on a GPU.
 
-A plain transformers Llama/Mistral/Qwen2/Qwen3 model is first converted to a CqilForCausalLM
-with every layer its own step ("our engine with no groups"); the conversion copies weights.
+A plain transformers model of a supported family (configuration_cqil.SUPPORTED_BASE_TYPES) is
+first converted to a CqilForCausalLM with every layer its own step ("our engine with no
+groups"); the conversion copies weights.
 Greedy tokens equal those of generate() on the same model (tested).
 """
 
@@ -32,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.devices import synchronize
+from .configuration_cqil import FULL, SLIDING
+from .families_cqil import embedding_multiplier, softcap
 from .fused_cqil import FusedLinear, rope_tables
-from .modeling_cqil import CqilForCausalLM
+from .modeling_cqil import CqilForCausalLM, step_inputs
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
@@ -83,7 +88,7 @@ class StaticKVCache:
 
 
 class FastGenerator:
-    """Static-cache generation for a CqilForCausalLM (or a plain Llama-family model).
+    """Static-cache generation for a CqilForCausalLM (or a plain model of a supported family).
 
     gen = FastGenerator(model)                  # converts a plain HF model (all single steps)
     out = gen.generate(input_ids, attention_mask, max_new_tokens=64)
@@ -110,26 +115,45 @@ class FastGenerator:
         self._graph_key: tuple | None = None
         self._graph_logits: torch.Tensor | None = None
         self._cache: StaticKVCache | None = None
-        self._cos = self._sin = None
+        self._tables: dict | None = None  # layer type -> RoPE tables (cos, sin) [max_len, 1, r]
         self._lm_w, self._lm_key = None, None
 
     # -- pieces of one forward
 
-    def _rope(self, max_len: int, device, dtype):
-        """RoPE tables [max_len, 1, hd] in the fused form (None if the RoPE type depends on length)."""
-        rope = self.model.model.rotary_emb
-        if rope.rope_type not in _TABLE_ROPE_TYPES:
-            return None, None
-        dummy = torch.empty(1, dtype=dtype, device=device)
-        cos, sin = rope_tables(*rope(dummy, torch.arange(max_len, device=device)[None]))
-        return cos[0].contiguous(), sin[0].contiguous()
+    def _rotaries(self) -> dict:
+        """layer type -> its RoPE module (the same module for both types but in Gemma 3)."""
+        inner = self.model.model
+        local = getattr(inner, "rotary_local", None)  # absent from cqil 0.1's shipped modeling file
+        return {FULL: inner.rotary_emb, SLIDING: local if local is not None else inner.rotary_emb}
 
-    def _cos_sin(self, positions: torch.Tensor, dtype):
-        """positions [B, T] -> cos, sign-folded sin [B, T, 1, hd]."""
-        if self._cos is not None:
-            return self._cos[positions], self._sin[positions]
+    def _rope(self, max_len: int, device, dtype) -> dict | None:
+        """layer type -> RoPE tables [max_len, 1, r] in the fused form, or None when a RoPE type
+        depends on the length (then computed per step)."""
+        tables, by_module = {}, {}
+        dummy = torch.empty(1, dtype=dtype, device=device)
+        for kind, rope in self._rotaries().items():
+            if rope.rope_type not in _TABLE_ROPE_TYPES:
+                return None
+            if id(rope) not in by_module:
+                cos, sin = rope_tables(*rope(dummy, torch.arange(max_len, device=device)[None]))
+                by_module[id(rope)] = (cos[0].contiguous(), sin[0].contiguous())
+            tables[kind] = by_module[id(rope)]
+        return tables
+
+    def _cos_sin(self, positions: torch.Tensor, dtype) -> dict:
+        """positions [B, T] -> layer type -> (cos, sign-folded sin) [B, T, 1, r]."""
+        if self._tables is not None:
+            full = self._tables[FULL]
+            out = {FULL: (full[0][positions], full[1][positions])}
+            local = self._tables[SLIDING]
+            out[SLIDING] = out[FULL] if local is full else (local[0][positions], local[1][positions])
+            return out
         dummy = torch.empty(1, dtype=dtype, device=positions.device)
-        return rope_tables(*self.model.model.rotary_emb(dummy, positions))
+        rotaries = self._rotaries()
+        out = {FULL: rope_tables(*rotaries[FULL](dummy, positions))}
+        out[SLIDING] = out[FULL] if rotaries[SLIDING] is rotaries[FULL] else \
+            rope_tables(*rotaries[SLIDING](dummy, positions))
+        return out
 
     def _lm_matrix(self) -> torch.Tensor:
         """lm_head in the faster layout (a transposed copy in fp32 on CPU, prepacked in bf16)."""
@@ -143,23 +167,28 @@ class FastGenerator:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, d] last hidden state -> logits [B, V] (final norm, lm_head)."""
         norm = self.model.model.norm
-        h = F.rms_norm(h, (h.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
-        return self._lm_w(h)
+        gain = norm.gain() if hasattr(norm, "gain") else norm.weight  # Gemma: 1 + weight
+        h = F.rms_norm(h, (h.shape[-1],), weight=gain, eps=norm.variance_epsilon)
+        return softcap(self._lm_w(h), getattr(self.config, "final_logit_softcapping", None))
 
-    def _decode(self, tok, pos, write_pos, mask):
-        """One token for every sequence: tok/pos [B, 1], write_pos [1] -> logits [B, V]."""
+    def _decode(self, tok, pos, write_pos, masks):
+        """One token for every sequence: tok/pos [B, 1], write_pos [1], masks (layer type ->
+        additive row [B, 1, 1, max_len]) -> logits [B, V]."""
         x = self.model.model.embed_tokens(tok)  # [B, 1, d]
-        cos, sin = self._cos_sin(pos, x.dtype)  # [B, 1, 1, hd]
+        if getattr(self.config, "scale_embeddings", False):
+            x = x * embedding_multiplier(self.config.hidden_size, x.dtype)
+        ropes = self._cos_sin(pos, x.dtype)  # layer type -> [B, 1, 1, r]
+        masks = {kind: (row, False) for kind, row in masks.items()}
         self._cache.write_pos = write_pos
-        for s, step in self._decode_steps:
-            x = step(x, cos, sin, mask, False, self._cache, s)
+        for s, step, kinds in self._decode_steps:
+            x = step(x, *step_inputs(kinds, ropes, masks), self._cache, s)
         return self._logits(x[:, -1])
 
     def _replay(self, decode) -> torch.Tensor:
         """Run the decode step as a CUDA graph (captured on first use) -> logits [B, V]."""
         key = (id(self._steps), self._lm_key, id(self._cache), decode is self._decode_fn)
         if self._graph is None or self._graph_key != key:
-            args = (self._tok, self._pos, self._write_pos, self._mask_row)
+            args = (self._tok, self._pos, self._write_pos, self._mask_rows)
             # Warm-up on a side stream (also compiles, if compiling); it writes this token's
             # keys and values into the cache, which the replay below writes again, identically.
             stream = torch.cuda.Stream()
@@ -208,8 +237,6 @@ class FastGenerator:
         attention_mask = attention_mask.to(device)
         max_len = T + max_new_tokens
         window = cfg.sliding_window
-        if window is not None and any(t != "sliding_attention" for t in cfg.layer_types):
-            raise NotImplementedError("fastgen supports models whose layers all use the same attention type")
         eos = None
         if eos_token_id is not None:
             eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
@@ -232,18 +259,20 @@ class FastGenerator:
         if self._cache is None or (self._cache.batch, self._cache.max_len) != (B, max_len) \
                 or self._cache.k[0].dtype != dtype or self._cache.k[0].device != device:
             self._cache = StaticKVCache(model, B, max_len, dtype, device)
-            self._cos, self._sin = self._rope(max_len, device, dtype)
+            self._tables = self._rope(max_len, device, dtype)
             # Decode inputs, preallocated and updated in place (a CUDA graph reads these addresses).
             self._tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] current token
             self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] its RoPE position
             self._write_pos = torch.zeros(1, dtype=torch.long, device=device)  # [1] its cache slot
-            self._mask_row = torch.empty(B, 1, 1, max_len, dtype=dtype, device=device)  # additive mask
+            self._mask_rows = {kind: torch.empty(B, 1, 1, max_len, dtype=dtype, device=device)
+                               for kind in sorted(set(cfg.layer_types))}  # additive masks
             self._decode_fn = None  # shapes changed: a compiled step would recompile
             self._graph = None
         self._steps = model.model.fused_steps()
         # Unified Layer Skipping: the prompt runs through every step, decoding skips these.
         skipped = set(cfg.skip_layers or [])
-        self._decode_steps = [(s, step) for s, step in enumerate(self._steps) if cfg.groups[s][0] not in skipped]
+        self._decode_steps = [(s, step, [cfg.layer_types[i] for i in cfg.groups[s]])
+                              for s, step in enumerate(self._steps) if cfg.groups[s][0] not in skipped]
         self._lm_matrix()
         cache = self._cache
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # like generate()
@@ -265,11 +294,13 @@ class FastGenerator:
         # Decode state, preallocated: everything below is updated in place. The mask is additive
         # (0 = visible, -inf = hidden): SDPA would otherwise convert a bool mask on every call.
         cache.kv_len = None
-        mask_row, pos, write_pos = self._mask_row, self._pos, self._write_pos
-        mask_row.fill_(float("-inf"))
-        mask_row[:, 0, 0, :T].masked_fill_(attention_mask.bool(), 0.0)
-        if window is not None and T - window > 0:
-            mask_row[..., : T - window] = float("-inf")  # left of the first decode query's window
+        mask_rows, pos, write_pos = self._mask_rows, self._pos, self._write_pos
+        sliding = mask_rows.get(SLIDING)
+        for row in mask_rows.values():
+            row.fill_(float("-inf"))
+            row[:, 0, 0, :T].masked_fill_(attention_mask.bool(), 0.0)
+        if sliding is not None and T - window > 0:
+            sliding[..., : T - window] = float("-inf")  # left of the first decode query's window
         pos.copy_(positions[:, -1:])  # [B, 1] position of the last token per sequence
         write_pos.fill_(T - 1)
         decode = self._decode
@@ -280,7 +311,7 @@ class FastGenerator:
         use_graph = self.cuda_graph if self.cuda_graph is not None else device.type == "cuda"
         if use_graph and device.type != "cuda":
             raise ValueError("cuda_graph needs a model on a CUDA device")
-        if use_graph and self._cos is None:  # RoPE computed per step: not capturable
+        if use_graph and self._tables is None:  # RoPE computed per step: not capturable
             if self.cuda_graph:
                 raise ValueError(f"cuda_graph does not support RoPE type "
                                  f"'{model.model.rotary_emb.rope_type}' (computed per step)")
@@ -293,14 +324,15 @@ class FastGenerator:
             write_pos += 1
             pos += 1
             q = T + i - 1  # cache position of this token
-            mask_row[..., q] = 0.0
-            if window is not None and q - window >= 0:
-                mask_row[..., q - window] = float("-inf")
+            for row in mask_rows.values():
+                row[..., q] = 0.0
+            if sliding is not None and q - window >= 0:
+                sliding[..., q - window] = float("-inf")
             self._tok.copy_(tok[:, None])
             if use_graph:
                 logits = self._replay(decode)
             else:
-                logits = decode(self._tok, pos, write_pos, mask_row)
+                logits = decode(self._tok, pos, write_pos, mask_rows)
             nxt = pick(logits)
             if finished is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .configuration_cqil import CqilConfig
+from .configuration_cqil import LLAMA_TYPES, CqilConfig
 from .modeling_cqil import CqilDecoderLayer, CqilRMSNorm
 
 # ----------------------------------------------------------------------------- layout
@@ -159,6 +159,10 @@ def _part(n: int, parts: int, i: int) -> range:
 
 def _misfit(config: CqilConfig, world_size: int) -> str | None:
     """Why W ranks cannot run this grouping (None: they can)."""
+    base = getattr(config, "base_model_type", None) or "llama"
+    if base not in LLAMA_TYPES:
+        return (f"the distributed engine runs the Llama family ({', '.join(LLAMA_TYPES)}); "
+                f"this model is converted from '{base}'")
     G, intermediate = config.num_key_value_heads, config.intermediate_size
     for step in config.groups:
         if world_size % len(step):
