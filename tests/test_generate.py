@@ -293,3 +293,25 @@ def test_a_machine_that_never_joins_ends_the_other_within_the_join_timeout(conve
     assert "RendezvousTimeoutError" in done.stderr
     assert time.monotonic() - started < 60
     assert _processes_with(marker) == []
+
+
+def test_sampling_on_two_ranks_draws_what_one_device_draws(cqil, llama_folder, tmp_path):
+    """--do-sample with temperature, top-k, top-p and a seed: the same tokens on one device and
+    on 2 ranks (one sampler, next_tokens, in both engines); a different seed draws others."""
+    settings = ["--do-sample", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95",
+                "--seed", "3"]
+    one = generate_json(cqil, llama_folder, tmp_path, *settings, name="one.json")
+    two = generate_json(cqil, llama_folder, tmp_path, *settings, "--devices", "2", "--device",
+                        "cpu", name="two.json")
+    assert one["sampling"] == {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95,
+                               "seed": 3}
+    assert two["tokens"] == one["tokens"] and two["sampling"] == one["sampling"]
+    other = generate_json(cqil, llama_folder, tmp_path, *settings[:-1], "4", name="other.json")
+    assert other["tokens"] != one["tokens"]
+    greedy = generate_json(cqil, llama_folder, tmp_path, name="greedy.json")
+    assert "sampling" not in greedy
+
+
+def test_sampling_settings_need_do_sample(cqil, llama_folder):
+    result = cqil("generate", llama_folder, "--prompt", "hi", "--top-p", "0.5")
+    assert_clean_error(result, "need --do-sample")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..core.devices import synchronize
 from .configuration_cqil import FULL, SLIDING
+from .distributed_cqil import next_tokens
 from .families_cqil import embedding_multiplier, softcap
 from .fused_cqil import FusedLinear, rope_tables
 from .modeling_cqil import CqilForCausalLM, step_inputs
@@ -218,8 +219,12 @@ class FastGenerator:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
+        top_p: float | None = None,
     ) -> GenerationResult:
-        """Generate `max_new_tokens` tokens after a (left-padded) prompt batch.
+        """Generate `max_new_tokens` tokens after a (left-padded) prompt batch: greedy, or with
+        do_sample drawn as the distributed engine draws (distributed_cqil.next_tokens:
+        temperature, top_k, top_p, a CPU generator seeded with `seed`, default 0), so the two
+        engines draw the same tokens from the same logits.
 
         attention_mask [B, T]: 1 = token, 0 = left padding. With `eos_token_id`, a finished
         sequence continues with `pad_token_id` (default: the eos id) and the loop stops once
@@ -241,19 +246,10 @@ class FastGenerator:
         if eos_token_id is not None:
             eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
             pad = int(pad_token_id if pad_token_id is not None else eos[0])
-        gen = None
-        if do_sample:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
+        gen = torch.Generator().manual_seed(0 if seed is None else int(seed)) if do_sample else None
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B]
-            if not do_sample:
-                return logits.argmax(-1)
-            logits = logits.float() / max(temperature, 1e-5)
-            if top_k is not None and top_k < logits.shape[-1]:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            return next_tokens(logits, do_sample, temperature, top_k, top_p, gen)
 
         # Static state for this call: cache, RoPE table, decode mask row, positions.
         if self._cache is None or (self._cache.batch, self._cache.max_len) != (B, max_len) \
