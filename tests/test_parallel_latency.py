@@ -187,3 +187,23 @@ def test_search_meets_a_budget_that_is_a_fraction_of_tensor_parallel():
     for p in found:
         assert {len(s) for s in p.steps} <= {1, 2, 4}
         assert model.ratio(p.groups(), 1, w) <= fraction + 1e-9
+
+
+def test_probe_measures_every_input_on_two_ranks():
+    """calibrate/parallel_probe.py on 2 local ranks (a tiny Llama's shapes): compute at both
+    lane sizes (timed in the running engine), the head, and alpha/beta of every collective the
+    engine calls; the model it returns predicts any grouping of the shape."""
+    from tiny_models import tiny_model
+
+    from cqil_cli.calibrate.parallel_probe import measure_parallel_model
+    from cqil_cli.runtime.checkpoint import build_cqil_model
+
+    config = build_cqil_model(tiny_model("llama-gqa"), "none", 0).config
+    model = measure_parallel_model(config, 2, context_tokens=16, repeats=6)
+    assert set(model.compute.layer_s) == {1, 2} and model.compute.head_s[2] > 0
+    assert all(v >= 0 for v in model.compute.layer_s.values())
+    assert {("all_reduce", 2), ("all_gather", 2)} <= set(model.collectives)
+    assert "running engine" in model.source
+    tp = model.tensor_parallel_token_s(5, 2).seconds
+    pairs = model.predict_token_s([[0], [1, 2], [3, 4]], 1, 2).seconds
+    assert tp > 0 and pairs > 0

@@ -1,20 +1,21 @@
 """The alpha-beta model's inputs, measured on W local ranks of the distributed engine.
 
 measure_parallel_model(config, W) starts W local processes (core/launch.py), each of which
-times, concurrently with the others (so that they share the memory bandwidth as a real run
-does), with its own threads (the machine's cores / W):
-  - compute: one rank's slice of a decoder layer at every lane size t (t divides W: t = W for a
-    single layer, W/P for a member of a group of P), one decode token against a KV cache of
-    `context_tokens` positions: input norm, q/k/v projection and RoPE, cache write, attention,
-    o_proj, post-attention norm, MLP and the residual adds, without collectives. Several copies
-    of the layer are run in turn, so that no copy's weights stay in a cache between calls
-    (a real step reads a new layer each time). The slowest rank's median counts;
-  - the head: final norm and this rank's rows of lm_head; the embedding lookup; the per-forward
-    overhead outside the layers (RoPE tables, mask);
+measures, concurrently with the others (so that they share the cores and the memory bandwidth
+as a real run does), with its own threads (the machine's cores / W):
   - the collectives the engine calls (runtime/distributed_cqil.py: Collectives, the same code):
     all-reduce over W and over every lane size between, all-gather over W, each at several
     message sizes from one token's activation up to one rank's share of the logits, back to
-    back; alpha and beta fitted per (kind, n) (calibrate/parallel_latency.py: CollectiveCost.fit).
+    back; alpha and beta fitted per (kind, n) (calibrate/parallel_latency.py: CollectiveCost.fit);
+  - the head: final norm and this rank's rows of lm_head; the embedding lookup; the per-forward
+    overhead outside the layers (RoPE tables, mask);
+  - compute per step at every lane size t (t = W for a single layer, W/P for a member of a group
+    of P), timed in the running engine: random weights of the model's shapes in groups of
+    P = W/t at two depths, the slope of the decode time per token between them, less the
+    step's collectives as fitted. Timing a layer slice alone, back to back, underestimated a
+    grouped step by 40 % on a 2-core CPU (docs/performance.md, "Several ranks"): in the run the
+    ranks share the cores with gloo's threads and wait for each other between collectives. The
+    isolated times are kept in the model's `source` for comparison.
 The weights are random (time depends on shapes and dtype only), so no rank reads the model.
 """
 
@@ -54,13 +55,15 @@ class ProbeRequest:
     context_tokens: int = 160  # KV positions while timing a decode token
     repeats: int = 30
     batch: int = 1
+    bypass_distance: int = 1  # D of the groups timed in the running engine
 
 
 def measure_parallel_model(config, world_size: int, device: str = "cpu",
                            dtype: str = "float32", context_tokens: int = 160,
-                           repeats: int = 30) -> ParallelLatencyModel:
+                           repeats: int = 30, bypass_distance: int = 1) -> ParallelLatencyModel:
     """The ParallelLatencyModel of `config`'s shapes on `world_size` local ranks (measured)."""
-    request = ProbeRequest(config.to_dict(), world_size, device, dtype, context_tokens, repeats)
+    request = ProbeRequest(config.to_dict(), world_size, device, dtype, context_tokens, repeats,
+                           bypass_distance=bypass_distance)
     return ParallelLatencyModel.from_json(
         launch_local(probe_rank, request, world_size, "cqil-probe"))
 
@@ -84,21 +87,27 @@ def probe_rank(request: ProbeRequest) -> dict | None:
         dtype = getattr(torch, request.dtype)
         lanes = [t for t in divisors(W) if t <= config.num_key_value_heads]
         collectives = Collectives(rank, W, lanes)
+        element = torch.empty((), dtype=dtype).element_size()
         with torch.no_grad():
-            layer_s = {t: _slowest(_layer_seconds(config, W, t, rank, request, device, dtype),
-                                   collectives) for t in lanes}
+            isolated = {t: _slowest(_layer_seconds(config, W, t, rank, request, device, dtype),
+                                    collectives) for t in lanes}
             head_s, embed_s, overhead_s = (
                 _slowest(s, collectives)
                 for s in _outside_seconds(config, W, rank, request, device, dtype))
-            costs = _collective_costs(config, W, lanes, collectives, request, device, dtype)
+            costs = collectives_by_key(
+                _collective_costs(config, W, lanes, collectives, request, device, dtype))
+            model = ParallelLatencyModel(config.hidden_size, config.vocab_size, element,
+                                         ComputeCost(isolated, {W: head_s}, embed_s, overhead_s),
+                                         costs)
+            in_run = _compute_in_the_engine(config, W, rank, lanes, model, collectives, request,
+                                            device, dtype)
         if rank != 0:
             return None
-        element = torch.empty((), dtype=dtype).element_size()
         where = "cuda" if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
-        model = ParallelLatencyModel(
-            config.hidden_size, config.vocab_size, element,
-            ComputeCost(layer_s, {W: head_s}, embed_s, overhead_s), collectives_by_key(costs),
-            source=f"measured on {W} local ranks ({where} each, {request.dtype})")
+        model.compute = ComputeCost(in_run, {W: head_s}, embed_s, overhead_s)
+        model.source = (f"measured on {W} local ranks ({where} each, {request.dtype}); "
+                        f"layer compute in the running engine (isolated slices: "
+                        + ", ".join(f"t={t}: {1e3 * v:.3f} ms" for t, v in isolated.items()) + ")")
         return model.to_json()
     finally:
         if dist.is_initialized():
@@ -184,6 +193,89 @@ def _layout(config, W: int, group_size: int):
     return DistributedLayout(W, (tuple(range(group_size)),), config.num_attention_heads,
                              config.num_key_value_heads, config.intermediate_size,
                              config.hidden_size, config.head_dim, config.vocab_size, W > 1)
+
+
+def _compute_in_the_engine(config, W: int, rank: int, lanes: list[int], model, collectives,
+                           request, device, dtype) -> dict[int, float]:
+    """Seconds of compute per step at each lane size t, timed in the running engine.
+
+    For each group size s = W/t, the distributed engine runs random weights of the model's
+    shapes in two depths, m and 3m layers (m: a multiple of every s), all in groups of s with
+    bypass distance D; the slope of the per-token decode time between the depths is one step's
+    cost with everything the engine does around it (collectives, waits for the other ranks,
+    their threads on shared cores), the embedding and head cancel out. The step's collectives,
+    as the alpha-beta fit predicts them, are taken off, so that the model adds them back the
+    same way for any grouping. The median of `repeats // 10` (at least 3) rounds counts."""
+    sizes = sorted({W // t for t in lanes})
+    m = math.lcm(*sizes)
+    per_step: dict[int, float] = {}
+    rounds = max(3, request.repeats // 10)
+    for s in sizes:
+        engines = [_random_engine(config, W, rank, s, depth, request, device, dtype)
+                   for depth in (m, 3 * m)]
+        slopes = []
+        for _ in range(rounds):
+            short, deep = (_decode_seconds(e, config, request, device) for e in engines)
+            slopes.append((deep - short) / (2 * m // s))  # seconds per step of s layers
+        per_step[s] = statistics.median(slopes)
+        del engines
+    out = {}
+    for s, seconds in per_step.items():
+        calls = model.step_collectives(s, request.bypass_distance, W, request.batch)
+        out[W // s] = _slowest(max(seconds - sum(model.collective_s(c) for c in calls), 0.0),
+                               _collectives_of(model))
+    return out
+
+
+def _collectives_of(model):
+    import torch.distributed as dist
+
+    from ..runtime.distributed_cqil import Collectives
+
+    W = dist.get_world_size() if dist.is_initialized() else 1
+    return Collectives(dist.get_rank() if W > 1 else 0, W)
+
+
+def _random_engine(config, W: int, rank: int, group_size: int, depth: int, request, device,
+                   dtype):
+    """This rank's DistributedCqil of `depth` layers of the model's shapes in groups of
+    `group_size`, random weights (normal, std 0.02; norms, gamma and biases ones)."""
+    import copy
+
+    from ..runtime.distributed_cqil import DistributedCqil
+    from ..runtime.sharding_cqil import CqilShard, plan_layout
+
+    c = copy.deepcopy(config)
+    c.num_hidden_layers = depth
+    c.layer_types = [config.layer_types[0]] * depth
+    c.groups = [list(range(i, i + group_size)) for i in range(0, depth, group_size)]
+    c.bypass_distance, c.skip_layers = request.bypass_distance, []
+    layout = plan_layout(c, W)
+    with torch.device("meta"):
+        shard = CqilShard(c, layout, rank)
+    generator = torch.Generator().manual_seed(rank)
+    state = {name: (torch.randn(t.shape, generator=generator) * 0.02 if t.dim() > 1
+                    else torch.ones(t.shape)).to(device=device, dtype=dtype)
+             for name, t in shard.state_dict().items()}
+    shard.load_state_dict(state, strict=False, assign=True)
+    if c.tie_word_embeddings:
+        shard.lm_head.weight = shard.embed_tokens.weight
+    return DistributedCqil(shard.eval().requires_grad_(False))
+
+
+def _decode_seconds(engine, config, request, device) -> float:
+    """Median per-token decode seconds of one generation after a prompt of context_tokens."""
+    from ..core.devices import CallTimer
+
+    prompt = torch.randint(0, config.vocab_size, (request.batch, request.context_tokens),
+                           generator=torch.Generator().manual_seed(1))
+    timer = CallTimer(engine.forward, device)
+    engine.forward = timer
+    try:
+        engine.generate(prompt, max_new_tokens=17)
+    finally:
+        engine.forward = timer.fn
+    return statistics.median(timer.durations[1:])
 
 
 def _rotary(config, device):
