@@ -197,7 +197,7 @@ def test_unusable_world_size_is_one_line(cqil, llama_folder, converted_folder, w
 
 def test_other_model_cannot_use_ranks(cqil, gpt2_folder):
     result = cqil("generate", gpt2_folder, "--prompt", "hi", "--devices", "2", "--device", "cpu")
-    assert_clean_error(result, "Llama-family")
+    assert_clean_error(result, "Llama family")
 
 
 def _processes_with(marker: str) -> list[int]:
