@@ -147,7 +147,16 @@ def test_output_has_ordinary_permissions(converted):
 
 def test_manifest_records_the_steps_taken(converted):
     tuning = json.loads((converted / "manifest.json").read_text())["tuning"]
-    assert tuning["steps"] == 2 and tuning["lora_rank"] == 2
+    assert tuning["lora_rank"] == 2
+    stages = {stage["name"]: stage for stage in tuning["stages"]}
+    assert list(stages) == ["local", "e2e"]  # the default stages, in order
+    # --tune-steps 2: two steps for the one block of the local stage, two end to end
+    assert stages["local"]["steps"] == 2 and stages["e2e"]["steps"] == 2
+    assert tuning["steps"] == 4
+    for stage in stages.values():
+        assert {"seconds", "loss_start", "loss_end", "ppl", "ppl_ood", "kept"} <= set(stage)
+    assert [block["name"] for block in stages["local"]["blocks"]] == ["layers 1-2"]
+    assert tuning["local"]["params"] == "full"
 
 
 def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder, long_text, tmp_path):
@@ -165,7 +174,8 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
     assert "skipped when decoding: 1,3" in result.stdout
     manifest = read_manifest(tmp_path / "k")
     assert manifest.strategy == "skip" and manifest.skipped_layers == [1, 3]
-    assert manifest.steps == [[0], [2], [4]] and manifest.tuning["steps"] == 2
+    assert manifest.steps == [[0], [2], [4]]
+    assert [s["steps"] for s in manifest.tuning["stages"]] == [4, 2]  # 2 blocks × 2, then 2
     assert manifest.quality["prompt_tokens"] == 128
     loaded = load_model(str(tmp_path / "k"))
     model = loaded.model
@@ -203,3 +213,26 @@ def test_skip_option_errors_come_before_any_work(tmp_path):
         with pytest.raises(CqilError, match=message):
             conv.run_convert("no-such-model-is-loaded", opts, {}, conv.Callbacks())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, long_text,
+                                                               tmp_path, monkeypatch):
+    """--engine distributed: the search reads the alpha-beta model measured on --devices local
+    ranks, and the manifest records it with its prediction for the chosen steps."""
+    from cqil_cli.calibrate import parallel_probe
+
+    measure = parallel_probe.measure_parallel_model
+    monkeypatch.setattr(parallel_probe, "measure_parallel_model",
+                        lambda config, w, **kw: measure(config, w, context_tokens=16, repeats=6,
+                                                        **{k: v for k, v in kw.items()
+                                                           if k == "dtype"}))
+    out = tmp_path / "out"
+    convert_in_process(llama_folder, "--out", out, "--engine", "distributed", "--devices", "2",
+                       "--steps", "3", "--tune-steps", "0", "--calib", long_text, "--eval",
+                       long_text, "--device", "cpu")
+    predicted = read_manifest(out).predicted
+    assert predicted["engine"].startswith("cqil distributed (2 ranks")
+    by_w = predicted["distributed"]["by_world_size"]["2"]
+    assert by_w["decode_ms_per_token"] > 0 and by_w["tensor_parallel_ms_per_token"] > 0
+    assert "running engine" in predicted["distributed"]["model"]["source"]
+    assert predicted["latency_ratio"] == pytest.approx(by_w["ratio"], rel=1e-6)

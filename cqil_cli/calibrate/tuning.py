@@ -75,9 +75,13 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 def attach_lora(model, layer_indices: list[int], rank: int) -> list[LoRALinear]:
+    return attach_lora_to([model.model.layers[idx] for idx in layer_indices], rank)
+
+
+def attach_lora_to(layers: list[nn.Module], rank: int) -> list[LoRALinear]:
+    """LoRA adapters (α = 2 × rank) on the LORA_TARGETS linear layers of each of `layers`."""
     adapters = []
-    for idx in layer_indices:
-        layer = model.model.layers[idx]
+    for layer in layers:
         for target in LORA_TARGETS:
             base = layer.get_submodule(target)
             adapter = LoRALinear(base, rank, alpha=2.0 * rank).to(base.weight.device)
@@ -102,7 +106,7 @@ def set_lora_enabled(model, enabled: bool) -> None:
 def bypass_parameters(model) -> list[nn.Parameter]:
     params = []
     for layer in model.model.layers:
-        for p in (layer.cqil_gamma, layer.cqil_beta):
+        for p in (getattr(layer, "cqil_gamma", None), getattr(layer, "cqil_beta", None)):
             if p is not None:
                 params.append(p)
     return params
@@ -144,7 +148,7 @@ def teacher_and_student(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return teacher, logits(inner.run_steps(x, context, steps=tuned))
 
 
-def _batches(calib_ids: torch.Tensor, batch_size: int, seed: int):
+def random_batches(calib_ids: torch.Tensor, batch_size: int, seed: int):
     """Endless random batches of calib_ids [n, L], reshuffled each epoch, seeded."""
     generator = torch.Generator().manual_seed(seed)
     n = calib_ids.shape[0]
@@ -161,7 +165,7 @@ def _optimise(kl_of_batch: Callable[[torch.Tensor], torch.Tensor], optimizer, ca
     kl_of_batch(ids) returns."""
     start = time.perf_counter()
     deadline = start + options.minutes * 60 if options.minutes is not None else math.inf
-    batches = _batches(calib_ids, options.batch_size, options.seed)
+    batches = random_batches(calib_ids, options.batch_size, options.seed)
     while (options.steps is None or result.steps < options.steps) and \
             time.perf_counter() < deadline:
         loss = kl_of_batch(next(batches).to(device))

@@ -5,7 +5,8 @@ Words used throughout convert (docs/convert.md):
   steps     the ordered list of what a generated token runs through; a step is one layer or a
             *group* of adjacent layers that run concurrently (config key `groups`)
   devices   P: the largest group, and the number of ranks of the placement
-  tuning    the brief distillation after conversion (--tune-steps, --tune-minutes)
+  tuning    the brief tuning after conversion (--tune-steps, --tune-minutes): a local stage
+            (each changed block reconstructed on its own) then an end-to-end KL stage
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..calibrate.options import DEFAULT_TUNE_MINUTES, TuneOptions
+from ..calibrate.options import (
+    DEFAULT_TUNE_MINUTES,
+    LOCAL_LOSSES,
+    LOCAL_PARAMS,
+    LocalOptions,
+    TuneOptions,
+)
 from ..core.errors import CqilError
 
 STRATEGIES = ("cqil", "skip", "prune")
 DEFAULT_BUDGET = 0.9  # decode latency as a fraction of the original's, when nothing is given
+TUNE_STAGES = ("local", "e2e")  # in this order: block-wise reconstruction, then end-to-end KL
+LOCAL_STARTS = ("least-squares", "none")
+ENGINES = ("fused", "distributed")  # what a --budget is measured on (docs/convert.md)
 
 
 @dataclass
@@ -26,6 +36,7 @@ class ConvertOptions:
     out: Path
     strategy: str = "cqil"
     devices: int = 2  # P: the largest group; ranks of the placement
+    engine: str = "fused"  # the budget's engine: fused (one device) or distributed (W ranks)
     # How many steps: one of budget / speedup / steps / groups / start+end+group_size.
     budget: float | None = None
     speedup: float | None = None
@@ -38,6 +49,13 @@ class ConvertOptions:
     tune_steps: int | None = None
     tune_minutes: float | None = None  # None: DEFAULT_TUNE_MINUTES unless tune_steps is given
     lora_rank: int = TuneOptions.lora_rank
+    tune_stages: str = "local,e2e"  # which tuning stages run, in order; "none": no tuning
+    local_params: str = LocalOptions.params  # what the local stage trains: full | lora
+    local_loss: str = LocalOptions.loss  # nmse | cos-nmse
+    local_start: str = "least-squares"  # the local stage's closed-form start, or none
+    local_share: float = 0.5  # of --tune-minutes, the local stage's (when e2e follows)
+    local_steps: int | None = None  # optimizer steps per block (None: --tune-steps)
+    local_samples: int = LocalOptions.samples  # calibration windows the local stage caches
     calib: str = "default"
     eval: str = "default:heldout"
     eval_ood: str | None = "default:ood"  # out-of-domain text, reported beside --eval
@@ -65,7 +83,21 @@ class ConvertOptions:
     @property
     def tunes(self) -> bool:
         steps, minutes = self.tune_bounds
-        return (steps or 0) + (minutes or 0) > 0
+        return (steps or 0) + (minutes or 0) > 0 and bool(self.stages)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The tuning stages to run, in order (checked by check())."""
+        names = tuple(name.strip() for name in self.tune_stages.lower().split(",") if name.strip())
+        return () if names == ("none",) else names
+
+    def local_options(self, minutes: float | None) -> LocalOptions:
+        """The local stage's settings, bounded by `minutes` (None: by steps only)."""
+        steps = self.local_steps if self.local_steps is not None else self.tune_bounds[0]
+        return LocalOptions(steps=steps, minutes=minutes, params=self.local_params,
+                            loss=self.local_loss, closed_form=self.local_start != "none",
+                            lora_rank=self.lora_rank, samples=self.local_samples,
+                            seed=self.seed)
 
     @property
     def manual(self) -> bool:
@@ -92,8 +124,33 @@ class ConvertOptions:
             raise CqilError(f"bad --devices {self.devices}: at least 1")
         if self.bypass < 0:
             raise CqilError(f"bad --bypass {self.bypass}: 0 or more")
+        if self.engine not in ENGINES:
+            raise CqilError(f"bad --engine '{self.engine}': {' or '.join(ENGINES)}")
+        self.check_tuning()
         self.budget_fraction()
         check_output_dir(self.out, self.force)
+
+    def check_tuning(self) -> None:
+        stages = self.stages
+        if self.tune_stages.strip().lower() != "none" and (
+                not stages or any(s not in TUNE_STAGES for s in stages)
+                or list(stages) != sorted(set(stages), key=TUNE_STAGES.index)):
+            raise CqilError(f"bad --tune-stages '{self.tune_stages}': local, e2e or local,e2e "
+                            "(in that order), or none")
+        if self.local_params not in LOCAL_PARAMS:
+            raise CqilError(f"bad --local-params '{self.local_params}': "
+                            f"{' or '.join(LOCAL_PARAMS)}")
+        if self.local_loss not in LOCAL_LOSSES:
+            raise CqilError(f"bad --local-loss '{self.local_loss}': {' or '.join(LOCAL_LOSSES)}")
+        if self.local_start not in LOCAL_STARTS:
+            raise CqilError(f"bad --local-start '{self.local_start}': "
+                            f"{' or '.join(LOCAL_STARTS)}")
+        if not 0 < self.local_share < 1:
+            raise CqilError(f"bad --local-share {self.local_share}: a fraction in (0, 1)")
+        if self.local_steps is not None and self.local_steps < 0:
+            raise CqilError(f"bad --local-steps {self.local_steps}: 0 or more")
+        if self.local_samples < 1:
+            raise CqilError(f"bad --local-windows {self.local_samples}: at least 1")
 
     def budget_fraction(self) -> float | None:
         """The decode-latency fraction to meet, or None when steps/groups fix the depth."""

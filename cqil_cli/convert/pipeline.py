@@ -6,7 +6,9 @@
     build     the converted model: a CqilForCausalLM with groups (cqil) or skip_layers (skip),
               or the base architecture without the removed layers (prune)
     evaluate  the same perplexities, untuned
-    tune      brief distillation (calibrate/tuning.py), kept only if held-out perplexity improves
+    tune      in stages: local (each changed block reconstructed on cached activations,
+              calibrate/reconstruct.py), then end-to-end KL (calibrate/tuning.py); each stage
+              kept only if held-out perplexity improves on the best so far
     export    the folder, its model card and manifest, written atomically (convert/export.py)
 Plain functions; the click command in cli/convert.py only gathers options and shows progress.
 """
@@ -21,7 +23,14 @@ from typing import Callable
 from .. import __version__
 from ..core.errors import CqilError
 from ..runtime.manifest import Manifest
-from .choose import Callbacks, cqil_steps, prune_kept_layers_of, skip_kept_layers_of
+from .choose import (
+    Callbacks,
+    cqil_steps,
+    measure_latency,
+    predicted_record,
+    prune_kept_layers_of,
+    skip_kept_layers_of,
+)
 from .export import fingerprint, placement, write_output
 from .options import ConvertOptions
 
@@ -35,8 +44,10 @@ class Conversion:
     model: object  # the converted (student) model
     steps: list[list[int]]  # what a generated token runs through, original layer numbers
     selection: dict  # how the steps were chosen (the manifest's "grouping")
-    tune: Callable | None  # tune(TuneOptions, on_step) -> TuneResult; None: nothing to tune
+    tune: Callable | None  # end to end: tune(TuneOptions, on_step) -> TuneResult; None: nothing
     plain: bool  # write the base architecture (prune) instead of a cqil checkpoint
+    blocks: Callable | None = None  # the local stage's blocks: blocks() -> Blocks; None: none
+    release: Callable | None = None  # frees what tuning needed (prune's teacher), after it
     devices: int = 1
     bypass: int = 0
     placement_names: list[int] | None = None  # the manifest's numbers of model.model.layers
@@ -58,18 +69,19 @@ class Scorer:
 
         return perplexity(model, self.eval_ids, prompt_tokens=self.prompt_tokens)
 
-    def __call__(self, model) -> tuple[float, float | None]:
-        """(held-out, out-of-domain) perplexity."""
+    def out_of_domain(self, model) -> float | None:
         from ..calibrate.evaluate import perplexity
 
-        ood = None if self.ood_ids is None else \
+        return None if self.ood_ids is None else \
             perplexity(model, self.ood_ids, prompt_tokens=self.prompt_tokens)
-        return self.held_out(model), ood
+
+    def __call__(self, model) -> tuple[float, float | None]:
+        """(held-out, out-of-domain) perplexity."""
+        return self.held_out(model), self.out_of_domain(model)
 
 
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
                 cb: Callbacks) -> Manifest:
-    from ..calibrate.latency_model import measure_latency_model
     from ..inputs.models import load_model, require_llama_family
     from ..inputs.text import token_samples_up_to
 
@@ -93,18 +105,17 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     quality_of = Scorer(eval_ids, ood_ids, p)
 
     num_layers = loaded.num_layers  # the base model may be freed once converted
-    max_group = opts.devices if opts.strategy == "cqil" else 1
-    tick = cb.progress("measuring latency", 3 * max_group)
-    latency = measure_latency_model(loaded.model, max_group, on_progress=tick)
+    latency, parallel = measure_latency(loaded, opts, cb)
     conversion, original = _build(loaded, opts, fraction, latency, calib_ids, cb, quality_of)
     model = conversion.model
     untuned = quality_of(model)
-    tuned, tuning = untuned, {"steps": 0, "seconds": 0.0, "kept": False}
-    if conversion.tune is not None and opts.tunes:
-        tuned, tuning = _tune_keep_if_better(conversion, opts, untuned, quality_of, cb)
-        conversion.tune = None  # releases what tuning needed (prune's teacher)
+    tuned, tuning = untuned, {"steps": 0, "seconds": 0.0, "kept": False, "stages": []}
+    if opts.tunes:
+        tuned, tuning = _tune_stages(conversion, opts, untuned, quality_of, calib_ids, cb)
+    if conversion.release is not None:
+        conversion.release()
+    conversion.tune = conversion.blocks = conversion.release = None  # what tuning needed
 
-    predicted_ms = latency.predict_ms(conversion.steps)
     manifest = Manifest(
         cqil_version=__version__,
         strategy=opts.strategy,
@@ -118,13 +129,8 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
         devices=conversion.devices,
         placement=placement(model, opts.strategy, conversion.devices,
                             conversion.placement_names),
-        predicted={"latency_ratio": predicted_ms / latency.original_ms,
-                   "decode_ms_per_token": predicted_ms,
-                   "original_decode_ms_per_token": latency.original_ms,
-                   "step_depth_ratio": len(conversion.steps) / num_layers,
-                   "by_devices": {str(conversion.devices): predicted_ms / latency.original_ms},
-                   "latency_model": latency.to_json(),
-                   "engine": "cqil fused (one device)"},
+        predicted=predicted_record(latency, parallel, conversion.steps, conversion.bypass,
+                                   conversion.devices, num_layers),
         quality={"eval": opts.eval, "eval_tokens": int(eval_ids.numel()),
                  "prompt_tokens": p,
                  "scored_tokens": int(eval_ids.shape[0] * (eval_ids.shape[1] - max(p, 1))),
@@ -155,6 +161,7 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
 
     The original's quality is measured here, before a strategy may free the base model (cqil
     and skip tune against the converted model's own weights run in full: no second copy)."""
+    from ..calibrate.reconstruct import cqil_blocks, prune_blocks, skip_blocks
     from ..calibrate.strategies import neighbours_of_removed, remove_layers
     from ..calibrate.tuning import tune_from_teacher, tune_groups, tune_skip
     from ..runtime.checkpoint import build_cqil_model
@@ -180,12 +187,14 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
             model, steps, selection, plain=False, devices=opts.devices, bypass=opts.bypass,
             tune=(lambda tune, on_step: tune_groups(model, calib_ids, tune, on_step=on_step))
             if grouped else None,
+            blocks=(lambda: cqil_blocks(model, calib_ids)) if grouped else None,
             extra={}), original
 
     removed = [i for i in range(n) if i not in kept]
     steps = [[i] for i in kept]  # what each generated token runs through, in order
     lora_on_kept = neighbours_of_removed(n, kept)  # positions in `kept` next to a removed run
     runs_lora = len(kept) < n and opts.lora_rank > 0
+    shorter = len(kept) < n  # something to reconstruct
     if opts.strategy == "skip":
         model = build_cqil_model(base, None, 0, skip_layers=removed)
         loaded.model = None  # the teacher: the same weights through every layer, LoRA off
@@ -195,6 +204,7 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
             tune=(lambda tune, on_step: tune_skip(model, lora_layers, calib_ids, tune,
                                                   opts.prompt_tokens, on_step=on_step))
             if runs_lora else None,
+            blocks=(lambda: skip_blocks(model, opts.prompt_tokens, calib_ids)) if shorter else None,
             placement_names=list(range(n)),
             extra={"skipped_layers": removed,
                    "prompt": "every layer (decoding skips skipped_layers)"},
@@ -203,50 +213,128 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
     remove_layers(model, kept)
     teacher = base
 
-    def tune_pruned(tune, on_step):
-        try:
-            return tune_from_teacher(teacher, model, lora_on_kept, calib_ids, tune,
-                                     on_step=on_step)
-        finally:
-            loaded.model = None  # the teacher is not needed after tuning
+    def release():
+        loaded.model = None  # the teacher is not needed after tuning
+
     return Conversion(
-        model, steps, selection, plain=True, tune=tune_pruned if runs_lora else None,
+        model, steps, selection, plain=True,
+        tune=(lambda tune, on_step: tune_from_teacher(teacher, model, lora_on_kept, calib_ids,
+                                                      tune, on_step=on_step))
+        if runs_lora else None,
+        blocks=(lambda: prune_blocks(teacher, model, kept, calib_ids)) if shorter else None,
+        release=release,
         placement_names=kept,
         extra={"removed_layers": removed},
         tuning_extra={"lora_layers": lora_on_kept}), original
 
 
-def _tune_keep_if_better(conversion: Conversion, opts: ConvertOptions, untuned,
-                         quality_of: Scorer, cb: Callbacks) -> tuple[tuple, dict]:
-    """Tune; keep the result only if held-out perplexity improves, else restore the untuned
-    weights exactly (bypass weights restored, LoRA dropped). Returns ((held-out, ood), record)."""
-    from ..calibrate.tuning import (
-        TuneOptions,
-        detach_lora,
-        restore_bypass,
-        snapshot_bypass,
-    )
+def _tune_stages(conversion: Conversion, opts: ConvertOptions, untuned, quality_of: Scorer,
+                 calib_ids, cb: Callbacks) -> tuple[tuple, dict]:
+    """Run the tuning stages of opts.stages in order, each kept only if held-out perplexity
+    improves on the best so far (else its weights are restored exactly), so the result is never
+    worse than the untuned model. --tune-minutes bounds them all: the local stage gets
+    opts.local_share of it when e2e follows, e2e what is left. Returns ((held-out, ood) of the
+    model as it now is, the manifest's tuning record)."""
+    from ..calibrate.tuning import TuneOptions
+
+    steps, minutes = opts.tune_bounds
+    best, stages, record = untuned, [], {}
+    for name in opts.stages:  # the bound counts tuning time, not the perplexity measurements
+        left = None if minutes is None else minutes - sum(s["seconds"] for s in stages) / 60
+        if left is not None and left <= 0:
+            break
+        if name == "local" and conversion.blocks is not None:
+            share = opts.local_share if "e2e" in opts.stages else 1.0
+            bound = None if minutes is None else min(left, minutes * share)
+            stage, best = _local_stage(conversion, opts.local_options(bound), best, quality_of,
+                                       calib_ids, cb)
+            record["local"] = {k: v for k, v in asdict(opts.local_options(bound)).items()
+                               if k not in ("steps", "minutes", "seed")}
+        elif name == "e2e" and conversion.tune is not None:
+            stage, best, tune = _e2e_stage(conversion, TuneOptions(
+                steps=steps, minutes=left, lora_rank=opts.lora_rank, seed=opts.seed),
+                best, quality_of, cb)
+            record.update({**asdict(tune), "final_loss": stage.pop("final_loss"),
+                           "precision": stage["precision"], **(conversion.tuning_extra or {})})
+        else:
+            continue
+        stages.append(stage)
+    record.update({"steps": sum(s["steps"] for s in stages),
+                   "seconds": round(sum(s["seconds"] for s in stages), 1),
+                   "kept": any(s["kept"] for s in stages), "stages": stages})
+    return best, record
+
+
+def _settle(model) -> None:
+    """After weights changed in place: the cqil runtime's fused weights are rebuilt."""
+    if hasattr(model, "set_engine"):  # a CqilForCausalLM (cqil, skip)
+        model.set_engine("fused")
+        model.cqil_refresh_fused()
+
+
+def _stage_record(name: str, steps: int, seconds: float, loss_start, loss_end, quality,
+                  keep: bool) -> dict:
+    return {"name": name, "steps": steps, "seconds": round(seconds, 1),
+            "loss_start": loss_start, "loss_end": loss_end,
+            "ppl": quality[0], "ppl_ood": quality[1], "kept": keep}
+
+
+def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, calib_ids,
+                 cb: Callbacks) -> tuple[dict, tuple]:
+    """The local stage (calibrate/reconstruct.py), then keep-if-better."""
+    from ..calibrate.reconstruct import reconstruct, restore
+
+    model = conversion.model
+    blocks = conversion.blocks()
+    cb.status(f"tuning, local stage: {len(blocks.blocks)} blocks reconstructed one by one "
+              f"({options.params} weights)")
+    total = len(blocks.blocks)
+    tick = cb.progress("tuning: local reconstruction (blocks)", total)
+    result = reconstruct(blocks, calib_ids, options, on_block=lambda index, record: tick())
+    for _ in range(total - len(result.blocks)):
+        tick()  # the bar ends; the status line below says what was left
+    del blocks
+    _settle(model)
+    quality = quality_of(model)
+    keep = quality[0] < best[0]
+    if not keep:
+        restore(result)
+        _settle(model)
+    result.saved.clear()  # the original weights of the blocks: not needed any more
+    stage = _stage_record("local", result.steps, result.seconds, result.loss_start,
+                          result.loss_end, quality, keep)
+    stage.update(loss=options.loss, params=options.params, precision=result.precision,
+                 samples=result.samples, blocks=result.blocks)
+    if len(result.blocks) < total:
+        cb.status(f"local stage: time was up after {len(result.blocks)} of {total} blocks")
+    return stage, quality if keep else best
+
+
+def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer,
+               cb: Callbacks) -> tuple[dict, tuple, object]:
+    """The end-to-end KL stage (calibrate/tuning.py); keep only if held-out perplexity improves
+    on `best`, else restore the weights exactly (bypass weights restored, LoRA dropped)."""
+    from ..calibrate.tuning import detach_lora, restore_bypass, snapshot_bypass
 
     model = conversion.model
     on_cqil_runtime = hasattr(model, "set_engine")  # a CqilForCausalLM (cqil, skip)
     saved = snapshot_bypass(model) if on_cqil_runtime else []
-    steps, minutes = opts.tune_bounds
-    tune = TuneOptions(steps=steps, minutes=minutes, lora_rank=opts.lora_rank, seed=opts.seed)
-    cb.tune_start(steps, minutes)
+    cb.tune_start(tune.steps, tune.minutes)
     result = conversion.tune(tune, cb.tune_step)
     if on_cqil_runtime:
         model.set_engine("reference")  # adapters attached: the fused weights cannot see them
-    keep = quality_of.held_out(model) < untuned[0]
-    detach_lora(model, merge=keep)
-    if not keep:
+    held_out = quality_of.held_out(model)
+    keep = held_out < best[0]
+    if not keep:  # recorded, then undone
+        quality = (held_out, quality_of.out_of_domain(model))
         restore_bypass(model, saved)
-    if on_cqil_runtime:
-        model.set_engine("fused")
-        model.cqil_refresh_fused()
-    tuned = quality_of(model) if keep else untuned  # what is written is what is measured
-    record = {**asdict(tune), "steps": result.steps, "seconds": round(result.seconds, 1),
-              "kept": keep, **(conversion.tuning_extra or {}),
-              "final_loss": result.losses[-1] if result.losses else None,
-              "precision": result.precision}
-    return tuned, record
-
+    detach_lora(model, merge=keep)
+    _settle(model)
+    if keep:
+        quality = quality_of(model)  # what is written is what is measured
+    stage = _stage_record("e2e", result.steps, result.seconds,
+                          result.losses[0] if result.losses else None,
+                          result.losses[-1] if result.losses else None, quality, keep)
+    stage.update(precision=result.precision,
+                 final_loss=result.losses[-1] if result.losses else None)
+    return stage, quality if keep else best, tune
