@@ -1,7 +1,7 @@
 """Predicted decode latency per token of CQIL+TP against TP on W ranks, for big published shapes.
 
     python -m cqil_cli.benchmarks.predict_parallel [--context 512] [--efficiency 0.83]
-        [--layer-overhead-us 45] [--json PATH]
+        [--layer-overhead-us 45] [--compute-json PATH] [--json PATH]
 
 Nothing is measured here: the alpha-beta model of the distributed engine
 (calibrate/parallel_latency.py) is fed published hardware figures (every one with its source
@@ -11,23 +11,33 @@ in FIGURES below and in docs/performance.md) and published model configs, batch 
   collectives  alpha from small-message NCCL measurements, beta from the link bandwidth
 It prints the table of docs/performance.md ("Predicted: CQIL+TP vs TP at scale"), then the
 same model's plain TP against gpt-fast's measured tensor-parallel decode on A100s, as a check.
+
+--compute-json PATH (a document of benchmarks/layer_compute.py, measured on an H200) adds one
+row per case for "H200 SXM, NVSwitch (layer compute measured)": compute per layer slice, head
+and embedding as measured there (CUDA-graph times, eager where there is none; its dtype and
+context), collectives the H100 NVSwitch figures (H200 SXM has the same NVLink 4, 900 GB/s).
+Without it the output is the published-figures table alone.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..calibrate.parallel_latency import (
     ALL_GATHER,
     ALL_REDUCE,
     CollectiveCost,
+    ComputeCost,
     DecoderShape,
     ParallelLatencyModel,
     collectives_by_key,
 )
 from ..calibrate.search import uniform_groups
+from ..core.documents import Schema, read_json
+from ..core.errors import CqilError
 from ..core.files import write_json_atomic
 
 FP16 = 2
@@ -36,6 +46,8 @@ FP16 = 2
 LLAMA2_7B = DecoderShape("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000)
 LLAMA_33B = DecoderShape("LLaMA-33B", 60, 6656, 52, 52, 17920, 32000)
 LLAMA2_70B = DecoderShape("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000)
+# meta-llama/Llama-3.1-8B (measured by benchmarks/layer_compute.py; no published grouping)
+LLAMA31_8B = DecoderShape("Llama-3.1-8B", 32, 4096, 32, 8, 14336, 128256)
 
 # (shape, W, groups, where the grouping comes from). Papers' notation S-E-P: layers S..E-1 in
 # consecutive groups of P (0-based), the others single.
@@ -79,6 +91,9 @@ A100_IB = Platform("2 A100 nodes, HDR IB", 2.039e12, 300e9, 0.80, {2: 10.1, 4: 1
                    ib_alpha_us=46.5, ib_bus_bytes_per_s=0.94 * 25e9)
 H100_IB = Platform("2 H100 nodes, NDR IB", 3.35e12, 450e9, 0.81, {2: 6.0, 4: 11.0, 8: 16.5},
                    ib_alpha_us=46.5, ib_bus_bytes_per_s=47e9)
+# --compute-json only: compute measured on the device, collectives H100's (the same NVLink 4)
+H200_MEASURED = replace(H100, name="H200 SXM, NVSwitch (layer compute measured)",
+                        hbm_bytes_per_s=4.8e12)
 
 FIGURES = {  # figure -> source (links in docs/performance.md)
     "A100 80GB SXM HBM 2,039 GB/s, NVLink 600 GB/s": "NVIDIA A100 datasheet",
@@ -93,6 +108,18 @@ FIGURES = {  # figure -> source (links in docs/performance.md)
     "NDR 47 GB/s per NIC": "NVIDIA/nccl-tests#290 (46-48 GB/s per 400 Gb/s NIC)",
     "HDR 0.94 x 25 GB/s": "NVIDIA/nccl-tests#119 (A100, 4 HDR NICs: up to 96 of 100 GB/s)",
 }
+MEASURED_FIGURES = {  # --compute-json only
+    "H200 SXM HBM 4.8 TB/s, NVLink 900 GB/s (NVLink 4, as H100 SXM: its collective figures)":
+        "NVIDIA H200 datasheet",
+    "H200 compute per layer slice, head, embedding":
+        "measured: python -m cqil_cli.benchmarks.layer_compute --json (the --compute-json file)",
+}
+# The document of benchmarks/layer_compute.py that --compute-json reads (written there).
+COMPUTE_SCHEMA = Schema(
+    "cqil.layer_compute", 1,
+    "a layer compute document (python -m cqil_cli.benchmarks.layer_compute --json)",
+    "run python -m cqil_cli.benchmarks.layer_compute --json PATH again")
+COMPUTE_SIZES = (1, 2, 4, 8)  # its lane sizes t (layer slices) and world sizes W (head, embed)
 # gpt-fast README: tokens/s at batch 1, 8xA100-80GB power-limited to 330 W, torch.compile,
 # tensor parallelism with ENABLE_INTRA_NODE_COMM=1, a 5-token prompt (so a short context).
 GPT_FAST_TP = {(LLAMA2_7B, 1): 104.9, (LLAMA2_7B, 2): 168.84, (LLAMA2_7B, 4): 254.02,
@@ -112,13 +139,62 @@ def build_model(shape: DecoderShape, world_size: int, platform: Platform,
                                 f"{platform.name}, published figures")
 
 
-def predict_rows(args: argparse.Namespace) -> list[dict]:
+def measured_compute_cost(doc: dict, shape_name: str, world_size: int) -> ComputeCost | None:
+    """The ComputeCost of `shape_name` on W ranks from a layer compute document: layer_s per
+    lane size t dividing W, head_s[W] and embed_s of W, each the CUDA-graph time where there
+    is one, else the eager time; overhead 0 (as predict_parallel's modelled rows). None when
+    the document lacks the shape or one of the sizes."""
+    shape = doc["shapes"].get(shape_name)
+    if shape is None:
+        return None
+
+    def seconds(part: str, n: int) -> float | None:
+        entry = shape[part].get(str(n))
+        if entry is None:
+            return None
+        return entry["graph_s"] if entry.get("graph_s") else entry["eager_s"]
+
+    layers = {t: seconds("layer", t) for t in COMPUTE_SIZES if world_size % t == 0}
+    head, embed = seconds("head", world_size), seconds("embed", world_size)
+    if head is None or embed is None or any(v is None for v in layers.values()):
+        return None
+    return ComputeCost(layers, {world_size: head}, embed)
+
+
+def read_compute_document(path: Path) -> dict:
+    """A layer compute document from `path` (its schema tag checked)."""
+    return COMPUTE_SCHEMA.check(read_json(path, COMPUTE_SCHEMA.what), str(path))
+
+
+def measured_model(shape: DecoderShape, world_size: int,
+                   compute_doc: dict) -> ParallelLatencyModel | None:
+    """H200_MEASURED's model: compute from a layer compute document (None: it lacks the shape
+    or a size), collectives H100 NVSwitch's."""
+    compute = measured_compute_cost(compute_doc, shape.name, world_size)
+    if compute is None:
+        return None
+    element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(compute_doc["dtype"])
+    if element is None:
+        raise CqilError(f"--compute-json: measured in {compute_doc['dtype']!r}; expected "
+                        "float32, bfloat16 or float16")
+    return ParallelLatencyModel(shape.hidden_size, shape.vocab_size, element, compute,
+                                H200_MEASURED.collectives(world_size),
+                                f"{H200_MEASURED.name}: {compute_doc['device']}")
+
+
+def predict_rows(args: argparse.Namespace, compute_doc: dict | None = None) -> list[dict]:
     rows = []
     for shape, w, (start, end, p), origin in CASES:
-        platforms = [A100, H100] + ([A100_IB, H100_IB] if w == 8 else [])
+        platforms = [A100, H100] + ([H200_MEASURED] if compute_doc else []) \
+            + ([A100_IB, H100_IB] if w == 8 else [])
         groups = uniform_groups(start, end, p, shape.num_layers)
         for platform in platforms:
-            model = build_model(shape, w, platform, args)
+            if platform is H200_MEASURED:
+                model = measured_model(shape, w, compute_doc)
+                if model is None:
+                    continue
+            else:
+                model = build_model(shape, w, platform, args)
             tp = model.tensor_parallel_token_s(shape.num_layers, w)
             row = {"model": shape.name, "world_size": w, "platform": platform.name,
                    "grouping": f"S{start}-E{end}-P{p}", "grouping_source": origin,
@@ -144,9 +220,15 @@ def check_rows(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def print_tables(rows: list[dict], checks: list[dict], args: argparse.Namespace) -> None:
+def print_tables(rows: list[dict], checks: list[dict], args: argparse.Namespace,
+                 compute_doc: dict | None = None) -> None:
     print(f"Predicted decode ms per token, batch 1, fp16, context {args.context} tokens, "
           f"HBM efficiency {args.efficiency}, layer overhead {args.layer_overhead_us:g} us\n")
+    if compute_doc:
+        print(f"Rows '{H200_MEASURED.name}': compute measured on {compute_doc['device']} "
+              f"(torch {compute_doc['torch']}, {compute_doc['dtype']}, context "
+              f"{compute_doc['context']} tokens; CUDA-graph times, eager where none), "
+              f"collectives as H100 SXM's\n")
     print("| model | W | hardware | grouping | steps | TP ms | CQIL+TP D=0 ms (x TP) "
           "| CQIL+TP D=1 ms (x TP) | collectives TP / D=0 / D=1 |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
@@ -165,11 +247,11 @@ def print_tables(rows: list[dict], checks: list[dict], args: argparse.Namespace)
         print(f"| {c['model']} | {c['world_size']} | {c['measured_ms']:.2f} "
               f"| {c['predicted_ms']:.2f} | {c['ratio']:.2f} |")
     print("\nFigures and sources:")
-    for figure, source in FIGURES.items():
+    for figure, source in {**FIGURES, **(MEASURED_FIGURES if compute_doc else {})}.items():
         print(f"  {figure}: {source}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=512,
                         help="tokens in the KV cache each decode step reads")
@@ -177,14 +259,28 @@ def main() -> None:
                         help="fraction of the datasheet HBM bandwidth weight streaming reaches")
     parser.add_argument("--layer-overhead-us", type=float, default=45.0,
                         help="fixed cost of one layer's kernels on one rank")
+    parser.add_argument("--compute-json",
+                        help="a benchmarks/layer_compute.py document: adds the rows of "
+                             "'H200 SXM, NVSwitch (layer compute measured)'")
     parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
-    rows, checks = predict_rows(args), check_rows(args)
-    print_tables(rows, checks, args)
+    args = parser.parse_args(argv)
+    compute_doc, compute_json = None, args.compute_json
+    if not compute_json:
+        del args.compute_json  # the settings written without the flag stay as they were
+    try:
+        if compute_json:
+            compute_doc = read_compute_document(Path(compute_json))
+        rows, checks = predict_rows(args, compute_doc), check_rows(args)
+    except CqilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_tables(rows, checks, args, compute_doc)
     if args.json:
+        figures = {**FIGURES, **(MEASURED_FIGURES if compute_doc else {})}
         write_json_atomic(Path(args.json), {"settings": vars(args), "rows": rows,
-                                            "gpt_fast_check": checks, "figures": FIGURES})
+                                            "gpt_fast_check": checks, "figures": figures})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

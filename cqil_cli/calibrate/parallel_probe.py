@@ -17,6 +17,12 @@ as a real run does), with its own threads (the machine's cores / W):
     ranks share the cores with gloo's threads and wait for each other between collectives. The
     isolated times are kept in the model's `source` for comparison.
 The weights are random (time depends on shapes and dtype only), so no rank reads the model.
+
+The slices themselves, for any process (benchmarks/layer_compute.py times them on one device):
+layer_slice_step (one rank's slice of a layer on a lane of t ranks, with its KV cache),
+head_slice_step (final norm + this rank's lm_head rows), embed_slice_step, each a SliceStep
+cycling copies of its weights so that no timed call finds them in a cache; timed_seconds (the
+median after warm-up, device synchronised).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +127,11 @@ def _slowest(seconds: float, collectives) -> float:
     return float(every.max())
 
 
-def _timed(fn, repeats: int, device, barrier) -> float:
-    """Median seconds of fn() over `repeats` calls after two warm-up calls, every rank
-    starting each call together."""
-    for _ in range(2):
+def timed_seconds(fn, repeats: int, device, barrier=None, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeats` calls after `warmup` calls, every rank starting
+    each call together (barrier; None: a single process)."""
+    barrier = barrier or (lambda: None)
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -145,33 +153,78 @@ def _barrier():
 def _layer_seconds(config, W: int, t: int, rank: int, request: ProbeRequest, device,
                    dtype) -> float:
     """Seconds of one decode token through this rank's slice of a layer on a lane of t ranks."""
+    step = layer_slice_step(config, t, world_size=W, rank=rank, device=device, dtype=dtype,
+                            context_tokens=request.context_tokens, batch=request.batch)
+    return timed_seconds(step.run, request.repeats, device, _barrier()) / step.copies
+
+
+@dataclass
+class SliceStep:
+    """One decode token through one rank's slice of the model, timed as `run()`: it runs each
+    of `copies` copies of the slice once (each copy its own weights and KV cache), so that a
+    copy's weights have left the caches when it runs again (CACHE_FLUSH_BYTES); a token costs
+    the time of `run()` / copies. The inputs are fixed tensors and the work holds no host sync,
+    so `run` can be captured as a CUDA graph."""
+
+    run: Callable[[], None]
+    copies: int
+    weight_bytes: int  # one copy's parameters
+    cache_bytes: int = 0  # the KV cache one copy reads per token
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.weight_bytes + self.cache_bytes
+
+
+def _copies(nbytes: int) -> int:
+    """Copies of a slice of `nbytes` that together read at least CACHE_FLUSH_BYTES (1 to 16)."""
+    return max(1, min(16, math.ceil(CACHE_FLUSH_BYTES / max(1, nbytes))))
+
+
+def _nbytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def layer_slice_step(config, lane_size: int, *, world_size: int | None = None, rank: int = 0,
+                     device="cpu", dtype=torch.float32, context_tokens: int = 160,
+                     batch: int = 1) -> SliceStep:
+    """This rank's slice of a layer on a lane of `lane_size` ranks, exactly as the distributed
+    engine runs it (runtime/distributed_cqil.py, DistributedCqil._step without its
+    collectives): q/k/v projections and RoPE, the KV cache of `context_tokens` positions
+    (random), attention and o_proj, the MLP. Random weights of config's shapes (time depends
+    on shapes and dtype only), a member of a group of world_size / lane_size layers (default
+    world_size = lane_size: a single layer); rank 0 holds the longest runs of heads and columns
+    when they do not divide evenly (the slowest rank)."""
     from ..runtime.configuration_cqil import SLIDING
     from ..runtime.distributed_cqil import RankKVCache
     from ..runtime.modeling_cqil import CqilDecoderLayer, build_attention_mask
     from ..runtime.sharding_cqil import slice_config
 
-    sl = _layout(config, W, W // t).slice(rank, 0)
+    W = world_size or lane_size
+    sl = _layout(config, W, W // lane_size).slice(rank, 0)
     sliced = slice_config(config, sl)
     torch.manual_seed(rank)
-    with torch.device(device):
-        first = CqilDecoderLayer(sliced, sl.layer, sl.member, sl.group_size).to(dtype).eval()
-    layer_bytes = sum(p.numel() * p.element_size() for p in first.parameters())
-    copies = [first] + [CqilDecoderLayer(sliced, sl.layer, sl.member, sl.group_size).to(
-        device=device, dtype=dtype).eval()
-        for _ in range(max(0, min(16, math.ceil(CACHE_FLUSH_BYTES / layer_bytes)) - 1))]
-    B, T, past = request.batch, 1, request.context_tokens
+
+    def new_layer():
+        with torch.device(device):
+            return CqilDecoderLayer(sliced, sl.layer, sl.member, sl.group_size).to(dtype).eval()
+
+    copies = [new_layer()]
+    weight_bytes = _nbytes(copies[0])
+    copies += [new_layer() for _ in range(_copies(weight_bytes) - 1)]
+    B, T, past = batch, 1, context_tokens
     x = torch.randn(B, T, config.hidden_size, device=device, dtype=dtype)
     rotary = _rotary(config, device)
     cos, sin = rotary(x, torch.full((1, T), past, device=device))
     window = config.sliding_window if config.layer_types[0] == SLIDING else None
     mask, is_causal = build_attention_mask(None, B, T, past, window, device)
     caches = []
+    g, hd = len(sl.kv_heads), config.head_dim
     for step in range(len(copies)):
         cache = RankKVCache(past + T)
-        g, hd = len(sl.kv_heads), config.head_dim
         cache.update(torch.randn(B, g, past, hd, device=device, dtype=dtype),
                      torch.randn(B, g, past, hd, device=device, dtype=dtype), step)
-        cache.length = past
+        cache.length = past  # every run writes position `past` and reads past + 1 positions
         caches.append(cache)
 
     def run():
@@ -183,7 +236,49 @@ def _layer_seconds(config, W: int, t: int, rank: int, request: ProbeRequest, dev
             h = x + a
             _ = h + layer.mlp(layer.post_attention_layernorm(h))
 
-    return _timed(run, request.repeats, device, _barrier()) / len(copies)
+    element = torch.empty((), dtype=dtype).element_size()
+    return SliceStep(run, len(copies), weight_bytes, 2 * B * g * (past + T) * hd * element)
+
+
+def head_slice_step(config, world_size: int, *, rank: int = 0, device="cpu",
+                    dtype=torch.float32, batch: int = 1) -> SliceStep:
+    """The head of one rank on W ranks, as DistributedCqil.logits runs it before its gather:
+    the final norm and this rank's ⌈V/W⌉ rows of the lm_head (random weights), in copies."""
+    from ..runtime.modeling_cqil import CqilRMSNorm
+
+    rows = len(_layout(config, world_size, 1).vocab_rows(rank))
+    d = config.hidden_size
+
+    def new_head():
+        with torch.device(device):
+            return torch.nn.Sequential(CqilRMSNorm(d, eps=config.rms_norm_eps),
+                                       torch.nn.Linear(d, rows, bias=False)).to(dtype).eval()
+
+    copies = [new_head()]
+    weight_bytes = _nbytes(copies[0])
+    copies += [new_head() for _ in range(_copies(weight_bytes) - 1)]
+    x = torch.randn(batch, 1, d, device=device, dtype=dtype)
+
+    def run():
+        for head in copies:
+            head(x)
+
+    return SliceStep(run, len(copies), weight_bytes)
+
+
+def embed_slice_step(config, world_size: int, *, rank: int = 0, device="cpu",
+                     dtype=torch.float32, batch: int = 1) -> SliceStep:
+    """The embedding lookup of one rank on W ranks (DistributedCqil.embed before its
+    all-reduce): its ⌈V/W⌉ rows, ids outside them zeroed. It reads B rows only: one copy."""
+    rows = len(_layout(config, world_size, 1).vocab_rows(rank))
+    with torch.device(device):
+        embed = torch.nn.Embedding(rows, config.hidden_size).to(dtype)
+    ids = torch.randint(0, rows, (batch, 1), device=device)
+
+    def run():
+        embed(ids).masked_fill(ids[..., None] < 0, 0.0)
+
+    return SliceStep(run, 1, batch * config.hidden_size * embed.weight.element_size())
 
 
 def _layout(config, W: int, group_size: int):
@@ -289,21 +384,16 @@ def _outside_seconds(config, W: int, rank: int, request: ProbeRequest, device,
                      dtype) -> tuple[float, float, float]:
     """(head, embedding, per-forward overhead) seconds of one decode token on this rank."""
     from ..runtime.configuration_cqil import SLIDING
-    from ..runtime.modeling_cqil import CqilRMSNorm, build_attention_mask
-    rows = len(_layout(config, W, 1).vocab_rows(rank))
-    d, B = config.hidden_size, request.batch
-    with torch.device(device):
-        norm = CqilRMSNorm(d, eps=config.rms_norm_eps).to(dtype)
-        head = torch.nn.Linear(d, rows, bias=False).to(dtype)
-        embed = torch.nn.Embedding(rows, d).to(dtype)
-    x = torch.randn(B, 1, d, device=device, dtype=dtype)
-    ids = torch.randint(0, rows, (B, 1), device=device)
-    rotary = _rotary(config, device)
-    past = request.context_tokens
+    from ..runtime.modeling_cqil import build_attention_mask
+
+    B, d, past = request.batch, config.hidden_size, request.context_tokens
     barrier = _barrier()
-    head_s = _timed(lambda: head(norm(x)), request.repeats, device, barrier)
-    embed_s = _timed(lambda: embed(ids).masked_fill(ids[..., None] < 0, 0.0), request.repeats,
-                     device, barrier)
+    seconds = []
+    for make in (head_slice_step, embed_slice_step):
+        step = make(config, W, rank=rank, device=device, dtype=dtype, batch=B)
+        seconds.append(timed_seconds(step.run, request.repeats, device, barrier) / step.copies)
+    x = torch.randn(B, 1, d, device=device, dtype=dtype)
+    rotary = _rotary(config, device)
     mask = torch.ones(B, past + 1, dtype=torch.long, device=device)
 
     def overhead():  # what DistributedCqil.forward does per token outside the steps
@@ -312,7 +402,7 @@ def _outside_seconds(config, W: int, rank: int, request: ProbeRequest, device,
             window = config.sliding_window if kind == SLIDING else None
             build_attention_mask(mask, B, 1, past, window, device)
 
-    return head_s, embed_s, _timed(overhead, request.repeats, device, barrier)
+    return seconds[0], seconds[1], timed_seconds(overhead, request.repeats, device, barrier)
 
 
 def _collective_costs(config, W: int, lanes: list[int], collectives, request: ProbeRequest,
@@ -343,10 +433,11 @@ def _collective_costs(config, W: int, lanes: list[int], collectives, request: Pr
                 for _ in range(calls_per_timing):
                     call()
 
-            seconds = _timed(many, max(5, request.repeats // 3), device, barrier)
+            seconds = timed_seconds(many, max(5, request.repeats // 3), device, barrier)
             samples.append((numel * element, seconds / calls_per_timing))
         costs.append(CollectiveCost.fit(samples, kind=kind, n_ranks=n))
     return costs
 
 
-__all__ = ["ProbeRequest", "measure_parallel_model", "probe_rank"]
+__all__ = ["ProbeRequest", "measure_parallel_model", "probe_rank", "SliceStep",
+           "layer_slice_step", "head_slice_step", "embed_slice_step", "timed_seconds"]
