@@ -1,9 +1,10 @@
 """Finding the decoder layers of any transformers causal LM, and steering them one by one.
 
 `analyze` must work on decoder-only models beyond the families cqil converts, so it does not
-call layers itself: it wraps each layer in a `LayerProxy` and runs the model's own forward. A
-proxy can time its layer, record its input, feed it another input, make it part of a
-concurrent group, or skip it (replaying a recorded output), which is all analyze needs.
+build layer inputs itself: it wraps each layer in a `LayerProxy` and runs the model's own
+forward. A proxy can time its layer, record its input and the exact arguments the model called
+it with (to call it again later on another hidden state: `call_on`), or skip it (replaying a
+given output), which is all analyze needs.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def _replace_hidden_out(output, hidden):
 class LayerProxy(nn.Module):
     """Wraps one decoder layer; the analyzer sets its mode between forward passes.
 
-    Modes: "run" (call the layer; optionally time it and record its input), "replay" (return
-    `replay_output` without computing: the layer lies before the part of the model under
-    study), "member" (part of a concurrent group: see `GroupState`).
+    Modes: "run" (call the layer; optionally time it, and record its input, its arguments and
+    its output), "replay" (return `replay_output` without computing: the layer lies before the
+    part of the model under study).
     """
 
     def __init__(self, inner: nn.Module, index: int):
@@ -93,9 +94,9 @@ class LayerProxy(nn.Module):
         self.record_input = False
         self.recorded_input: torch.Tensor | None = None
         self.recorded_output = None  # output structure of the last "run" (for replay)
+        self.recorded_call: tuple[tuple, dict] | None = None  # (args, kwargs) of that run
         self.timer: list[float] | None = None  # seconds appended per call when set
         self.replay_output = None
-        self.group: GroupState | None = None
 
     def __getattr__(self, name):
         try:
@@ -107,10 +108,9 @@ class LayerProxy(nn.Module):
     def forward(self, *args, **kwargs):
         if self.mode == "replay":
             return self.replay_output
-        if self.mode == "member":
-            return self.group.run_member(self, args, kwargs)
         if self.record_input:
             self.recorded_input = _hidden_of(args, kwargs)
+            self.recorded_call = (args, kwargs)
         if self.timer is None:
             out = self.inner(*args, **kwargs)
         else:
@@ -125,23 +125,20 @@ class LayerProxy(nn.Module):
         return out
 
 
-class GroupState:
-    """Concurrent computation of adjacent layers, docs/method.md without bypass:
-    every member sees the group's input x; the last member returns x + Σ_j (layer_j(x) − x)."""
+    def call_on(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output hidden state [B, T, H] for another input `hidden` [B, T, H],
+        called with the arguments of the recorded run (mask, positions, …) otherwise."""
+        args, kwargs = _with_hidden(*self.recorded_call, hidden)
+        return hidden_out(self.inner(*args, **kwargs))
 
-    def __init__(self, members: list[LayerProxy], group_input: torch.Tensor):
-        self.members = members
-        self.x = group_input  # [B, T, H]
-        self.delta_sum = torch.zeros_like(group_input)
+    def replay_with(self, hidden: torch.Tensor) -> None:
+        """Replay mode, returning the recorded output's structure with `hidden` in it."""
+        self.mode, self.replay_output = "replay", _replace_hidden_out(self.recorded_output, hidden)
 
-    def run_member(self, proxy: LayerProxy, args, kwargs):
-        args, kwargs = _with_hidden(args, kwargs, self.x)
-        out = proxy.inner(*args, **kwargs)
-        self.delta_sum += hidden_out(out) - self.x
-        if proxy is self.members[-1]:
-            return _replace_hidden_out(out, self.x + self.delta_sum)
-        return out
-
+    def reset(self) -> None:
+        """Back to a plain "run", dropping what was recorded."""
+        self.mode, self.record_input, self.replay_output = "run", False, None
+        self.recorded_input = self.recorded_output = self.recorded_call = None
 
 
 @contextlib.contextmanager

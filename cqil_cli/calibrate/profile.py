@@ -28,14 +28,7 @@ from ..core.documents import Schema
 from ..core.errors import CqilError
 from ..core.metrics import log_probs, next_token_nll, perplexity_of, token_kl
 from .options import AnalyzeOptions
-from .probes import (
-    GroupState,
-    LayerProxy,
-    cache_kwargs,
-    find_decoder_layers,
-    hidden_out,
-    proxied_layers,
-)
+from .probes import LayerProxy, cache_kwargs, find_decoder_layers, hidden_out, proxied_layers
 
 SCHEMA = Schema("cqil.analyze", 1, "a `cqil analyze --json` report", "run `cqil analyze` again")
 
@@ -124,11 +117,12 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
     with proxied_layers(model) as proxies:
         for batch in samples.split(options.batch_size):
             ids = batch.to(device)
-            # 1. The original model, recording every layer's input and output.
+            # 1. The original model, recording every layer's input, call and output.
             for p in proxies:
                 p.mode, p.record_input = "run", True
             logits = model(input_ids=ids, use_cache=False).logits
             log_p = log_probs(logits)  # [B, T, V]
+            del logits
             nll = next_token_nll(log_p, ids)  # [B, T-1]
             loss_sum += nll.sum().item()
             inputs = [p.recorded_input for p in proxies] + [hidden_out(proxies[-1].recorded_output)]
@@ -144,27 +138,16 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
                 p.record_input = False
             advance("similarity")
 
-            # 2. Each candidate group alone made concurrent; layers before it replay.
-            for g, group in enumerate(groups):
-                start = group[0]
-                members = [proxies[k] for k in group]
-                state = GroupState(members, inputs[start])
-                for k, p in enumerate(proxies):
-                    if k < start:
-                        p.mode, p.replay_output = "replay", proxies[start - 1].recorded_output
-                    elif k in group:
-                        p.mode, p.group = "member", state
-                    else:
-                        p.mode = "run"
-                log_q = log_probs(model(input_ids=ids, use_cache=False).logits)
-                kl_sum[g] += token_kl(log_p, log_q).sum().item()
-                loss_delta_sum[g] += (next_token_nll(log_q, ids) - nll).sum().item()
-                del log_q, state
-                advance("sensitivity")
+            # 2. Each candidate group alone made concurrent, resuming after its last layer.
+            if groups:
+                kl, delta = group_sensitivity(model, proxies, ids, inputs, log_p, nll,
+                                              options.window, advance)
+                for g, group in enumerate(groups):
+                    kl_sum[g] += kl[tuple(group)]
+                    loss_delta_sum[g] += delta[tuple(group)]
             for p in proxies:
-                p.mode, p.group, p.replay_output = "run", None, None
-                p.recorded_input = p.recorded_output = None
-            del inputs, log_p, logits
+                p.reset()
+            del inputs, log_p
 
         latency = (_measure_latency(model, proxies, samples[:1].to(device), options.repeats,
                                     advance) if options.latency else None)
@@ -205,6 +188,67 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
         groups=group_rows,
         options=asdict(options),
     )
+
+
+STACK_ROWS = 8  # candidates sharing a last layer run the rest of the model up to this many
+# windows at a time (stacked along the batch): fewer, larger forwards; memory ~ rows × L × vocab
+
+
+def group_sensitivity(model, proxies: list[LayerProxy], ids: torch.Tensor,
+                      inputs: list[torch.Tensor], log_p: torch.Tensor, nll: torch.Tensor,
+                      window: int, advance: Callable[[str], None] = lambda _label: None,
+                      stack_rows: int = STACK_ROWS) -> tuple[dict, dict]:
+    """Summed KL(original ‖ grouped) and summed next-token NLL change over the batch's tokens,
+    for every candidate group of 2..window adjacent layers made concurrent on its own.
+
+    ids [B, T]; inputs: the recorded x_0..x_N [B, T, H] (x_ℓ the input of layer ℓ, x_N the last
+    output), each proxy holding its recorded call and output; log_p [B, T, V], nll [B, T−1] of
+    the original. Returns ({group layers tuple: KL sum}, {group layers tuple: NLL change sum}).
+
+    Only what a group changes is computed. Its output y = x_s + Σ_{j=s..e} (layer_j(x_s) − x_s)
+    (docs/method.md, no bypass) needs layer_j(x_s) for j > s only (layer_s(x_s) = x_{s+1} is
+    recorded), and groups with the same start share those: each (start, layer) pair runs once.
+    Layers before the group are never rerun: the model's forward replays y up to the group's
+    last layer e and runs e+1..N−1, the final norm and the head, for all groups ending at e at
+    once (stacked along the batch, stack_rows windows at most). Cost per batch: (W − 1)·N
+    candidates × (about N/2 layers + the head): each needs the rest of the model after it.
+    """
+    num_layers, batch = len(proxies), ids.shape[0]
+    per_forward = max(1, stack_rows // batch)
+    kl_sums: dict[tuple[int, ...], float] = {}
+    delta_sums: dict[tuple[int, ...], float] = {}
+    delta_acc: dict[int, torch.Tensor] = {}  # start s -> Σ_{j=s..e} (layer_j(x_s) − x_s), [B, T, H]
+    for end in range(1, num_layers):
+        starts = list(range(end - 1, max(end - window, -1), -1))  # groups s..end, 2..W layers
+        outputs = []  # y of each group s..end, [B, T, H]
+        for s in starts:
+            x = inputs[s]
+            if s == end - 1:
+                delta_acc[s] = torch.zeros_like(x)
+                delta_acc[s] += inputs[s + 1] - x
+            delta_acc[s] += proxies[end].call_on(x) - x
+            outputs.append(x + delta_acc[s])
+        delta_acc.pop(end - window + 1, None)  # its largest group (W layers) ends here
+        for first in range(0, len(starts), per_forward):
+            chunk = outputs[first:first + per_forward]
+            count = len(chunk)
+            stacked = torch.cat(chunk) if count > 1 else chunk[0]  # [count·B, T, H]
+            for k, proxy in enumerate(proxies):
+                if k <= end:
+                    proxy.replay_with(stacked)
+                else:
+                    proxy.mode = "run"
+            rows = ids.repeat(count, 1)  # [count·B, T]
+            log_q = log_probs(model(input_ids=rows, use_cache=False).logits)  # [count·B, T, V]
+            kl = token_kl(log_p, log_q.view(count, *log_p.shape)).sum((1, 2))  # [count]
+            delta = (next_token_nll(log_q, rows).view(count, *nll.shape) - nll).sum((1, 2))
+            del log_q
+            for c, s in enumerate(starts[first:first + per_forward]):
+                group = tuple(range(s, end + 1))
+                kl_sums[group], delta_sums[group] = kl[c].item(), delta[c].item()
+                advance("sensitivity")
+        del outputs, stacked
+    return kl_sums, delta_sums
 
 
 def _layers_of(model):
