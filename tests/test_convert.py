@@ -236,3 +236,14 @@ def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, lon
     assert by_w["decode_ms_per_token"] > 0 and by_w["tensor_parallel_ms_per_token"] > 0
     assert "running engine" in predicted["distributed"]["model"]["source"]
     assert predicted["latency_ratio"] == pytest.approx(by_w["ratio"], rel=1e-6)
+
+
+def test_calib_with_self_samples_tunes_on_the_models_own_text(llama_folder, long_text, tmp_path):
+    """--calib TEXT+self=SHARE: tuning windows partly sampled by the model; the measurements
+    read TEXT alone; the manifest records the spec."""
+    out = tmp_path / "out"
+    convert_in_process(llama_folder, "--out", out, "--groups", "1-2", "--tune-steps", "1",
+                       "--calib", f"{long_text}+self=0.5", "--eval", long_text, "--device", "cpu")
+    manifest = read_manifest(out)
+    assert manifest.calibration["spec"].endswith("+self=0.5")
+    assert manifest.tuning["stages"]

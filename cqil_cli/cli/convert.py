@@ -86,7 +86,9 @@ DEFAULTS = ConvertOptions(out=Path("."))
               help="LoRA rank of the end-to-end stage (and of --local-params lora), merged "
                    "before writing (0: bypass weights only).")
 @click.option("--calib", default=DEFAULTS.calib, show_default=True, metavar="TEXT",
-              help="Calibration text (sensitivity, search, tuning).")
+              help="Calibration text (sensitivity, search, tuning): a text spec (docs/inputs.md), "
+                   "e.g. default or mix; TEXT+self[=SHARE] makes SHARE (default 0.25) of the "
+                   "tuning windows text the model samples itself.")
 @click.option("--eval", "eval_spec", default=DEFAULTS.eval, show_default=True, metavar="TEXT",
               help="Held-out text for the perplexities in the manifest.")
 @click.option("--eval-ood", default=DEFAULTS.eval_ood, show_default=True, metavar="TEXT",

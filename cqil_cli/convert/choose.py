@@ -51,7 +51,7 @@ def _measure_report(loaded, opts: ConvertOptions, options: AnalyzeOptions, label
     from ..calibrate.profile import analyze_model, progress_steps
     from ..inputs.text import token_samples_up_to
 
-    ids = token_samples_up_to(loaded.tokenizer, opts.calib, opts.calib_samples, 128, opts.seed)
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, opts.calib_samples, 128, opts.seed)
     tick = cb.progress(label, progress_steps(len(ids), options, loaded.num_layers))
     return analyze_model(loaded, ids, options, lambda _label: tick())
 
@@ -96,7 +96,7 @@ def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, 
                         f"{opts.devices} layers: the best reachable is "
                         f"{fastest / latency.original_ms:.3f} of the original decode latency"
                         ) from exc
-    ids = token_samples_up_to(loaded.tokenizer, opts.calib, 4, opts.seq_len, opts.seed + 1)
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, 4, opts.seq_len, opts.seed + 1)
     tick = cb.progress("re-measuring the best groupings", len(candidates))
     measured = []
     for p in candidates:

@@ -81,6 +81,14 @@ class ConvertOptions:
         return self.tune_steps, self.tune_minutes
 
     @property
+    def calib_text(self) -> str:
+        """--calib without a `+self` share: the text the measurements (sensitivity, the
+        re-measured groupings) read; tuning also gets the model's own samples."""
+        from ..inputs.text import split_self_share
+
+        return split_self_share(self.calib)[0]
+
+    @property
     def tunes(self) -> bool:
         steps, minutes = self.tune_bounds
         return (steps or 0) + (minutes or 0) > 0 and bool(self.stages)

@@ -82,6 +82,7 @@ class Scorer:
 
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
                 cb: Callbacks) -> Manifest:
+    from ..calibrate.self_text import calibration_windows
     from ..inputs.models import load_model, require_llama_family
     from ..inputs.text import token_samples_up_to
 
@@ -99,7 +100,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
                                    min_samples=least)
 
     eval_ids = windows(opts.eval, opts.eval_samples, opts.seed, 2)
-    calib_ids = windows(opts.calib, opts.tune_samples, opts.seed, 4)
+    if opts.calib != opts.calib_text:
+        cb.status(f"sampling calibration windows from the model ({opts.calib})")
+    calib_ids = calibration_windows(loaded.model, loaded.tokenizer, opts.calib,
+                                    opts.tune_samples, opts.seq_len, opts.seed, 4)
     ood_ids = windows(opts.eval_ood, opts.eval_samples, opts.seed, 2) if opts.eval_ood else None
     p = opts.prompt_tokens
     quality_of = Scorer(eval_ids, ood_ids, p)
