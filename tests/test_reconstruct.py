@@ -304,3 +304,27 @@ def test_a_middling_bound_caches_whole_training_batches(monkeypatch):
     with torch.no_grad():
         x = module._first_inputs(blocks, ids, options, deadline=50.0)
     assert x.shape[0] == 24  # 0.75 × 50 s / (23 / 16 s per window) = 26.1, whole batches of 4
+
+
+def test_the_end_to_end_teacher_runs_the_weights_before_the_local_stage():
+    """After the local stage changed the layers' own weights, the e2e stage's teacher (the same
+    model run sequentially) must still be the original model: tune_groups' `originals`."""
+    from cqil_cli.calibrate.tuning import teacher_and_student
+
+    base = tiny_models.tiny_model("qwen3-qknorm", seed=0)
+    ids = windows(4)
+    model = build_cqil_model(base, STEPS, 1)
+    with torch.no_grad():
+        original_teacher, _ = teacher_and_student(model, ids)
+    result = reconstruct(cqil_blocks(model, ids), ids, FEW)
+    originals = list(result.saved)
+    changed = {id(p) for p, value in originals if not torch.equal(p, value)}
+    assert changed  # the stage did change weights
+    with torch.no_grad():
+        drifted, _ = teacher_and_student(model, ids)
+        teacher, student = teacher_and_student(model, ids, originals)
+    assert rel(drifted, original_teacher) > 1e-4  # without originals the teacher moved
+    assert rel(teacher, original_teacher) < TOL
+    assert all(not torch.equal(p, value) for p, value in originals if id(p) in changed)  # back
+    _, student_again = teacher_and_student(model, ids)
+    assert rel(student, student_again) < TOL

@@ -398,6 +398,11 @@ def repair_units(num_layers: int, kept: list[int]) -> list[tuple[int, int, int]]
     return units
 
 
+def _on_model(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids on the model's device (calibration windows are drawn on the CPU)."""
+    return ids.to(next(model.parameters()).device)
+
+
 def cqil_blocks(model, example_ids: torch.Tensor) -> Blocks:
     """The groups of a grouped CqilForCausalLM as blocks: student = the group (reference
     engine), original = its layers in sequence. example_ids [b, T]: the windows' length (every
@@ -405,7 +410,7 @@ def cqil_blocks(model, example_ids: torch.Tensor) -> Blocks:
     inner = model.model
     steps = model.config.groups
     grouped = [s for s, group in enumerate(steps) if len(group) > 1]
-    _, context = inner.prepare_steps(example_ids[:1])
+    _, context = inner.prepare_steps(_on_model(model, example_ids[:1]))
 
     def run(first: int, stop: int, sequential: bool = False):
         return lambda x: inner.run_steps(x, context, steps=range(first, stop),
@@ -438,7 +443,7 @@ def skip_blocks(model, prompt_tokens: int, example_ids: torch.Tensor) -> Blocks:
     n = config.num_hidden_layers
     kept = [i for i in range(n) if i not in set(config.skip_layers)]
     units = repair_units(n, kept)
-    one = example_ids[:1]
+    one = _on_model(model, example_ids[:1])
     _, student_context = inner.prepare_steps(one, prompt_length=max(prompt_tokens, 1))
     _, full_context = inner.prepare_steps(one)
 
@@ -483,7 +488,7 @@ def layer_arguments(model, example_ids: torch.Tensor) -> list[dict]:
                for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
-            model(input_ids=example_ids[:1], use_cache=False)
+            model(input_ids=_on_model(model, example_ids[:1]), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -9,7 +9,10 @@ tune_groups (cqil), on the runtime's own steps (CqilModel.prepare_steps / run_st
   Trainable: the bypass weights (γ of every grouped layer, β of the bypass) and, with
   lora_rank > 0, LoRA adapters on the linear layers of the grouped layers.
   The steps before the first group are identical for teacher and student: they run once per
-  batch, without gradients.
+  batch, without gradients. After a local stage (calibrate/reconstruct.py) changed the
+  layers' own weights, `originals` [(parameter, its value before)] puts the original values
+  back for the teacher's pass only (weights_swapped: no copy), so the teacher stays the
+  original model.
 tune_from_teacher (prune) and tune_skip (Unified Layer Skipping): LoRA only, same loss.
 
 LoRA adapters stay attached when these return; the caller evaluates, then merges them into the
@@ -22,8 +25,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -126,9 +130,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-def teacher_and_student(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Originals = Sequence[tuple[nn.Parameter, torch.Tensor]]  # (parameter, its original value)
+
+
+@contextmanager
+def weights_swapped(originals: Originals):
+    """Within the block, each parameter holds its original value: `.data` is pointed at it
+    (same device and dtype, no copy) and pointed back after, so that the optimizer, LoRA
+    wrappers and the fused engine's views keep the very tensors they had."""
+    held = [(p, p.data) for p, _ in originals]
+    try:
+        for p, value in originals:
+            p.data = value
+        yield
+    finally:
+        for p, data in held:
+            p.data = data
+
+
+def teacher_and_student(model, ids: torch.Tensor,
+                        originals: Originals = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, T, V] of the teacher (no gradient) and of the student of a grouped model on
-    ids [B, T] (see the module docstring), sharing the steps before the first group."""
+    ids [B, T] (see the module docstring), sharing the steps before the first group (which a
+    local stage does not change: its blocks start at the first group)."""
     inner = model.model
     groups = model.config.groups
     first = next((s for s, g in enumerate(groups) if len(g) > 1), len(groups))
@@ -142,7 +166,8 @@ def teacher_and_student(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
         x = inner.run_steps(x, context, steps=range(first))  # shared, computed once
         set_lora_enabled(model, False)  # the teacher never sees LoRA
         try:
-            teacher = logits(inner.run_steps(x, context, steps=tuned, sequential=True))
+            with weights_swapped(originals):
+                teacher = logits(inner.run_steps(x, context, steps=tuned, sequential=True))
         finally:
             set_lora_enabled(model, True)
     return teacher, logits(inner.run_steps(x, context, steps=tuned))
@@ -223,18 +248,20 @@ def _tune(model, bypass: list[nn.Parameter], lora_layers: list[int], calib_ids: 
 
 
 def tune_groups(model, calib_ids: torch.Tensor, options: TuneOptions,
-                on_step: Callable[[int, float, float], None] | None = None) -> TuneResult:
+                on_step: Callable[[int, float, float], None] | None = None,
+                originals: Originals = ()) -> TuneResult:
     """Train the bypass weights (and LoRA) of the grouped CqilForCausalLM `model` in place on
     calib_ids [n, L]: KL(teacher ‖ student) of teacher_and_student. A model without groups
     has nothing to train and is left unchanged.
 
     LoRA adapters stay attached (unmerged) when this returns: the caller evaluates, then calls
     detach_lora(model, merge=True) to keep them or merge=False to drop them.
-    on_step(step, loss, elapsed seconds) is called after every optimizer step.
+    on_step(step, loss, elapsed seconds) is called after every optimizer step. originals:
+    the weights the teacher runs with where a local stage changed them (module docstring).
     """
     grouped = [i for g in model.config.groups if len(g) > 1 for i in g]
     return _tune(model, bypass_parameters(model), grouped, calib_ids, options, on_step,
-                 lambda ids: mean_kl(*teacher_and_student(model, ids)))
+                 lambda ids: mean_kl(*teacher_and_student(model, ids, originals)))
 
 
 def tune_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
@@ -259,14 +286,15 @@ def tune_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch
 
 def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: TuneOptions,
               prompt_tokens: int,
-              on_step: Callable[[int, float, float], None] | None = None) -> TuneResult:
+              on_step: Callable[[int, float, float], None] | None = None,
+              originals: Originals = ()) -> TuneResult:
     """Tune a Unified Layer Skipping model (a CqilForCausalLM with skip_layers) in place.
 
     Each calibration window [L] is a prompt (the first prompt_tokens tokens, every layer)
     and a continuation (the kept layers only), in one forward (prompt_length). Teacher = the
     same weights with every layer for every token and LoRA off (no second copy in memory);
     the loss is KL(teacher ‖ student) on the continuation's predictions. Trainable: LoRA on
-    `lora_layers`. Adapters stay attached, as in tune_groups.
+    `lora_layers`. Adapters stay attached, as in tune_groups; originals as there.
     """
     start = max(prompt_tokens - 1, 0)  # the first prediction of the continuation
     extra = prompt_kwargs(model, prompt_tokens)
@@ -275,7 +303,8 @@ def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: T
         with torch.no_grad():
             set_lora_enabled(model, False)  # the teacher: the original model
             try:
-                teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
+                with weights_swapped(originals):
+                    teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
             finally:
                 set_lora_enabled(model, True)
         student = model(input_ids=ids, use_cache=False, **extra).logits[:, start:]
@@ -295,4 +324,5 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
 
 
 __all__ = ["TuneOptions", "TuneResult", "detach_lora", "restore_bypass", "snapshot_bypass",
-           "teacher_and_student", "tune_from_teacher", "tune_groups", "tune_skip"]
+           "teacher_and_student", "tune_from_teacher", "tune_groups", "tune_skip",
+           "weights_swapped"]

@@ -189,7 +189,8 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
         grouped = any(len(g) > 1 for g in steps)
         return Conversion(
             model, steps, selection, plain=False, devices=opts.devices, bypass=opts.bypass,
-            tune=(lambda tune, on_step: tune_groups(model, calib_ids, tune, on_step=on_step))
+            tune=(lambda tune, on_step, originals=(): tune_groups(
+                model, calib_ids, tune, on_step=on_step, originals=originals))
             if grouped else None,
             blocks=(lambda: cqil_blocks(model, calib_ids)) if grouped else None,
             extra={}), original
@@ -205,8 +206,9 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
         lora_layers = [kept[i] for i in lora_on_kept]
         return Conversion(
             model, steps, selection, plain=False,
-            tune=(lambda tune, on_step: tune_skip(model, lora_layers, calib_ids, tune,
-                                                  opts.prompt_tokens, on_step=on_step))
+            tune=(lambda tune, on_step, originals=(): tune_skip(
+                model, lora_layers, calib_ids, tune, opts.prompt_tokens, on_step=on_step,
+                originals=originals))
             if runs_lora else None,
             blocks=(lambda: skip_blocks(model, opts.prompt_tokens, calib_ids)) if shorter else None,
             placement_names=list(range(n)),
@@ -222,8 +224,8 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
 
     return Conversion(
         model, steps, selection, plain=True,
-        tune=(lambda tune, on_step: tune_from_teacher(teacher, model, lora_on_kept, calib_ids,
-                                                      tune, on_step=on_step))
+        tune=(lambda tune, on_step, originals=(): tune_from_teacher(  # its own teacher
+            teacher, model, lora_on_kept, calib_ids, tune, on_step=on_step))
         if runs_lora else None,
         blocks=(lambda: prune_blocks(teacher, model, kept, calib_ids)) if shorter else None,
         release=release,
@@ -243,6 +245,7 @@ def _tune_stages(conversion: Conversion, opts: ConvertOptions, untuned, quality_
 
     steps, minutes = opts.tune_bounds
     best, stages, record = untuned, [], {}
+    originals = []  # what a kept local stage changed: the e2e teacher runs with these
     for name in opts.stages:  # the bound counts tuning time, not the perplexity measurements
         left = None if minutes is None else minutes - sum(s["seconds"] for s in stages) / 60
         if left is not None and left <= 0:
@@ -250,14 +253,14 @@ def _tune_stages(conversion: Conversion, opts: ConvertOptions, untuned, quality_
         if name == "local" and conversion.blocks is not None:
             share = opts.local_share if "e2e" in opts.stages else 1.0
             bound = None if minutes is None else min(left, minutes * share)
-            stage, best = _local_stage(conversion, opts.local_options(bound), best, quality_of,
-                                       calib_ids, cb)
+            stage, best, originals = _local_stage(conversion, opts.local_options(bound), best,
+                                                  quality_of, calib_ids, cb)
             record["local"] = {k: v for k, v in asdict(opts.local_options(bound)).items()
                                if k not in ("steps", "minutes", "seed")}
         elif name == "e2e" and conversion.tune is not None:
             stage, best, tune = _e2e_stage(conversion, TuneOptions(
                 steps=steps, minutes=left, lora_rank=opts.lora_rank, seed=opts.seed),
-                best, quality_of, cb)
+                best, quality_of, cb, originals)
             record.update({**asdict(tune), "final_loss": stage.pop("final_loss"),
                            "precision": stage["precision"], **(conversion.tuning_extra or {})})
         else:
@@ -284,8 +287,10 @@ def _stage_record(name: str, steps: int, seconds: float, loss_start, loss_end, q
 
 
 def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, calib_ids,
-                 cb: Callbacks) -> tuple[dict, tuple]:
-    """The local stage (calibrate/reconstruct.py), then keep-if-better."""
+                 cb: Callbacks) -> tuple[dict, tuple, list]:
+    """The local stage (calibrate/reconstruct.py), then keep-if-better. Returns (its record,
+    the best quality so far, [(parameter, its value before the stage)] when kept, else []):
+    the end-to-end stage's teacher must run the original weights, not the reconstructed ones."""
     from ..calibrate.reconstruct import reconstruct, restore
 
     model = conversion.model
@@ -304,18 +309,19 @@ def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, cali
     if not keep:
         restore(result)
         _settle(model)
-    result.saved.clear()  # the original weights of the blocks: not needed any more
+    originals = [(p, value.to(p.device)) for p, value in result.saved] if keep else []
+    result.saved.clear()
     stage = _stage_record("local", result.steps, result.seconds, result.loss_start,
                           result.loss_end, quality, keep)
     stage.update(loss=options.loss, params=options.params, precision=result.precision,
                  samples=result.samples, blocks=result.blocks)
     if len(result.blocks) < total:
         cb.status(f"local stage: time was up after {len(result.blocks)} of {total} blocks")
-    return stage, quality if keep else best
+    return stage, (quality if keep else best), originals
 
 
-def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer,
-               cb: Callbacks) -> tuple[dict, tuple, object]:
+def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer, cb: Callbacks,
+               originals=()) -> tuple[dict, tuple, object]:
     """The end-to-end KL stage (calibrate/tuning.py); keep only if held-out perplexity improves
     on `best`, else restore the weights exactly (bypass weights restored, LoRA dropped)."""
     from ..calibrate.tuning import detach_lora, restore_bypass, snapshot_bypass
@@ -324,7 +330,7 @@ def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer,
     on_cqil_runtime = hasattr(model, "set_engine")  # a CqilForCausalLM (cqil, skip)
     saved = snapshot_bypass(model) if on_cqil_runtime else []
     cb.tune_start(tune.steps, tune.minutes)
-    result = conversion.tune(tune, cb.tune_step)
+    result = conversion.tune(tune, cb.tune_step, originals=originals)
     if on_cqil_runtime:
         model.set_engine("reference")  # adapters attached: the fused weights cannot see them
     held_out = quality_of.held_out(model)
