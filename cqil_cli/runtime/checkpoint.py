@@ -156,11 +156,31 @@ def write_converted(model: CqilForCausalLM, tokenizer, folder: Path) -> None:
     folder = Path(folder)
     model.config.auto_map = dict(AUTO_MAP)
     model.config.architectures = ["CqilForCausalLM"]
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=contiguous_state_dict(model))
     for name in RUNTIME_FILES:
         shutil.copyfile(RUNTIME_DIR / name, folder / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def contiguous_state_dict(model) -> dict[str, torch.Tensor]:
+    """model.state_dict() with every tensor contiguous, as save_pretrained needs them.
+
+    The fused engine and fast generation re-lay weights out in place (fused_cqil.pack_members),
+    leaving some parameters strided views of [in, out] buffers (CPU, fp32). Those are copied here,
+    one at a time into the dict, so saving holds them twice until it returns; names that share
+    a tensor (a tied lm_head) share the copy.
+    """
+    copies: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_contiguous():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.contiguous()
+            tensor = copies[key]
+        state[name] = tensor
+    return state
 
 
 def save_converted(model: CqilForCausalLM, tokenizer, out_dir, overwrite: bool = False) -> Path:
@@ -194,4 +214,4 @@ def load_converted(path, dtype: torch.dtype | str | None = None, device: str = "
     return model.to(device).eval()
 
 
-__all__ = ["parse_groups", "build_cqil_model", "write_converted", "save_converted", "load_converted", "register_auto_classes"]
+__all__ = ["parse_groups", "build_cqil_model", "contiguous_state_dict", "write_converted", "save_converted", "load_converted", "register_auto_classes"]

@@ -38,7 +38,7 @@ from ..core.devices import synchronize
 from .configuration_cqil import FULL, SLIDING
 from .distributed_cqil import next_tokens
 from .families_cqil import embedding_multiplier, softcap
-from .fused_cqil import FusedLinear, rope_tables
+from .fused_cqil import FusedLinear, pack_members, rope_tables
 from .modeling_cqil import CqilForCausalLM, step_inputs
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
@@ -157,12 +157,15 @@ class FastGenerator:
         return out
 
     def _lm_matrix(self) -> torch.Tensor:
-        """lm_head in the faster layout (a transposed copy in fp32 on CPU, prepacked in bf16)."""
+        """lm_head in the faster layout, without a second copy: in fp32 on CPU the parameter
+        itself is re-laid out as [d, V] storage (pack_members; a tied embedding is the same
+        parameter, and its lookups read the strided rows), prepacked where bf16 is."""
         w = self.model.lm_head.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if self._lm_key != key:
+        if self._lm_key != (w.data_ptr(), w._version, w.dtype):
             with torch.no_grad():
-                self._lm_w, self._lm_key = FusedLinear(w), key
+                if not FusedLinear.packs(w):
+                    pack_members([[w]])  # re-points w.data: the old storage is freed
+                self._lm_w, self._lm_key = FusedLinear(w), (w.data_ptr(), w._version, w.dtype)
         return self._lm_w
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ down projection with gamma folded in. Fused weights are derived from the layers'
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.activations import ACT2FN
 
 from .families_cqil import attention
@@ -29,11 +31,111 @@ def _store_in_out(weight_dtype: torch.dtype, device: torch.device, n_in: int, n_
 
 
 def _matrix(w_out_in: torch.Tensor) -> torch.Tensor:
-    """A weight [out, in] as the [in, out] right operand of mm, in the faster layout."""
+    """A weight [out, in] as the [in, out] right operand of mm, in the faster layout: a view
+    when the weight is stored so already (pack_members), else a copy."""
     out_dim, in_dim = w_out_in.shape
     if _store_in_out(w_out_in.dtype, w_out_in.device, in_dim, out_dim):
-        return w_out_in.t().contiguous()  # [in, out] contiguous
-    return w_out_in.contiguous().t()  # [in, out] view of [out, in]
+        return w_out_in.t() if w_out_in.t().is_contiguous() else w_out_in.t().contiguous()
+    return w_out_in.t() if w_out_in.is_contiguous() else w_out_in.contiguous().t()
+
+
+def _packed_view(blocks: list[list[torch.Tensor]], in_out: bool) -> torch.Tensor | None:
+    """The [P, rows, in] tensor whose member j's rows are blocks[j] concatenated, when the
+    parameters already are views of one such buffer in the requested layout; else None."""
+    first = blocks[0][0]
+    P, rows, d_in = len(blocks), sum(p.shape[0] for p in blocks[0]), first.shape[1]
+    storage = first.untyped_storage()
+    if first.storage_offset() != 0 or storage.nbytes() != P * rows * d_in * first.element_size():
+        return None
+    shape = (P, d_in, rows) if in_out else (P, rows, d_in)
+    buf = torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, shape)
+    rows_view = buf.transpose(1, 2) if in_out else buf  # [P, rows, in]
+    for j, params in enumerate(blocks):
+        r = 0
+        for p in params:
+            v = rows_view[j, r: r + p.shape[0]]
+            if p.untyped_storage().data_ptr() != storage.data_ptr() or p.dtype != first.dtype \
+                    or p.storage_offset() != v.storage_offset() or p.stride() != v.stride() \
+                    or p.shape != v.shape:
+                return None
+            r += p.shape[0]
+    return rows_view
+
+
+@torch.no_grad()
+def pack_members(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Store P members' weights as one buffer, with the parameters as views into it.
+
+    blocks[j]: member j's parameters, each [rows_i, in] (e.g. q, k, v), whose rows concatenate.
+    Returns the bmm operand [P, in, rows] (a view; member j's logical weight is its [rows, in]
+    transpose). The buffer is [P, in, rows] where _store_in_out prefers that layout, else
+    [P, rows, in]. Parameters already laid out so are left alone (no copy); otherwise each is
+    copied into a new buffer and its .data re-pointed (`p.data = view`, which keeps the
+    Parameter object, its autograd identity and its optimizer state), so the old storage is
+    freed and the weights are held once. In-place updates of a parameter (optimizer steps,
+    copy_, load_state_dict) write into the buffer, so the fused engine sees them at once.
+    """
+    first = blocks[0][0]
+    rows, d_in = sum(p.shape[0] for p in blocks[0]), first.shape[1]
+    in_out = _store_in_out(first.dtype, first.device, d_in, rows)
+    rows_view = _packed_view(blocks, in_out)
+    if rows_view is None:
+        with torch.inference_mode(False):  # a normal tensor: training may update it in place later
+            shape = (len(blocks), d_in, rows) if in_out else (len(blocks), rows, d_in)
+            buf = torch.empty(shape, dtype=first.dtype, device=first.device)
+            rows_view = buf.transpose(1, 2) if in_out else buf
+            mappings = _file_mappings()
+            for j, params in enumerate(blocks):
+                r = 0
+                for p in params:
+                    view = rows_view[j, r: r + p.shape[0]]
+                    view.copy_(p)
+                    old, p.data = p.data, view
+                    _release_file_pages(old, mappings)
+                    r += p.shape[0]
+    return rows_view.transpose(1, 2)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file mappings (Linux; [] elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].startswith("/"):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        pass
+    return ranges
+
+
+def _release_file_pages(old: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of a weight that was just copied out of a memory-mapped file.
+
+    transformers loads safetensors as views of a file mapping; the pages read count in the
+    process's RSS until the whole mapping goes, which is only when every tensor of the file is
+    gone. Once a parameter is re-pointed (pack_members) its old pages are dead weight: they are
+    dropped (madvise MADV_DONTNEED: the kernel re-reads them from the file if ever touched
+    again). Only when `old` is the storage's last user (it still holds the values otherwise)
+    and the storage lies inside a file mapping; never anonymous memory.
+    """
+    if not mappings or old.device.type != "cpu" or not old.is_contiguous():
+        return
+    storage = old.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if torch._C._storage_Use_Count(storage._cdata) > 2:  # old and `storage` itself
+        return
+    if not any(lo <= start and end <= hi for lo, hi in mappings):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the storage
+    if hi > lo:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass
 
 
 _PACKED_OK: bool | None = None
@@ -91,14 +193,6 @@ class FusedLinear:
         return torch.mm(x, self.w) if base is None else torch.addmm(base, x, self.w)
 
 
-def _batched(ws: list[torch.Tensor]) -> torch.Tensor:
-    """P weights [out, in] -> [P, in, out] operand of bmm, in the faster layout."""
-    out_dim, in_dim = ws[0].shape
-    if _store_in_out(ws[0].dtype, ws[0].device, in_dim, out_dim):
-        return torch.stack([w.t() for w in ws]).contiguous()
-    return torch.stack(ws).contiguous().transpose(1, 2)
-
-
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B|1, T, hd] -> the fused engine's form [B|1, T, 1, hd], with sin sign-folded.
 
@@ -109,22 +203,64 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     return cos.unsqueeze(2), signed.unsqueeze(2)
 
 
-class FusedStep:
-    """Inference weights of one step, derived from its layers' parameters, and its forward.
+def _member_weights(layer) -> tuple[list, list, list, list]:
+    """A layer's matrices, each a list of parameters [rows_i, in] whose rows concatenate:
+    q/k/v (Phi-3: qkv_proj), o_proj, gate/up (Phi-3: gate_up_proj), down_proj."""
+    att, mlp = layer.self_attn, layer.mlp
+    qkv = [att.qkv_proj.weight] if att.fused else [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
+    gu = [mlp.gate_up_proj.weight] if mlp.fused else [mlp.gate_proj.weight, mlp.up_proj.weight]
+    return qkv, [att.o_proj.weight], gu, [mlp.down_proj.weight]
 
-    P layers, H heads, G kv heads, hd head dim, d hidden, I intermediate (shapes as [out, in]):
-      qkv    FusedLinear [P*(H+2G)*hd, d]  rows: q of l_0..l_{P-1}, then k of all, then v of
-             all; N1_j gain folded into layer j's columns (x is normed once for the group)
-      qk_norm_w [P*(H+G), hd]  per-head q/k norm gains (qwen3, gemma3), same head order
-      single layer (P == 1): o [d, H*hd], gu [2I, d] (N2 folded), down [d, I]
-      group (P > 1): o_j [d, H*hd] and gu_j [2I, d] (N2_j folded) per layer, either batched
-             for bmm (w_o [P, H*hd, d], w_gu [P, d, 2I]) or as P FusedLinears (prepacked bf16);
-             down [d, P*I] with gamma_j folded into layer j's columns, gamma [P, 1, d],
-             mix [P, P, 1, d] (a_j + b_j = sum_k mix[j, k] * a_k)
+
+def _cat_bias(pairs) -> torch.Tensor | None:
+    """[(weight, bias)] -> the biases concatenated, or None."""
+    return None if pairs[0][1] is None else torch.cat([b for _, b in pairs])
+
+
+class MemberLinear:
+    """The same map of each of P members at once: x [P, N, in] -> [P, N, out].
+
+    Dense: one bmm over the step's packed weights [P, in, out] (pack_members: the parameters
+    are views of that buffer, so nothing is copied). Prepacked bf16: P FusedLinear calls.
+    P == 1: `single`, a FusedLinear over the same storage ([N, in] -> [N, out], `add` fused).
+    """
+
+    def __init__(self, blocks: list[list[torch.Tensor]], biases: list, prepacked: bool):
+        self.bias = None if biases[0] is None else torch.stack(biases)[:, None]  # [P, 1, out]
+        if prepacked:
+            self.each = [FusedLinear(torch.cat(ws) if len(ws) > 1 else ws[0], b)
+                         for ws, b in zip(blocks, biases, strict=True)]
+            self.w = None
+        else:
+            self.each = None
+            self.w = pack_members(blocks)  # [P, in, out]
+        self.single = (self.each[0] if prepacked else FusedLinear(self.w[0].t(), biases[0])) \
+            if len(blocks) == 1 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.each is not None:
+            return torch.stack([lin(x[j]) for j, lin in enumerate(self.each)])
+        y = torch.bmm(x, self.w)
+        return y if self.bias is None else y + self.bias
+
+
+class FusedStep:
+    """Inference form of one step, over its layers' own weights, and its forward.
+
+    P layers, H heads, G kv heads, hd head dim, d hidden, I intermediate. The matrices are the
+    parameters themselves, stored once per step (pack_members: each parameter is a view of the
+    step's buffer, in the layout the matmul prefers): qkv [P, d, (H+2G)*hd] (member j's rows q_j,
+    k_j, v_j), o [P, H*hd, d], gu [P, d, 2I] (rows gate_j, up_j), down [P, I, d], as
+    MemberLinears. Nothing is folded into them; the small per-channel factors are applied to
+    the activations instead:
+      n1, n2    [P, 1, d] the N1_j and N2_j gains (x is normed once for the group, then scaled
+                per member); fp32 in families whose norms compute in fp32 (Gemma), else dtype
+      qk_norm_w [P, 1, 1, H+G, hd] per-head q/k norm gains (qwen3, gemma3), member-major
+      gamma [P, 1, d]; mix [P, P, 1, d] (a_j + b_j = sum_k mix[j, k] * a_k)
       post-norms (Gemma): post_attn [P, 1, d] the Na_j gains; post_ff [P, 1, d] the Nf_j gains
-             (times gamma_j in a group), fp32 like qk_norm_w there (these norms run in fp32);
-             a group's down projections then run per member (w_down [P, I, d] or P
-             FusedLinears), since Nf_j acts on each m_j alone
+             (times gamma_j in a group), fp32 (these norms run in fp32)
+    Rebuilding a FusedStep is cheap (the big matrices are not copied), which is what
+    CqilModel.fused_steps does after any parameter changed.
     """
 
     def __init__(self, layers, config):
@@ -134,83 +270,42 @@ class FusedStep:
         self.eps = config.rms_norm_eps
         self.silu = config.hidden_act in ("silu", "swish")
         self.act = ACT2FN[config.hidden_act]
-        self.nq, self.nqk = P * self.H, P * (self.H + self.G)  # head counts before k, before v
-        self.gqa = self.H != self.G
         att = [ly.self_attn for ly in L]
         self.scale, self.cap = att[0].scale, att[0].cap
         self.post_norms = bool(getattr(config, "post_norms", False))
+        self.fp32_gains = self.post_norms or bool(getattr(config, "norm_unit_offset", False))
         dtype = att[0].o_proj.weight.dtype
         f32 = torch.float32
 
-        def fold(w: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # W diag(gain): [out, in], fp32
-            return w.to(f32) * norm.gain().to(f32)[None, :]
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype)
-
-        def stacked_gains(norms, scales=None) -> torch.Tensor:  # [P, 1, d], fp32 (see _norm)
+        def gains(norms, scales=None) -> torch.Tensor:  # [P, 1, d]
             g = torch.stack([n.gain().to(f32) for n in norms])
-            return (g if scales is None else g * scales)[:, None, :].contiguous()
+            g = g if scales is None else g * scales
+            return (g if self.fp32_gains else g.to(dtype))[:, None, :].contiguous()
 
-        qkv = [a.qkv_weights() for a in att]  # per layer [(w, b)] of q, k, v
-        w = [fold(parts[i][0], ly.input_layernorm) for i in range(3) for parts, ly in zip(qkv, L, strict=True)]
-        b = None
-        if qkv[0][0][1] is not None:
-            b = torch.cat([parts[i][1] for i in range(3) for parts in qkv])
-        self.qkv = FusedLinear(cast(torch.cat(w)), b)
+        prepacked = FusedLinear.packs(att[0].o_proj.weight)
+        self.batched = not prepacked  # one bmm over the members; False: P calls (prepacked bf16)
+        weights = [_member_weights(ly) for ly in L]
+        qkv_bias = [_cat_bias(a.qkv_weights()) for a in att]
+        gu_bias = [_cat_bias(ly.mlp.gate_up_weights()) for ly in L]
+        self.qkv = MemberLinear([w[0] for w in weights], qkv_bias, prepacked)
+        self.o = MemberLinear([w[1] for w in weights], [a.o_proj.bias for a in att], prepacked)
+        self.gu = MemberLinear([w[2] for w in weights], gu_bias, prepacked)
+        self.down = MemberLinear([w[3] for w in weights], [ly.mlp.down_proj.bias for ly in L], prepacked)
+        self.n1 = gains([ly.input_layernorm for ly in L])
+        self.n2 = gains([ly.mlp_norm for ly in L])
         self.qk_norm_w = None
         if att[0].q_norm is not None:
-            qn = [a.q_norm.gain()[None].expand(self.H, -1) for a in att]
-            kn = [a.k_norm.gain()[None].expand(self.G, -1) for a in att]
-            qk_w = torch.cat(qn + kn).contiguous()  # [P*(H+G), hd]
-            self.qk_norm_w = qk_w.to(f32) if self.post_norms else cast(qk_w)
-
-        def gate_up(ly) -> torch.Tensor:  # [2I, d], N2 folded
-            (wg, _), (wu, _) = ly.mlp.gate_up_weights()
-            return cast(torch.cat([fold(wg, ly.mlp_norm), fold(wu, ly.mlp_norm)]))
-
-        def gate_up_bias(ly):
-            (_, bg), (_, bu) = ly.mlp.gate_up_weights()
-            return torch.cat([bg, bu]) if bg is not None else None
-
+            qk = [torch.cat([a.q_norm.gain()[None].expand(self.H, -1), a.k_norm.gain()[None].expand(self.G, -1)])
+                  for a in att]  # per member [H+G, hd]
+            qk_w = torch.stack(qk)[:, None, None].contiguous()  # [P, 1, 1, H+G, hd]
+            self.qk_norm_w = qk_w.to(f32) if self.post_norms else qk_w.to(dtype)
+        gamma = torch.stack([ly.cqil_gamma.to(f32) for ly in L]) if P > 1 else None  # [P, d]
         if self.post_norms:
-            self.post_attn = stacked_gains([ly.attn_output_norm for ly in L])
+            self.post_attn = gains([ly.attn_output_norm for ly in L])
+            self.post_ff = gains([ly.post_feedforward_layernorm for ly in L], gamma)
         if P == 1:
-            ly = L[0]
-            self.o = FusedLinear(ly.self_attn.o_proj.weight, ly.self_attn.o_proj.bias)
-            self.gu = FusedLinear(gate_up(ly), gate_up_bias(ly))
-            self.down = FusedLinear(ly.mlp.down_proj.weight, ly.mlp.down_proj.bias)
-            if self.post_norms:
-                self.post_attn, self.post_ff = self.post_attn[0, 0], stacked_gains([ly.post_feedforward_layernorm])[0, 0]
             return
-        gamma = torch.stack([ly.cqil_gamma.to(f32) for ly in L])  # [P, d]
-        self.gamma = cast(gamma)[:, None, :].contiguous()  # [P, 1, d]
-        # Dense kernels: one bmm over the P layers beats P calls. Prepacked bf16: P calls.
-        self.batched = not FusedLinear.packs(att[0].o_proj.weight)
-        if self.batched:
-            self.w_o = _batched([a.o_proj.weight for a in att])  # [P, H*hd, d]
-            self.w_gu = _batched([gate_up(ly) for ly in L])  # [P, d, 2I]
-            self.b_o = torch.stack([a.o_proj.bias for a in att])[:, None] if att[0].o_proj.bias is not None else None
-            self.b_gu = torch.stack([gate_up_bias(ly) for ly in L])[:, None] if gate_up_bias(L[0]) is not None \
-                else None
-        else:
-            self.o = [FusedLinear(a.o_proj.weight, a.o_proj.bias) for a in att]
-            self.gu = [FusedLinear(gate_up(ly), gate_up_bias(ly)) for ly in L]
-        if self.post_norms:  # each m_j normed alone: P down projections, gamma_j in Nf_j's gain
-            self.post_ff = stacked_gains([ly.post_feedforward_layernorm for ly in L], gamma)
-            if self.batched:
-                self.w_down = _batched([ly.mlp.down_proj.weight for ly in L])  # [P, I, d]
-                self.b_down = torch.stack([ly.mlp.down_proj.bias for ly in L])[:, None] \
-                    if L[0].mlp.down_proj.bias is not None else None
-            else:
-                self.down = [FusedLinear(ly.mlp.down_proj.weight, ly.mlp.down_proj.bias) for ly in L]
-        else:
-            # sum_j gamma_j * m_j = concat_j(act_j) @ concat_j(gamma_j-scaled down_j): one matmul.
-            down = [ly.mlp.down_proj.weight.to(f32) * g[:, None] for ly, g in zip(L, gamma, strict=True)]  # [d, I]
-            b_down = None
-            if L[0].mlp.down_proj.bias is not None:
-                b_down = cast(sum(ly.mlp.down_proj.bias.to(f32) * g for ly, g in zip(L, gamma, strict=True)))
-            self.down = FusedLinear(cast(torch.cat(down, dim=1)), b_down)  # [d, P*I]
+        self.gamma = gamma.to(dtype)[:, None, :].contiguous()  # [P, 1, d]
         self.mix = None
         if any(ly.cqil_beta is not None for ly in L):
             mix = torch.zeros(P, P, gamma.shape[-1], dtype=f32, device=gamma.device)
@@ -219,7 +314,7 @@ class FusedStep:
                 if ly.cqil_beta is not None:
                     n_beta = ly.cqil_beta.shape[0]
                     mix[j, j - n_beta: j] = ly.cqil_beta.to(f32)
-            self.mix = cast(mix)[:, :, None, :].contiguous()  # [P, P, 1, d]
+            self.mix = mix.to(dtype)[:, :, None, :].contiguous()  # [P, P, 1, d]
 
     def _act(self, gu: torch.Tensor) -> torch.Tensor:
         g, u = gu.chunk(2, dim=-1)
@@ -230,20 +325,25 @@ class FusedStep:
         computed in fp32 and rounded once, as Gemma's norms are."""
         return (F.rms_norm(t.float(), (t.shape[-1],), eps=self.eps) * gain).to(t.dtype)
 
+    def _gain_norm(self, t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm of t [N, d] or [P, N, d] times the members' gains [P, 1, d] -> [P, N, d]
+        (P == 1: [N, d]), computed as the family's norm computes it."""
+        if self.P == 1:
+            gain = gain[0, 0]
+        if self.fp32_gains:
+            return self._norm(t, gain)
+        if self.P == 1:
+            return F.rms_norm(t, (t.shape[-1],), weight=gain, eps=self.eps)
+        return F.rms_norm(t, (t.shape[-1],), eps=self.eps) * gain
+
     def _rope(self, qk: torch.Tensor, cos, sin) -> torch.Tensor:
-        """RoPE of qk [B, T, heads, hd] on the first r channels of cos/sin [B|1, T, 1|heads, r]
+        """RoPE of qk [..., heads, hd] on the first r channels of cos/sin [..., 1|heads, r]
         (sin sign-folded, see rope_tables): 3 ops, q*cos + roll(q)*sin."""
         r = cos.shape[-1]
         if r == self.hd:
             return torch.addcmul(qk * cos, qk.roll(r // 2, -1), sin)
         rot = qk[..., :r]  # partial rotary (Phi-3): the other channels pass unchanged
         return torch.cat([torch.addcmul(rot * cos, rot.roll(r // 2, -1), sin), qk[..., r:]], dim=-1)
-
-    def _per_head(self, tables: list[torch.Tensor]) -> torch.Tensor:
-        """Per-member RoPE tables [B|1, T, 1, r] -> one per q and k head [B|1, T, P*(H+G), r]."""
-        if all(t is tables[0] for t in tables):
-            return tables[0]
-        return torch.cat([t.expand(-1, -1, n, -1) for n in (self.H, self.G) for t in tables], dim=2)
 
     def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
         """q [B, P*H, T, hd], k/v [B, P*G, S, hd] -> [B, P*H, T, hd]. The layer-major head order
@@ -265,61 +365,48 @@ class FusedStep:
         """x [B, T, d] -> y [B, T, d]; cos, sin from rope_tables(): [B|1, T, 1, r], or lists of
         them and of mask / is_causal with one entry per member (modeling_cqil.step_inputs)."""
         B, T, d = x.shape
-        N, hd, P = B * T, self.hd, self.P
+        N, hd, P, H, G = B * T, self.hd, self.P, self.H, self.G
         x2 = x.reshape(N, d)
-        # N1 of all P layers shares the statistics of x; the weights live in the qkv matrix.
-        qkv = self.qkv(F.rms_norm(x2, (d,), eps=self.eps)).view(B, T, -1, hd)  # [B, T, P*(H+2G), hd]
-        qk, v = qkv[:, :, : self.nqk], qkv[:, :, self.nqk:]  # [B, T, P*(H+G), hd], [B, T, P*G, hd]
+        # N1 of all P layers shares the statistics of x; each member then scales by its gain.
+        xn = self._gain_norm(x2, self.n1)  # [P, N, d] ([N, d] when P == 1)
+        qkv = self.qkv.single(xn) if P == 1 else self.qkv(xn)  # [(P,) N, (H+2G)*hd]
+        qkv = qkv.view(P, B, T, H + 2 * G, hd)  # member j: its q, k, v heads
+        qk, v = qkv[..., : H + G, :], qkv[..., H + G:, :]  # [P, B, T, H+G, hd], [P, B, T, G, hd]
         if self.qk_norm_w is not None and self.post_norms:  # gemma3: in fp32, as its norms
             qk = self._norm(qk, self.qk_norm_w)
         elif self.qk_norm_w is not None:
             qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm_w
         if isinstance(cos, list):  # members with their own RoPE (Gemma 3's local base)
-            cos, sin = self._per_head(cos), self._per_head(sin)
+            cos, sin = torch.stack(cos), torch.stack(sin)  # [P, B|1, T, 1, r]
         # RoPE once over every q and k head of the group (sin is sign-folded, see rope_tables).
         qk = self._rope(qk, cos, sin)
-        q, k = qk[:, :, : self.nq].transpose(1, 2), qk[:, :, self.nq:].transpose(1, 2)  # [B, heads, T, hd]
-        v = v.transpose(1, 2)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [P, B, T, n, hd] -> [B, P*n, T, hd], layer-major
+            return t.permute(1, 0, 3, 2, 4).reshape(B, -1, T, hd)
+
+        q, k, v = heads(qk[..., :H, :]), heads(qk[..., H:, :]), heads(v)
         if cache is not None:
             k, v = cache.update(k, v, step_idx)  # [B, P*G, S, hd]
         o = self._attend(q, k, v, mask, is_causal)  # [B, P*H, T, hd]
         o = o.transpose(1, 2).reshape(N, P, -1)  # [N, P, H*hd]
         if P == 1:
+            n2 = self.n2
             if self.post_norms:  # h = x + Na(o W_o); y = h + Nf(down(act))
-                h = x2 + self._norm(self.o(o[:, 0]), self.post_attn)
-                act = self._act(self.gu(F.rms_norm(h, (d,), eps=self.eps)))
-                return (h + self._norm(self.down(act), self.post_ff)).view(B, T, d)
-            h = self.o(o[:, 0], add=x2)  # x + a
-            act = self._act(self.gu(F.rms_norm(h, (d,), eps=self.eps)))  # [N, I]
-            return self.down(act, add=h).view(B, T, d)
-        if self.batched:
-            a = torch.bmm(o.transpose(0, 1), self.w_o)  # [P, N, d]
-            if self.b_o is not None:
-                a = a + self.b_o
-        else:
-            a = torch.stack([self.o[j](o[:, j]) for j in range(P)])  # [P, N, d]
+                h = x2 + self._norm(self.o.single(o[:, 0]), self.post_attn[0, 0])
+                act = self._act(self.gu.single(self._gain_norm(h, n2)))
+                return (h + self._norm(self.down.single(act), self.post_ff[0, 0])).view(B, T, d)
+            h = self.o.single(o[:, 0], add=x2)  # x + a
+            act = self._act(self.gu.single(self._gain_norm(h, n2)))  # [N, I]
+            return self.down.single(act, add=h).view(B, T, d)
+        a = self.o(o.transpose(0, 1))  # [P, N, d]
         if self.post_norms:
             a = self._norm(a, self.post_attn)  # a_j = Na_j(...)
         z = a if self.mix is None else (self.mix * a[None]).sum(1)  # a_j + b_j, [P, N, d]
-        un = F.rms_norm(x2 + z, (d,), eps=self.eps)  # each layer's N2 input, [P, N, d]
-        if self.batched:
-            gu = torch.bmm(un, self.w_gu)  # [P, N, 2I]
-            if self.b_gu is not None:
-                gu = gu + self.b_gu
-            act = self._act(gu)  # [P, N, I]
-        else:
-            act = torch.stack([self._act(self.gu[j](un[j])) for j in range(P)])  # [P, N, I]
-        base = x2 + (a * self.gamma).sum(0)  # x + sum_j gamma_j a_j, [N, d]
+        act = self._act(self.gu(self._gain_norm(x2 + z, self.n2)))  # [P, N, I]
+        m = self.down(act)  # [P, N, d]
         if self.post_norms:  # sum_j gamma_j Nf_j(m_j), gamma_j folded into the Nf_j gain
-            if self.batched:
-                m = torch.bmm(act, self.w_down)  # [P, N, d]
-                if self.b_down is not None:
-                    m = m + self.b_down
-            else:
-                m = torch.stack([self.down[j](act[j]) for j in range(P)])
-            return (base + self._norm(m, self.post_ff).sum(0)).view(B, T, d)
-        act = act.transpose(0, 1).reshape(N, -1)  # [N, P*I], layer-major like down
-        return self.down(act, add=base).view(B, T, d)
+            return (x2 + (a * self.gamma).sum(0) + self._norm(m, self.post_ff).sum(0)).view(B, T, d)
+        return (x2 + ((a + m) * self.gamma).sum(0)).view(B, T, d)  # x + sum_j gamma_j (a_j + m_j)
 
 
-__all__ = ["FusedLinear", "FusedStep", "rope_tables"]
+__all__ = ["FusedLinear", "FusedStep", "MemberLinear", "pack_members", "rope_tables"]

@@ -1,0 +1,115 @@
+"""A converted model holds its weights once (docs/runtime.md, "Memory").
+
+The fused engine and fast generation use the parameters' own storage (fused_cqil.pack_members
+re-lays each step's matrices out as one buffer with the parameters as views of it), so after
+building them the distinct storages of the model add up to its parameter bytes, in-place weight
+updates reach the fused engine, and save -> load round-trips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import padded_batch, randomise_bypass, rel, tiny_model
+
+from cqil_cli.runtime.checkpoint import build_cqil_model, load_converted, save_converted
+from cqil_cli.runtime.fastgen import FastGenerator
+
+GROUPS = {"llama-gqa": [[0], [1, 2], [3, 4]], "phi3-partial": [[0, 1], [2], [3, 4]],
+          "gemma2-softcap": [[0], [1, 2, 3], [4]]}
+
+
+def _converted(kind: str):
+    model = build_cqil_model(tiny_model(kind), GROUPS[kind], 1)
+    randomise_bypass(model)
+    return model
+
+
+def _parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+
+
+def _storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def _logits(model, engine: str, ids, mask) -> torch.Tensor:
+    model.set_engine(engine)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("kind", sorted(GROUPS))
+def test_fused_engine_and_fastgen_hold_the_weights_once(kind):
+    model = _converted(kind)
+    ids, mask = padded_batch()
+    reference = _logits(model, "reference", ids, mask)
+    fused = _logits(model, "fused", ids, mask)
+    assert rel(fused, reference) < 1e-5
+    assert _storage_bytes(model) == _parameter_bytes(model)
+    # Every member's q/k/v (or qkv_proj) weight is a view of its step's fused matrix.
+    for s, step in enumerate(model.model.fused_steps()):
+        buffer = step.qkv.w.untyped_storage().data_ptr()
+        for layer in model.model.step_layers(s):
+            att = layer.self_attn
+            weight = att.qkv_proj.weight if att.fused else att.q_proj.weight
+            assert weight.untyped_storage().data_ptr() == buffer
+    # Fast generation's head is the parameter too (tied or not).
+    generator = FastGenerator(model)
+    fast = generator.generate(ids, mask, max_new_tokens=4).tokens
+    assert generator._lm_w.w.untyped_storage().data_ptr() == model.lm_head.weight.untyped_storage().data_ptr()
+    assert _storage_bytes(model) == _parameter_bytes(model)
+    slow = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(fast, slow[:, ids.shape[1]:])
+    assert rel(_logits(model, "reference", ids, mask), reference) < 1e-6  # relayout changed nothing
+
+
+def test_in_place_updates_reach_the_fused_engine():
+    model = _converted("llama-gqa")
+    ids, mask = padded_batch()
+    _logits(model, "fused", ids, mask)  # packs the weights
+    steps = model.model.fused_steps()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # as an optimizer step would: in place, versions bumped
+        for p in model.model.layers.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    assert rel(_logits(model, "fused", ids, mask), _logits(model, "reference", ids, mask)) < 1e-5
+    assert model.model.fused_steps()[1].qkv.w.data_ptr() == steps[1].qkv.w.data_ptr()  # no repack
+    with torch.no_grad():  # through .data (no version bump): the big matrices are seen at once,
+        for layer in model.model.layers:  # the rest after cqil_refresh_fused()
+            layer.self_attn.o_proj.weight.data.mul_(1.1)
+            if layer.cqil_gamma is not None:
+                layer.cqil_gamma.data.mul_(0.9)
+    model.cqil_refresh_fused()
+    assert rel(_logits(model, "fused", ids, mask), _logits(model, "reference", ids, mask)) < 1e-5
+
+
+def test_training_after_inference_updates_the_shared_weights():
+    model = _converted("llama-gqa")
+    ids, mask = padded_batch()
+    _logits(model, "fused", ids, mask)
+    before = model.model.layers[1].mlp.up_proj.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.model.layers[1].parameters(), lr=0.1)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert not torch.equal(model.model.layers[1].mlp.up_proj.weight, before)
+    assert rel(_logits(model, "fused", ids, mask), _logits(model, "reference", ids, mask)) < 1e-5
+    assert _storage_bytes(model) == _parameter_bytes(model)
+
+
+def test_save_load_round_trip_of_packed_weights(tmp_path):
+    model = _converted("llama-gqa")
+    ids, mask = padded_batch()
+    FastGenerator(model).generate(ids, mask, max_new_tokens=2)  # packs layers and the head
+    expected = _logits(model, "fused", ids, mask)
+    save_converted(model, None, tmp_path / "out")
+    loaded = load_converted(tmp_path / "out")
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert torch.equal(_logits(loaded, "fused", ids, mask), expected)
+    assert _storage_bytes(loaded) == _parameter_bytes(loaded)
