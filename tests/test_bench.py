@@ -79,6 +79,11 @@ def eval_text(tmp_path_factory) -> Path:
     path.write_text(" ".join(rng.choice(words, size=3000)))
     return path
 
+# The same model on two engines in fp32: logits within ~1e-5 relative, i.e. a KL per token of
+# order 1e-8 (KL ≈ ½ Σ p Δ², Δ the logit difference); the fused engine applies the norm gains
+# and runs q/k/v as other kernels than transformers does, so it is not zero.
+KL_FP32 = 1e-7
+
 
 def bench_json(args, tmp_path, name="r.json"):
     """Run `cqil bench ARGS --json PATH` in this process (click's CliRunner on the group);
@@ -267,7 +272,7 @@ def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_
     assert report["baseline"]["source"] == "manifest"
     assert report["baseline"]["engine"] == "transformers"
     eng = report["engine_baseline"]
-    assert eng["engine"] == "cqil" and eng["quality"]["kl"] < 1e-8
+    assert eng["engine"] == "cqil" and eng["quality"]["kl"] < KL_FP32
     (row,) = report["results"]
     assert row["engine"] == "cqil" and row["num_steps"] == 3 and row["groups"] == [[1, 2], [3, 4]]
     assert row["quality"]["kl"] > 0  # grouping changes the outputs: the loss is reported
@@ -284,7 +289,7 @@ def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, tmp_pa
                             "--no-latency", *SMALL], tmp_path)
     rows = report["results"]
     assert [r["engine"] for r in rows] == ["transformers", "cqil"]
-    assert rows[1]["quality"]["greedy_match"] == 1.0 and rows[1]["quality"]["kl"] < 1e-8
+    assert rows[1]["quality"]["greedy_match"] == 1.0 and rows[1]["quality"]["kl"] < KL_FP32
 
 
 @pytest.mark.parametrize("extra,fragment", [

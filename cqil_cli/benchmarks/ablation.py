@@ -7,7 +7,7 @@ out-of-domain perplexity (scored as convert scores them, from each manifest) and
 steps.
 
     python -m cqil_cli.benchmarks.ablation [--minutes 10] [--device cpu] [--depths 24,16]
-        [--recipes none,local,e2e,local,e2e] [--work DIR] [--json PATH]
+        [--recipes "none;local;e2e;local,e2e"] [--work DIR] [--json PATH]
 
 Run it on an otherwise idle machine: the number of steps in the time bound is the point.
 Results: docs/quality.md.
