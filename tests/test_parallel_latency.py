@@ -207,3 +207,13 @@ def test_probe_measures_every_input_on_two_ranks():
     tp = model.tensor_parallel_token_s(5, 2).seconds
     pairs = model.predict_token_s([[0], [1, 2], [3, 4]], 1, 2).seconds
     assert tp > 0 and pairs > 0
+
+
+def test_probe_depths_span_the_model_in_multiples_of_every_group_size():
+    from cqil_cli.calibrate.parallel_probe import probe_depths
+
+    assert probe_depths(30, 2) == (10, 30)  # the default model on 2 ranks: its own depth
+    assert probe_depths(5, 2) == (2, 6)  # a tiny model: at least m and 3m
+    for n, m in [(7, 1), (32, 4), (30, 4), (80, 8)]:
+        short, deep = probe_depths(n, m)
+        assert short % m == 0 and deep % m == 0 and deep >= max(n, 3 * m) and deep > short >= m

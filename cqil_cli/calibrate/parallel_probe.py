@@ -290,28 +290,37 @@ def _layout(config, W: int, group_size: int):
                              config.hidden_size, config.head_dim, config.vocab_size, W > 1)
 
 
+def probe_depths(num_layers: int, m: int) -> tuple[int, int]:
+    """(short, deep) layer counts of the in-engine timing: deep the model's depth, short a
+    third of it, both multiples of m (every group size), at least m and 3m."""
+    deep = max(3 * m, -(-num_layers // m) * m)
+    return max(m, -(-deep // (3 * m)) * m), deep
+
+
 def _compute_in_the_engine(config, W: int, rank: int, lanes: list[int], model, collectives,
                            request, device, dtype) -> dict[int, float]:
     """Seconds of compute per step at each lane size t, timed in the running engine.
 
     For each group size s = W/t, the distributed engine runs random weights of the model's
-    shapes in two depths, m and 3m layers (m: a multiple of every s), all in groups of s with
+    shapes in two depths (probe_depths: the model's own depth and a third of it, multiples of
+    every s, at least m and 3m; depths of a few layers let a rank's weights sit in the CPU's
+    caches and underestimated the real model by 13-21 %), all in groups of s with
     bypass distance D; the slope of the per-token decode time between the depths is one step's
     cost with everything the engine does around it (collectives, waits for the other ranks,
     their threads on shared cores), the embedding and head cancel out. The step's collectives,
     as the alpha-beta fit predicts them, are taken off, so that the model adds them back the
     same way for any grouping. The median of `repeats // 10` (at least 3) rounds counts."""
     sizes = sorted({W // t for t in lanes})
-    m = math.lcm(*sizes)
+    depths = probe_depths(config.num_hidden_layers, math.lcm(*sizes))
     per_step: dict[int, float] = {}
     rounds = max(3, request.repeats // 10)
     for s in sizes:
         engines = [_random_engine(config, W, rank, s, depth, request, device, dtype)
-                   for depth in (m, 3 * m)]
+                   for depth in depths]
         slopes = []
         for _ in range(rounds):
             short, deep = (_decode_seconds(e, config, request, device) for e in engines)
-            slopes.append((deep - short) / (2 * m // s))  # seconds per step of s layers
+            slopes.append((deep - short) / ((depths[1] - depths[0]) // s))  # s. per step
         per_step[s] = statistics.median(slopes)
         del engines
     out = {}
