@@ -359,3 +359,17 @@ def test_convert_each_strategy(kind, strategy, short_text, tmp_path, tokenizer_d
     ids = torch.randint(3, VOCAB_SIZE, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(loaded.model(ids).logits).all()
+
+
+@pytest.mark.parametrize("kind", OTHER_FAMILIES)
+def test_tuning_teacher_is_the_models_own_forward(kind):
+    """The tuning teacher (every group run in sequence) of an all-singles model is the model's
+    forward, Gemma 2's final soft-cap included; and so is the student."""
+    from cqil_cli.calibrate.tuning import teacher_and_student
+
+    model = build_cqil_model(tiny_hf(kind), "none", 0)
+    ids = torch.randint(3, VOCAB_SIZE, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        teacher, student = teacher_and_student(model, ids)
+    assert rel(teacher, want) < REL_TOL and rel(student, want) < REL_TOL

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.metrics import TokenMetrics, log_probs, perplexity_of, token_kl
+from ..core.metrics import TokenMetrics, perplexity_of, summed_kl
 from ..runtime.checkpoint import build_cqil_model
 
 
@@ -54,9 +54,9 @@ def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: 
         batch = batch.to(device)  # [b, L]
         reference = base_model(input_ids=batch, use_cache=False).logits  # [b, L, V]
         grouped = model(input_ids=batch, use_cache=False).logits
-        kl = token_kl(log_probs(reference), log_probs(grouped))  # [b, L]
-        total += float(kl.sum(dtype=torch.float64))
-        count += kl.numel()
+        total += summed_kl(reference, grouped)
+        count += batch.numel()
+        del reference, grouped
     del model
     return total / count
 

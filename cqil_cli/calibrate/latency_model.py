@@ -42,15 +42,21 @@ class LatencyModel:
         return data
 
 
+WARMUP_STEPS = 2  # decode steps of each run that are not timed (first use of buffers)
+
+
 def decode_ms(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Median decode ms per token of a CqilForCausalLM on cqil's fast path (warm-up apart)."""
+    """Median decode ms per token of a CqilForCausalLM on cqil's fast path: `repeats` runs of
+    a prefill and new_tokens + WARMUP_STEPS decode steps, the first WARMUP_STEPS of each not
+    timed (one prefill per run: on a slow device the prefill is most of the cost)."""
     from ..runtime.fastgen import FastGenerator
 
     generator = FastGenerator(model)
-    generator.generate(prompt, max_new_tokens=4)  # warm-up: fused weights, caches
-    per_run = [generator.generate(prompt, max_new_tokens=new_tokens).decode_ms_per_token
-               for _ in range(repeats)]
-    return statistics.median(per_run)
+    per_step = []
+    for _ in range(repeats):
+        run = generator.generate(prompt, max_new_tokens=new_tokens + WARMUP_STEPS + 1)
+        per_step.extend(run.decode_s[WARMUP_STEPS:])
+    return statistics.median(per_step) * 1e3
 
 
 @torch.no_grad()
@@ -89,15 +95,22 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
         variants[s] = [[i] for i in range(first)] + \
             [list(range(first + j * s, first + (j + 1) * s)) for j in range(k)] + \
             [[i] for i in range(first + k * s, n)]
-    models = {s: build_cqil_model(base_model, groups, 0) for s, groups in variants.items()}
-    totals: dict[int, list[float]] = {s: [] for s in models}
-    for _ in range(repeats):  # interleaved, so drift hits every variant alike
-        for s, model in models.items():
+    # One converted copy at a time beside the base model (each is a full copy of the weights:
+    # the fused layout is the stored one), rebuilt every repeat so that the variants are still
+    # interleaved and drift hits them alike. A build is a copy, cheap next to a timed run.
+    totals: dict[int, list[float]] = {s: [] for s in variants}
+    outside = None
+    for _ in range(repeats):
+        for s, groups in variants.items():
+            model = build_cqil_model(base_model, groups, 0)
             totals[s].append(decode_ms(model, prompt, new_tokens, 1))
+            if outside is None:
+                outside = _outside_ms(model, prompt)
+            del model
             if on_progress:
                 on_progress()
     total = {s: statistics.median(v) for s, v in totals.items()}
-    outside = min(_outside_ms(models[1], prompt), 0.5 * total[1])
+    outside = min(outside, 0.5 * total[1])
     t1 = (total[1] - outside) / n
     step = {1: t1}
     for s, groups in variants.items():
@@ -106,6 +119,5 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
         k = sum(1 for g in groups if len(g) == s)
         singles = len(groups) - k
         step[s] = max(t1, (total[s] - outside - singles * t1) / k)
-    del models
     return LatencyModel(outside, step, total[1], n, str(param.device),
                         str(param.dtype).replace("torch.", ""))

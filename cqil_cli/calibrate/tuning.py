@@ -37,8 +37,13 @@ from ..core.metrics import mean_kl
 from .evaluate import prompt_kwargs
 from .options import TuneOptions
 
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The linear modules of a decoder layer that LoRA may wrap, by their names in the base
+# checkpoint: Llama, Mistral, Qwen, Gemma 2/3 have q/k/v_proj and gate/up_proj; Phi-3 the fused
+# self_attn.qkv_proj [(H + 2G)·hd, d] and mlp.gate_up_proj [2I, d] instead (one adapter on each
+# fused matrix). attach_lora_to wraps those a layer has (lora_targets).
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
+                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj",
+                "mlp.down_proj")
 
 
 @dataclass
@@ -82,11 +87,35 @@ def attach_lora(model, layer_indices: list[int], rank: int) -> list[LoRALinear]:
     return attach_lora_to([model.model.layers[idx] for idx in layer_indices], rank)
 
 
+def lora_targets(layer: nn.Module) -> list[str]:
+    """The names in LORA_TARGETS that are nn.Linear modules of `layer` (Phi-3: its fused
+    qkv_proj and gate_up_proj in place of q/k/v and gate/up), in LORA_TARGETS order."""
+    found = []
+    for target in LORA_TARGETS:
+        try:
+            module = layer.get_submodule(target)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            found.append(target)
+    return found
+
+
 def attach_lora_to(layers: list[nn.Module], rank: int) -> list[LoRALinear]:
-    """LoRA adapters (α = 2 × rank) on the LORA_TARGETS linear layers of each of `layers`."""
+    """LoRA adapters (α = 2 × rank) on the linear modules of each of `layers` that
+    lora_targets finds; a CqilError for a layer with none of them.
+
+    detach_lora(merge=True) adds each adapter into its base weight in place, so the fused
+    engine, whose step buffers the weights are views of, sees the merged values (the in-place
+    update bumps the version it checks, and it rebuilds its steps)."""
     adapters = []
-    for layer in layers:
-        for target in LORA_TARGETS:
+    for position, layer in enumerate(layers):
+        targets = lora_targets(layer)
+        if not targets:
+            index = getattr(layer, "layer_idx", position)
+            raise CqilError(f"LoRA: layer {index} ({type(layer).__name__}) has none of the "
+                            f"linear modules it targets ({', '.join(LORA_TARGETS)})")
+        for target in targets:
             base = layer.get_submodule(target)
             adapter = LoRALinear(base, rank, alpha=2.0 * rank).to(base.weight.device)
             _set_module(layer, target, adapter)
@@ -158,8 +187,8 @@ def teacher_and_student(model, ids: torch.Tensor,
     first = next((s for s, g in enumerate(groups) if len(g) > 1), len(groups))
     tuned = range(first, len(groups))
 
-    def logits(x):  # [B, T, d] -> [B, T, V]
-        return model.lm_head(inner.norm(x))
+    def logits(x):  # [B, T, d] -> [B, T, V]; with Gemma 2's final soft-cap, as in forward()
+        return model.compute_logits(inner.norm(x))
 
     with torch.no_grad():
         x, context = inner.prepare_steps(ids)

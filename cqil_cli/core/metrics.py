@@ -46,6 +46,19 @@ def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     return token_kl(log_probs(reference_logits), log_probs(logits)).mean()
 
 
+def summed_kl(reference_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 64) -> float:
+    """Σ over positions of KL(reference ‖ model) of two [..., V] logits, in float64, `chunk`
+    rows at a time: the fp32 temporaries stay chunk × V (a [4, 256, 128k] pair of logits would
+    otherwise need about 2 GB of fp32 log-probabilities)."""
+    V = logits.shape[-1]
+    ref, flat = reference_logits.reshape(-1, V), logits.reshape(-1, V)
+    total = 0.0
+    for start in range(0, flat.shape[0], chunk):
+        kl = token_kl(log_probs(ref[start:start + chunk]), log_probs(flat[start:start + chunk]))
+        total += float(kl.sum(dtype=torch.float64))
+    return total
+
+
 def perplexity_of(mean_nll: float) -> float:
     """exp(mean NLL), capped instead of overflowing."""
     return math.exp(min(mean_nll, _MAX_NLL))
