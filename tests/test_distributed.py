@@ -1,5 +1,6 @@
 """The distributed engine (cqil_cli/runtime/distributed_cqil.py): its layout and shards without
-processes, then W local gloo ranks against the single-device engines.
+processes, then W local gloo ranks against the single-device engines, for every family (the
+Llama family, Gemma 2, Gemma 3 and Phi-3).
 
 Process start-up costs seconds here, so each world size runs as one job: W processes forked
 from a forkserver that has already imported torch and transformers, each running every case of
@@ -45,7 +46,7 @@ JOB_TIMEOUT_S = 240  # one world size's whole job; a rank still running then is 
 PRELOAD = ["torch", "torch.distributed", "transformers", "cqil_cli.runtime.checkpoint",
            "cqil_cli.runtime.distributed_cqil"] + [
     f"transformers.models.{family}.modeling_{family}"
-    for family in ("llama", "mistral", "qwen2", "qwen3")]
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,18 @@ CASES = [
     # The embedding and lm_head replicated instead of vocab-parallel (tied and untied heads).
     Case(2, "llama-gqa", pairs(5), 1, vocab_parallel=False),
     Case(2, "llama-bias", vocab_parallel=False),
+    # Gemma 2 (post-norms, soft-caps, scaled embeddings, tied), Gemma 3 (q/k norms, two RoPEs;
+    # groups that mix sliding and global layers) and Phi-3 (fused qkv_proj / gate_up_proj,
+    # partial RoPE): tensor parallelism, and groups of 2 on lanes of one rank, D = 0 and > 0.
+    Case(2, "gemma2-softcap"),
+    Case(2, "gemma2-softcap", pairs(5), 0),
+    Case(2, "gemma2-softcap", pairs(5), 1),
+    Case(2, "gemma3-local", overrides=KV2),
+    Case(2, "gemma3-local", pairs(7), 0, KV2),
+    Case(2, "gemma3-local", pairs(7), 2, KV2),
+    Case(2, "phi3-partial"),
+    Case(2, "phi3-partial", pairs(5), 0),
+    Case(2, "phi3-partial", pairs(5), 2),
     # W = 4: tensor parallelism over 4, groups of 2 on lanes of 2 ranks, groups of 4 on lanes of
     # one rank, and both sizes in one model.
     Case(4, "llama-bias"),
@@ -125,6 +138,12 @@ CASES = [
     Case(4, "qwen3-qknorm", overrides=KV4),
     Case(4, "qwen3-qknorm", ((0, 1, 2, 3), (4, 5, 6, 7)), 1, (("num_hidden_layers", 8),)),
     Case(4, "llama-bias", pairs(5), 1, vocab_parallel=False),
+    # The other families on lanes of 2 ranks (Gemma's post-norms after a sum inside the lane),
+    # lanes of one rank and single layers over 4.
+    Case(4, "gemma2-softcap", pairs(5), 0, KV4),
+    Case(4, "gemma2-softcap", pairs(5), 1, KV4),
+    Case(4, "gemma3-local", ((0, 1, 2, 3), (4, 5), (6,)), 2, KV4),
+    Case(4, "phi3-partial", pairs(5), 1, KV4),
 ]
 # Sampling settings every rank uses for a second, sampled generation of each case.
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)
@@ -373,7 +392,9 @@ def test_a_failing_rank_ends_the_job(tmp_path):
 
 
 LOADED = [Case(2, "llama-gqa", pairs(5), 1),  # tied head, groups on lanes of one rank
-          Case(2, "llama-bias")]  # untied head, every layer tensor-parallel with its biases
+          Case(2, "llama-bias"),  # untied head, every layer tensor-parallel with its biases
+          Case(2, "phi3-partial", pairs(5), 1),  # fused qkv / gate_up: several runs of rows
+          Case(2, "gemma2-softcap")]  # four norms per layer, tied head
 
 
 def test_ranks_read_only_their_slices_from_safetensors(tmp_path):
@@ -469,6 +490,7 @@ def test_single_rank_needs_no_process_group_and_equals_transformers():
     ("llama-gqa", ((0, 1, 2), (3, 4)), 2, r"group \[0, 1, 2\] has 3 layers.*must divide the number "
                                           r"of ranks 2; no world size fits"),
     ("llama-bias", pairs(5), 3, r"group \[0, 1\] has 2 layers.*fit this grouping: 2, 4$"),
+    ("gemma3-local", "none", 2, r"lane of 2 ranks but has only 1 kv heads .*fit this grouping: 1$"),
 ])
 def test_layout_refuses_what_does_not_fit(kind, groups, world, message):
     _, model = build(Case(world, kind, groups))
@@ -481,6 +503,8 @@ def test_fitting_world_sizes():
     assert fitting_world_sizes(model.config) == [1, 2, 3, 4]
     _, model = build(Case(2, "llama-bias", pairs(5)))
     assert fitting_world_sizes(model.config) == [2, 4]
+    _, model = build(Case(2, "phi3-partial", pairs(5)))  # every family: 2 kv heads, layer 4 single
+    assert fitting_world_sizes(model.config) == [2]
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, None), (1.0, 5, None),
@@ -508,11 +532,22 @@ def test_sampling_scores_keep_what_transformers_keeps(temperature, top_k, top_p)
     assert torch.equal(next_tokens(logits), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["gemma2-softcap", "gemma3-local", "phi3-partial"])
-def test_families_the_engine_does_not_run_are_refused_in_one_line(kind):
-    """Gemma and Phi-3 run on the one-device engines only: plan_layout says so (and the
-    converted folder's manifest records the refusal instead of a placement)."""
-    model = build_cqil_model(tiny_model(kind), "none", 0)
-    with pytest.raises(ValueError, match="distributed engine runs the Llama family"):
-        plan_layout(model.config, 2)
-    assert fitting_world_sizes(model.config) == []
+def test_phi3_fused_slices_take_each_ranks_q_k_v_and_gate_up_rows():
+    """Phi-3's qkv_proj [(H+2G)·hd, d] and gate_up_proj [2I, d] keep their checkpoint names; a
+    rank holds its heads' q rows, its kv heads' k and v rows, its columns of gate and of up,
+    concatenated: the fused layout of its own slice."""
+    _, model = build(Case(2, "phi3-partial"))  # 4 heads (hd 16), 2 kv heads, MLP 96
+    shard = shard_from_model(model, plan_layout(model.config, 2), rank=1)
+    slices = shard.tensor_slices()
+    qkv = slices["layers.0.self_attn.qkv_proj.weight"]  # q rows 0..64, k 64..96, v 96..128
+    assert qkv.name == "model.layers.0.self_attn.qkv_proj.weight"
+    assert (qkv.dim, qkv.runs) == (0, ((32, 64), (80, 96), (112, 128)))  # heads 2-3, kv head 1
+    gate_up = slices["layers.0.mlp.gate_up_proj.weight"]  # gate rows 0..96, up 96..192
+    assert (gate_up.dim, gate_up.runs) == (0, ((48, 96), (144, 192)))  # columns 48..96
+    whole, mine = model.model.layers[0], shard.layers["0"]
+    for (got, _), (want, _), rows in zip(mine.self_attn.qkv_weights(),
+                                         whole.self_attn.qkv_weights(), (32, 16, 16), strict=True):
+        assert torch.equal(got, want[-rows:])  # the last heads of q, k, v: rank 1's
+    for (got, _), (want, _) in zip(mine.mlp.gate_up_weights(), whole.mlp.gate_up_weights(),
+                                   strict=True):
+        assert torch.equal(got, want[48:])

@@ -8,9 +8,10 @@ docs/method.md), with the work of every step spread over the W ranks as sharding
 out. Per generated token (batch B, hidden d):
 
   embedding      vocab-parallel: each rank looks up the ids in its rows (zeros elsewhere);
-                 one all-reduce over W ranks of [B, T, d] gives every rank the embeddings.
+                 one all-reduce over W ranks of [B, T, d] gives every rank the embeddings
+                 (Gemma: then times sqrt(d), as on one device).
   single layer   tensor-parallel over all W ranks: a = Σ_r a_r (all-reduce 1), then
-                 m = Σ_r m_r (all-reduce 2).
+                 m = Σ_r m_r (all-reduce 2); Gemma's post-norms act on these full sums.
   group of P     member j on lane j (W/P ranks, tensor-parallel within the lane). Each rank's
                  attention gives a_j's part of its lane (the whole a_j on a lane of one). Then,
                  before the MLPs:
@@ -22,7 +23,13 @@ out. Per generated token (batch B, hidden d):
                  and one all-reduce over all W ranks of the parts of Σ_j γ_j ⊙ (a_j + m_j) ends the
                  group: y = x + that sum. At most two collectives per group, where tensor
                  parallelism of the same P layers pays 2P all-reduces.
-  final norm, lm_head   each rank computes the logits of its vocabulary rows; one all-gather
+                 Families with post-norms (Gemma: a_j = Na_j(o_j), m_j = Nf_j(f_j) with o_j, f_j
+                 the attention and MLP outputs) cannot sum a lane's partial o_j or f_j after
+                 the norm, so on lanes of t > 1 ranks each is reduced inside the lane before
+                 its norm (two more lane all-reduces per group; lanes of one rank, P = W, pay
+                 nothing more): _post_norm_group.
+  final norm, lm_head   each rank computes the logits of its vocabulary rows (Gemma's final
+                 soft-cap applied to them); one all-gather
                  gives every rank the full logits [B, T, V], bit-identical on every rank, so
                  every rank picks (greedy) or draws (sampling, the same seeded generator) the
                  same token without a broadcast.
@@ -63,9 +70,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .configuration_cqil import SLIDING
+from .configuration_cqil import FULL, SLIDING
+from .families_cqil import embedding_multiplier, has_local_rope, make_rotary, softcap
 from .modeling_cqil import build_attention_mask
 from .sharding_cqil import (
     CqilShard,
@@ -256,8 +263,10 @@ class DistributedCqil:
         if self.world_size > 1 and not joined:
             raise ValueError(f"the layout is for {self.world_size} ranks: initialise "
                              "torch.distributed with that many first (init_distributed)")
-        with torch.device(self.device):
-            self.rotary = LlamaRotaryEmbedding(config=self.config)
+        with torch.device(self.device):  # the family's RoPE (Phi-3: partial; Gemma 3: 2 bases)
+            self.rotary = make_rotary(self.config, FULL)
+            self.rotary_local = (make_rotary(self.config, SLIDING)
+                                 if has_local_rope(self.config) else None)
         self.collectives = Collectives(self.rank, self.world_size, self.layout.lane_sizes())
         rows = [self.layout.vocab_rows(r) for r in range(self.world_size)]
         self._vocab_parts = [len(r) for r in rows]  # rows of each rank (logits gather)
@@ -276,18 +285,24 @@ class DistributedCqil:
     # -- embedding and head
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] -> embeddings [B, T, d], the same on every rank."""
+        """input_ids [B, T] -> embeddings [B, T, d], the same on every rank (Gemma's times
+        sqrt(d) rounded to their dtype, after the sum: each position has one non-zero part)."""
         rows = self.shard.vocab_rows
         if not self.layout.vocab_parallel:
-            return self.shard.embed_tokens(input_ids)
-        local = input_ids - rows.start
-        inside = (local >= 0) & (local < len(rows))  # [B, T]: ids among this rank's rows
-        x = self.shard.embed_tokens(local.clamp(0, len(rows) - 1))  # [B, T, d]
-        return self.collectives.all_reduce(x.masked_fill(~inside[..., None], 0.0))
+            x = self.shard.embed_tokens(input_ids)
+        else:
+            local = input_ids - rows.start
+            inside = (local >= 0) & (local < len(rows))  # [B, T]: ids among this rank's rows
+            x = self.shard.embed_tokens(local.clamp(0, len(rows) - 1))  # [B, T, d]
+            x = self.collectives.all_reduce(x.masked_fill(~inside[..., None], 0.0))
+        if self.config.scale_embeddings:
+            x = x * embedding_multiplier(self.config.hidden_size, x.dtype)
+        return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final hidden states x [B, T, d] (normed) -> logits [B, T, V], the same on every rank."""
-        part = self.shard.lm_head(x)  # [B, T, this rank's rows]
+        """Final hidden states x [B, T, d] (normed) -> logits [B, T, V], the same on every rank;
+        the final soft-cap (Gemma) is elementwise, so each rank caps its own rows."""
+        part = softcap(self.shard.lm_head(x), self.config.final_logit_softcapping)  # [B, T, rows]
         if not self.layout.vocab_parallel:
             return part
         widest = max(self._vocab_parts)
@@ -308,6 +323,8 @@ class DistributedCqil:
         if cache is not None:
             k, v = cache.update(k, v, sl.step)  # [B, g, S, hd]
         a_part = attn.attend(q, k, v, mask, is_causal)  # [B, T, d]: this rank's heads after o_proj
+        if layer.post_norms:
+            return self._post_norm_step(sl, layer, x, a_part)
         t = sl.tp_size
         if sl.group_size == 1:  # the original layer, tensor-parallel over all ranks
             h = x + reduce(a_part)  # all-reduce 1: a
@@ -328,6 +345,37 @@ class DistributedCqil:
         # Σ over all ranks of γ_j ⊙ (a_part + m_part) = Σ_j γ_j ⊙ (a_j + m_j): one all-reduce.
         return x + reduce(layer.cqil_gamma * (a_part + m_part))
 
+    def _post_norm_step(self, sl: LayerSlice, layer, x, o_part) -> torch.Tensor:
+        """_step for a family with post-norms (Gemma): a_j = Na_j(o_j), m_j = Nf_j(f_j), where
+        o_j and f_j are member j's attention and MLP outputs, which its lane holds in t partial
+        sums (o_part, f_part [B, T, d]). A norm is not linear, so each is reduced inside the lane
+        BEFORE its norm, and the deltas are no longer partial sums that one all-reduce over W
+        can add. Collectives per step (t = W/P ranks per lane):
+          single layer   2 all-reduces over W (o, then f), as the Llama family
+          group, t = 1   as the Llama family: the all-gather of the a_k (D > 0, post-normed
+                         here, on their own rank) and the all-reduce of γ_j ⊙ (a_j + m_j)
+          group, t > 1   + 2 lane all-reduces (o_j, f_j) before the all-gather (D > 0) and the
+                         final all-reduce, where every rank of a lane holds the same whole
+                         γ_j ⊙ (a_j + m_j): its first rank adds it, the others add zeros
+        (every rank of a group would have to hold every member's norm gains to do with fewer)."""
+        reduce, t, P = self.collectives.all_reduce, sl.tp_size, sl.group_size
+        a = layer.attn_output(reduce(o_part, t) if t > 1 else o_part)  # a_j [B, T, d], whole
+        post_ff = layer.post_feedforward_layernorm
+        if P == 1:  # the original layer: h = x + Na(o); y = h + Nf(f), o and f over all ranks
+            h = x + a
+            return h + post_ff(reduce(layer.mlp(layer.mlp_norm(h))))
+        z = a  # a_j + b_j
+        if self.config.bypass_distance > 0:  # every rank of the group takes part in the gather
+            every = self.collectives.all_gather(a)  # [W, B, T, d]
+            a_all = every.view(P, t, *a.shape)[:, 0] if t > 1 else every  # [P, B, T, d]: a_k
+            n_beta = layer.cqil_beta.shape[0] if layer.cqil_beta is not None else 0
+            for r in range(n_beta):
+                z = z + layer.cqil_beta[r] * a_all[sl.member - n_beta + r]
+        f = layer.mlp(layer.mlp_norm(x + z))  # [B, T, d], this rank's columns
+        m = post_ff(reduce(f, t) if t > 1 else f)  # m_j, whole
+        delta = layer.cqil_gamma * (a + m)  # γ_j ⊙ (a_j + m_j), the same on the lane's ranks
+        return x + reduce(delta if sl.tp_rank == 0 else torch.zeros_like(delta))
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: RankKVCache | None = None,
@@ -343,7 +391,10 @@ class DistributedCqil:
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=self.device)[None]  # [1, T]
-        cos, sin = self.rotary(x, position_ids.to(self.device))  # [B|1, T, hd]
+        position_ids = position_ids.to(self.device)
+        ropes = {FULL: self.rotary(x, position_ids)}  # layer type -> (cos, sin) [B|1, T, r]
+        ropes[SLIDING] = (self.rotary_local(x, position_ids) if self.rotary_local is not None
+                          else ropes[FULL])  # Gemma 3: its sliding layers' local base
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         masks = {}  # layer type -> (bool mask [B|1, 1, T, past+T] or None, is_causal)
@@ -354,7 +405,8 @@ class DistributedCqil:
         for sl in self.shard.slices:
             if sl.layer in skipped:
                 continue
-            x = self._step(sl, x, cos, sin, *masks[self.config.layer_types[sl.layer]], cache)
+            kind = self.config.layer_types[sl.layer]  # each rank runs one member's type
+            x = self._step(sl, x, *ropes[kind], *masks[kind], cache)
         if cache is not None:
             cache.length += T
         return self.logits(self.shard.norm(x[:, -1:] if last_only else x))

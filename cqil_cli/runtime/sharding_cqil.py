@@ -3,8 +3,13 @@ what each rank reads: the layout, the shards, a reader of only those slices (doc
 "Distributed engine").
 
 Self-contained like its siblings (torch, transformers, the standard library, and
-configuration_cqil.py / modeling_cqil.py imported relatively), so that it travels with a
-checkpoint (checkpoint.RUNTIME_FILES). Pure: nothing here needs a process group.
+configuration_cqil.py / families_cqil.py imported relatively), so that it travels with a
+checkpoint (checkpoint.RUNTIME_FILES). Pure: nothing here needs a process group. Every family
+the runtime runs (families_cqil.py) shards the same way: a rank's slice of a layer is that
+family's layer with fewer heads and columns. Phi-3's fused qkv_proj [(H+2G)*hd, d] and
+gate_up_proj [2I, d] keep their checkpoint names: a rank takes its heads' rows of q, k and v
+(three runs of rows, concatenated: its q | k | v) and its columns' rows of gate and up (two runs:
+its gate | up), which is the fused layout of its own slice.
 
   single layer   tensor-parallel over all W ranks (Megatron split): q/k/v and gate/up split by
                  output rows (heads, MLP columns), o_proj and down_proj by input columns. kv heads
@@ -42,8 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .configuration_cqil import LLAMA_TYPES, CqilConfig
-from .modeling_cqil import CqilDecoderLayer, CqilRMSNorm
+from .configuration_cqil import CqilConfig
+from .families_cqil import CqilDecoderLayer, make_norm, qkv_row_slices
 
 # ----------------------------------------------------------------------------- layout
 
@@ -158,11 +163,8 @@ def _part(n: int, parts: int, i: int) -> range:
 
 
 def _misfit(config: CqilConfig, world_size: int) -> str | None:
-    """Why W ranks cannot run this grouping (None: they can)."""
-    base = getattr(config, "base_model_type", None) or "llama"
-    if base not in LLAMA_TYPES:
-        return (f"the distributed engine runs the Llama family ({', '.join(LLAMA_TYPES)}); "
-                f"this model is converted from '{base}'")
+    """Why W ranks cannot run this grouping (None: they can). Every family CqilConfig accepts
+    runs; only the grouping and the head and column counts matter."""
     G, intermediate = config.num_key_value_heads, config.intermediate_size
     for step in config.groups:
         if world_size % len(step):
@@ -218,26 +220,51 @@ def plan_layout(config: CqilConfig, world_size: int,
 @dataclass(frozen=True)
 class TensorSlice:
     """Which part of a checkpoint tensor a rank holds: `name` (checkpoint name), narrowed to
-    [start, stop) along `dim`, or whole when dim is None."""
+    [start, stop) along `dim`, or whole when dim is None. `more_runs`: further [start, stop)
+    runs along `dim`, concatenated after the first in order (a fused tensor, Phi-3's qkv_proj
+    and gate_up_proj: a rank's q | k | v rows, its gate | up rows)."""
 
     name: str
     dim: int | None = None
     start: int = 0
     stop: int = 0
+    more_runs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        """Every [start, stop) run along dim, in the order they are concatenated."""
+        return ((self.start, self.stop), *self.more_runs)
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This slice of the whole tensor (a view)."""
+        """This slice of the whole tensor (a view when it is one run, else a new tensor)."""
         if self.dim is None:
             return tensor
-        return tensor.narrow(self.dim, self.start, self.stop - self.start)
+        parts = [tensor.narrow(self.dim, a, b - a) for a, b in self.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 # Column-parallel linears: their output rows (weight and bias) are split, by query heads, kv
-# heads or MLP columns. Row-parallel linears: their weight's input columns are split; the bias
-# is whole, on the first rank of the lane only (CqilShard drops it elsewhere).
+# heads or MLP columns (the fused ones, "qkv" and "gate_up", in several runs of rows: _fused_runs).
+# Row-parallel linears: their weight's input columns are split; the bias is whole, on the first
+# rank of the lane only (CqilShard drops it elsewhere).
 _SPLIT_ROWS = {"self_attn.q_proj": "heads", "self_attn.k_proj": "kv_heads",
-               "self_attn.v_proj": "kv_heads", "mlp.gate_proj": "columns", "mlp.up_proj": "columns"}
+               "self_attn.v_proj": "kv_heads", "mlp.gate_proj": "columns", "mlp.up_proj": "columns",
+               "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"}
 _SPLIT_INPUTS = {"self_attn.o_proj": "heads", "mlp.down_proj": "columns"}
+
+
+def _fused_runs(config: CqilConfig, sl: LayerSlice, part: str) -> list[tuple[int, int]]:
+    """The rows [start, stop) of a fused weight that rank slice `sl` holds, in its own fused
+    order: "qkv" (rows q of every head, then k, then v: families_cqil.qkv_row_slices) -> its
+    heads' q rows, its kv heads' k rows, their v rows; "gate_up" (rows gate, then up) -> its
+    columns of gate, then of up."""
+    if part == "gate_up":
+        cols, width = sl.columns, config.intermediate_size
+        return [(cols.start, cols.stop), (width + cols.start, width + cols.stop)]
+    hd = config.head_dim
+    spans = qkv_row_slices(config.num_attention_heads, config.num_key_value_heads, hd)
+    return [(spans[name][0] + heads.start * hd, spans[name][0] + heads.stop * hd)
+            for name, heads in (("q", sl.heads), ("k", sl.kv_heads), ("v", sl.kv_heads))]
 
 
 def slice_config(config: CqilConfig, sl: LayerSlice) -> CqilConfig:
@@ -267,12 +294,13 @@ class CqilShard(nn.Module):
         self.embed_tokens = nn.Embedding(rows, d)
         self.layers = nn.ModuleDict()
         for sl in self.slices:
+            # the family's own layer (norms, fused projections, q/k norms), with fewer heads
             layer = CqilDecoderLayer(slice_config(config, sl), sl.layer, sl.member, sl.group_size)
             if sl.tp_rank != 0:  # the lane's first rank adds the row-parallel biases
                 layer.self_attn.o_proj.bias = None
                 layer.mlp.down_proj.bias = None
             self.layers[str(sl.layer)] = layer
-        self.norm = CqilRMSNorm(d, eps=config.rms_norm_eps)
+        self.norm = make_norm(config, d)  # the family's final norm (Gemma: 1 + weight)
         self.lm_head = nn.Linear(d, rows, bias=False)
 
     def tensor_slices(self) -> dict[str, TensorSlice]:
@@ -300,6 +328,10 @@ class CqilShard(nn.Module):
                 part, dim = _SPLIT_INPUTS.get(module), 1
             if part is None or sl.tp_size == 1:  # whole: norms, gamma, beta, row-parallel bias
                 out[name] = TensorSlice(f"model.{name}")
+                continue
+            if part in ("qkv", "gate_up"):  # Phi-3's fused rows: several runs
+                (start, stop), *more = _fused_runs(self.config, sl, part)
+                out[name] = TensorSlice(f"model.{name}", dim, start, stop, tuple(more))
                 continue
             span = getattr(sl, part)
             scale = 1 if part == "columns" else hd  # heads are hd rows / columns each
@@ -345,9 +377,10 @@ def shard_nbytes(config: CqilConfig, layout: DistributedLayout, rank: int,
 def safetensors_reader(folder: str | Path) -> Callable[[TensorSlice], torch.Tensor]:
     """A `read` for load_shard over the *.safetensors files of a converted folder.
 
-    Each call reads its slice only (safe_open(...).get_slice(name)[rows, columns]): no rank
-    reads the whole model. Tensor -> file comes from model.safetensors.index.json when the
-    checkpoint is sharded, else from every file's header. Files are opened (memory-mapped)
+    Each call reads its slice only (safe_open(...).get_slice(name)[rows, columns], one read per
+    run of a fused tensor's slice, concatenated): no rank reads the whole model. Tensor -> file
+    comes from model.safetensors.index.json when the checkpoint is sharded, else from every
+    file's header. Files are opened (memory-mapped)
     once, on first use, and stay open while the reader lives.
     """
     from safetensors import safe_open  # a dependency of transformers
@@ -374,8 +407,9 @@ def safetensors_reader(folder: str | Path) -> Callable[[TensorSlice], torch.Tens
             handles[path] = safe_open(path, framework="pt")
         if sl.dim is None:
             return handles[path].get_tensor(sl.name)
-        rows_cols = (slice(None),) * sl.dim + (slice(sl.start, sl.stop),)
-        return handles[path].get_slice(sl.name)[rows_cols]
+        whole = handles[path].get_slice(sl.name)
+        parts = [whole[(slice(None),) * sl.dim + (slice(a, b),)] for a, b in sl.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=sl.dim)
 
     return read
 
