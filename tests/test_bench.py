@@ -150,6 +150,13 @@ def test_quality_metrics_match_direct_computation():
     assert same.result()["kl"] < 1e-7 and same.result()["top1_agreement"] == 1.0
 
 
+def test_pareto_front_keeps_the_points_nothing_beats_on_both():
+    from cqil_cli.cli.plots import pareto_front
+
+    points = [(1.0, 10.0), (0.8, 11.0), (0.9, 12.0), (0.7, 15.0), (0.7, 14.0), (1.1, 9.0)]
+    assert pareto_front(points) == [(0.7, 14.0), (0.8, 11.0), (1.0, 10.0), (1.1, 9.0)]
+
+
 def test_greedy_match_counts_whole_continuations():
     a = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]])
     b = torch.tensor([[1, 2, 3], [4, 5, 0], [7, 8, 9], [0, 0, 0]])
@@ -277,6 +284,7 @@ def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_
     assert row["engine"] == "cqil" and row["num_steps"] == 3 and row["groups"] == [[1, 2], [3, 4]]
     assert row["quality"]["kl"] > 0  # grouping changes the outputs: the loss is reported
     assert row["base_weights_match"] is True
+    assert row["strategy"] == "cqil" and report["baseline"]["strategy"] is None  # the manifest's
     other, _ = bench_json([converted, "--baseline", tiny_pair[1], "--eval", eval_text,
                            "--no-latency", *SMALL], tmp_path, "other.json")
     assert other["results"][0]["base_weights_match"] is False

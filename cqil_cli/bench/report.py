@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -132,6 +133,7 @@ def entry_json(entry: Entry) -> dict:
         "name": loaded.name,
         "engine": entry.engine,
         "model_type": loaded.model_type,
+        "strategy": strategy_of(loaded),
         "path": str(loaded.path) if loaded.path else None,
         "num_layers": int(config.num_hidden_layers),
         # sequential steps of a generated token: a layer-skipping model's prompt runs deeper
@@ -144,6 +146,17 @@ def entry_json(entry: Entry) -> dict:
         "latency_by_batch": entry.latency,
         "quality": entry.quality,
     }
+
+
+def strategy_of(loaded) -> str | None:
+    """The conversion strategy a cqil-written folder's manifest records (cqil, skip, prune);
+    None for a model cqil did not write."""
+    from ..runtime.manifest import read_manifest
+
+    if loaded.path is None or not Path(loaded.path).is_dir():
+        return None
+    manifest = read_manifest(Path(loaded.path))
+    return manifest.strategy if manifest is not None else None
 
 
 def ratios(row: dict, base: dict) -> dict:

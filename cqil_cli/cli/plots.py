@@ -48,11 +48,24 @@ def similarity_heatmap(report: AnalyzeReport, path: Path) -> None:
     plt.close(fig)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (x, y) no other point beats on both (lower x and lower y are better), by x:
+    each is faster than every point below it and better than every point left of it."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def tradeoff_chart(report: BenchReport, path: Path) -> None:
     """`cqil bench --plot`: decode latency ratio to the baseline (x) against perplexity (y).
 
-    One labelled point per model (the baseline at x = 1), marker by engine; dotted lines at the
-    baseline's ratio and perplexity split the plane: lower left is faster and better.
+    One labelled point per model (the baseline at x = 1), marker by engine, colour by the
+    conversion strategy its manifest records; the points of one strategy are joined in order of
+    latency (that strategy's trade-off), and a dashed grey step line traces the front of all of
+    them. Dotted lines at the baseline's ratio and perplexity split the plane: lower left is
+    faster and better.
     """
     plt = _pyplot()
     base = report.baseline
@@ -63,20 +76,42 @@ def tradeoff_chart(report: BenchReport, path: Path) -> None:
     rows += [(r, r["model"]) for r in report.results]
     markers = {"transformers": "o", "cqil": "s"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    strategy_colors = {"cqil": colors[0], "skip": colors[1], "prune": colors[2]}
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
     seen_engines = set()
+    by_strategy: dict[str, list[tuple[float, float]]] = {}
+    points = []
     for i, (row, label) in enumerate(rows):
         x = row["ratio_to_baseline"]["decode"]
         y = (row.get("quality") or {}).get("ppl")
         if x is None or y is None:
             continue
-        engine = row["engine"]
+        engine, strategy = row["engine"], row.get("strategy")
+        color = strategy_colors.get(strategy, "lightgrey" if i == 0 else colors[3 + i % 7])
         ax.scatter([x], [y], s=70, marker=markers.get(engine, "o"),
-                   color=colors[i % len(colors)], edgecolors="black", linewidths=0.6, zorder=3)
+                   color=color, edgecolors="black", linewidths=0.6, zorder=3)
         seen_engines.add(engine)
+        points.append((x, y))
+        if strategy in strategy_colors:
+            by_strategy.setdefault(strategy, []).append((x, y))
         short = label if len(label) <= 40 else "…" + label[-39:]
         ax.annotate(short, (x, y), textcoords="offset points", xytext=(6, 6 + 10 * (i % 2)),
                     fontsize=8)
+    handles = []
+    from matplotlib.lines import Line2D
+
+    for strategy, pts in sorted(by_strategy.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=strategy_colors[strategy],
+                linewidth=1.2, zorder=2)
+        handles.append(Line2D([], [], color=strategy_colors[strategy], marker="o",
+                              markeredgecolor="black", label=strategy))
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey",
+                linestyle="--", linewidth=1, zorder=1)
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="front (no model "
+                              "both faster and better)"))
     base_ppl = (base.get("quality") or {}).get("ppl")
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     if base_ppl is not None:
@@ -94,13 +129,11 @@ def tradeoff_chart(report: BenchReport, path: Path) -> None:
                   f"{'; log scale' if log_y else ''})")
     ax.set_title(f"Speed vs quality against {base['model']} on {report.device['name']}\n"
                  f"(lower left is better)")
-    if seen_engines:
-        from matplotlib.lines import Line2D
-
-        proxies = [Line2D([], [], linestyle="", marker=markers.get(e, "o"), markersize=8,
-                          markerfacecolor="white", markeredgecolor="black",
-                          label=f"{e} engine") for e in sorted(seen_engines)]
-        ax.legend(handles=proxies, loc="best", fontsize=8)
+    handles += [Line2D([], [], linestyle="", marker=markers.get(e, "o"), markersize=8,
+                       markerfacecolor="white", markeredgecolor="black", label=f"{e} engine")
+                for e in sorted(seen_engines)]
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
