@@ -137,3 +137,93 @@ def test_grouping_kl_is_the_mean_per_token_kl_of_the_untuned_grouping():
     assert grouping_kl(base, GROUPINGS["llama-gqa"], 1, ids, batch_size=2) == \
         pytest.approx(direct, rel=1e-5)
     assert grouping_kl(base, None, 0, ids) == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- LoRA targets
+
+LORA_FAMILIES = ("phi3-partial", "gemma2-softcap")  # fused projections; q/k/v with post-norms
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", *LORA_FAMILIES])
+def test_lora_wraps_the_linear_modules_each_layer_has(kind):
+    """Phi-3's fused qkv_proj and gate_up_proj, else q/k/v and gate/up; o and down always;
+    on transformers' layers and on cqil's alike. A layer with none of them: a clear error."""
+    from cqil_cli.calibrate.tuning import attach_lora_to, lora_targets
+    from cqil_cli.core.errors import CqilError
+
+    fused = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    split = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    want = fused if kind.startswith("phi3") else split
+    base = tiny_models.tiny_model(kind, seed=0)
+    cqil = build_cqil_model(base, None, 0)
+    for layer in (base.model.layers[1], cqil.model.layers[1]):
+        assert lora_targets(layer) == want
+        adapters = attach_lora_to([layer], rank=2)
+        assert [isinstance(layer.get_submodule(t), LoRALinear) for t in want] == [True] * len(want)
+        assert len(adapters) == len(want)
+    with pytest.raises(CqilError, match=r"LoRA: layer 0 \(Linear\) has none"):
+        attach_lora_to([torch.nn.Linear(4, 4)], rank=2)
+
+
+@pytest.mark.parametrize("kind", LORA_FAMILIES)
+def test_merged_lora_reaches_the_fused_engine(kind):
+    """LoRA on fused (Phi-3) and split (Gemma 2) projections of a model whose fused engine has
+    already packed its weights (the parameters are views of its step buffers): after tuning and
+    detach_lora(merge=True), the fused engine computes the tuned model."""
+    model = build_cqil_model(tiny_models.tiny_model(kind, seed=0), [[0], [1, 2], [3, 4]], 1)
+    ids = token_ids(model)
+    untuned = logits_of(model, ids)  # fused: packs the step buffers
+    tune_groups(model, ids, FEW_STEPS)
+    model.set_engine("reference")
+    tuned = logits_of(model, ids)
+    detach_lora(model, merge=True)
+    model.set_engine("fused")
+    assert rel(logits_of(model, ids), tuned) < REL_TOL
+    assert rel(tuned, untuned) > 1e-3
+
+
+@pytest.mark.parametrize("kind", LORA_FAMILIES)
+def test_convert_with_lora_tuning_writes_the_tuned_model(kind, tmp_path, tokenizer_dir,
+                                                         monkeypatch):
+    """`cqil convert` with LoRA in both stages (the local stage's --local-params lora,
+    calibrate/reconstruct.py, and the end-to-end stage): the merged weights differ from the
+    original's, and the written folder gives the logits of the model the pipeline held."""
+    from conftest import run_cqil
+    from test_gguf import quick_latency, small_text
+
+    from cqil_cli.convert import pipeline
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.manifest import read_manifest
+
+    quick_latency(monkeypatch)
+    held = {}
+    write_output = pipeline.write_output
+
+    def keep_and_write(model, *args, **kwargs):
+        held["model"] = model
+        return write_output(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_output", keep_and_write)
+    base = tiny_models.save_tiny(kind, tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    out, text_file = tmp_path / "out", small_text(tmp_path)
+    result = run_cqil("convert", base, "--out", out, "--groups", "1-2", "--bypass", "1",
+                      "--local-params", "lora", "--local-windows", "4", "--tune-steps", "3", "--lora-rank", "2",
+                      "--calib", text_file, "--eval", text_file, "--eval-ood", "none",
+                      "--device", "cpu")
+    assert result.code == 0, result.err[-2000:]
+    stages = read_manifest(out).tuning["stages"]
+    assert [(s["name"], s["steps"]) for s in stages] == [("local", 3), ("e2e", 3)]
+    # kept if held-out perplexity improved; at least one, else nothing of the tuning was written
+    # (with these seeds: Phi-3 keeps the local stage, Gemma 2 the end-to-end one)
+    assert any(s["kept"] for s in stages)
+    model = held["model"]
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged
+    original = tiny_models.tiny_model(kind, seed=0)
+    for name, weight in original.model.layers[1].named_parameters():
+        if name.endswith("proj.weight"):
+            tuned = model.model.layers[1].get_parameter(name)
+            assert rel(tuned, weight) > 1e-4, name  # LoRA reached every targeted matrix
+    ids = token_ids(model, batch=2, length=12)
+    assert model.config.engine == "fused"
+    assert rel(logits_of(load_model(str(out)).model, ids), logits_of(model, ids)) < REL_TOL

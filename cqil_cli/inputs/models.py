@@ -160,16 +160,24 @@ def _gguf_to_plain_folder(gguf_path: Path, out_dir: Path, source_note: str) -> N
 
 
 def _load_gguf(gguf_path: Path):
+    """(plain fp32 model, tokenizer) of a GGUF file, its config completed from the file's own
+    metadata where transformers' GGUF reader leaves defaults (_complete_gguf_config)."""
     import torch
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
+        reader = GGUFReader(gguf_path)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # gguf raises many kinds on a corrupt file
+        raise CqilError(f"could not read GGUF file {gguf_path}: {_first_line(exc)}") from exc
+    _complete_gguf_config(config, reader, gguf_path.name)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                          dtype=torch.float32)
-    except Exception as exc:  # gguf raises many kinds on a corrupt file
+    except Exception as exc:
         raise CqilError(f"could not read GGUF file {gguf_path}: {_first_line(exc)}") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -185,6 +193,70 @@ def _load_gguf(gguf_path: Path):
     model.tie_weights()
     model.eval()
     return model, tokenizer
+
+
+# GGUF tensors that change a model's computation but that transformers' GGUF reader drops
+# (transformers/modeling_gguf_pytorch_utils.py maps no parameter to them): loading such a file
+# would give a different model, silently.
+GGUF_DROPPED_TENSORS = {
+    "rope_freqs.weight": "Llama 3.1-style scaled RoPE (the rope_freqs tensor)",
+    "rope_factors_long.weight": "LongRoPE (the rope_factors_long/short tensors)",
+}
+
+
+def _complete_gguf_config(config, reader, file_name: str) -> None:
+    """Set, from the GGUF metadata llama.cpp writes, what transformers' GGUF reader
+    (integrations/ggml.py GGUF_CONFIG_MAPPING, transformers 5.x) leaves at the config class's
+    defaults for the families cqil runs; a CqilError for what cqil cannot set right.
+
+    gemma2       attn_logit_softcapping, final_logit_softcapping ({arch}.*_softcapping);
+    gemma2/3     query_pre_attn_scalar: llama.cpp stores none and scales queries by
+                 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the 27B models (46 layers
+                 for Gemma 2, 62 for Gemma 3: llama.cpp's LLM_TYPE_27B), as their configs do;
+    gemma3_text  the global layers' RoPE scaling ({arch}.rope.scaling.type/factor: linear
+                 only), the local base ({arch}.rope.freq_base_swa, else llama.cpp's 10000),
+                 final_logit_softcapping; the sliding pattern is llama.cpp's fixed 5 local : 1
+                 global, which is transformers' default;
+    phi3         partial_rotary_factor ({arch}.rope.dimension_count / head_dim) and
+                 sliding_window ({arch}.attention.sliding_window).
+    """
+    arch = str(reader.fields["general.architecture"].contents())
+    model_type = config.model_type
+
+    def key(suffix: str, default=None):
+        field = reader.fields.get(f"{arch}.{suffix}")
+        return field.contents() if field is not None else default
+
+    names = {tensor.name for tensor in reader.tensors}
+    for tensor, what in GGUF_DROPPED_TENSORS.items():
+        if tensor in names:
+            raise CqilError(f"GGUF {file_name}: {model_type} with {what} is not supported "
+                            "(transformers' GGUF reader drops it)")
+    if model_type in ("gemma2", "gemma3_text"):
+        large = config.num_hidden_layers == (46 if model_type == "gemma2" else 62)
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
+                                        if large else config.head_dim)
+        config.final_logit_softcapping = key("final_logit_softcapping",
+                                             config.final_logit_softcapping)
+    if model_type == "gemma2":
+        config.attn_logit_softcapping = key("attn_logit_softcapping",
+                                            config.attn_logit_softcapping)
+    elif model_type == "gemma3_text":
+        scaling = key("rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            raise CqilError(f"GGUF {file_name}: gemma3 with RoPE scaling '{scaling}' is not "
+                            "supported (linear only)")
+        rope = config.rope_parameters
+        if scaling == "linear":
+            rope["full_attention"].update(rope_type="linear",
+                                          factor=float(key("rope.scaling.factor")))
+        rope["sliding_attention"]["rope_theta"] = float(key("rope.freq_base_swa", 10000.0))
+    elif model_type == "phi3":
+        dims = key("rope.dimension_count")
+        if dims:
+            head_dim = config.hidden_size // config.num_attention_heads
+            config.rope_parameters["partial_rotary_factor"] = int(dims) / head_dim
+        config.sliding_window = key("attention.sliding_window", config.sliding_window)
 
 
 def _first_line(exc: BaseException) -> str:
