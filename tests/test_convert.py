@@ -209,10 +209,26 @@ def test_skip_option_errors_come_before_any_work(tmp_path):
         (conv.ConvertOptions(out=tmp_path / "a", strategy="skip", steps=1), "keeps at least 2"),
         (conv.ConvertOptions(out=tmp_path / "b", strategy="skip", report=tmp_path / "r.json"), "--report"),
         (conv.ConvertOptions(out=tmp_path / "c", strategy="skip", groups="1-2"), "--groups"),
+        (conv.ConvertOptions(out=tmp_path / "d", seq_len=2), "--seq-len"),
+        (conv.ConvertOptions(out=tmp_path / "e", eval_samples=0), "--eval-windows"),
+        (conv.ConvertOptions(out=tmp_path / "f", tune_samples=0), "--tune-windows"),
     ]:
         with pytest.raises(CqilError, match=message):
             conv.run_convert("no-such-model-is-loaded", opts, {}, conv.Callbacks())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_window_options_set_what_is_scored_and_tuned(llama_folder, long_text, tmp_path):
+    from cqil_cli.runtime.manifest import read_manifest
+
+    out = tmp_path / "out"
+    convert_in_process(llama_folder, "--out", out, "--groups", "1-2", "--tune-steps", "1",
+                       "--tune-stages", "e2e", "--lora-rank", "0", "--seq-len", "32",
+                       "--eval-windows", "3", "--tune-windows", "5", "--eval-ood", "none",
+                       "--calib", long_text, "--eval", long_text, "--device", "cpu")
+    manifest = read_manifest(out)
+    assert manifest.calibration["seq_len"] == 32 and manifest.calibration["samples"] == 5
+    assert manifest.quality["eval_tokens"] == 3 * 32 and manifest.quality["prompt_tokens"] == 16
 
 
 def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, long_text,

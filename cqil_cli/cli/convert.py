@@ -94,8 +94,15 @@ DEFAULTS = ConvertOptions(out=Path("."))
 @click.option("--eval-ood", default=DEFAULTS.eval_ood, show_default=True, metavar="TEXT",
               help="Out-of-domain text, reported beside --eval ('none' to skip).")
 @click.option("--eval-prompt", type=int, metavar="N",
-              help=f"Tokens at the start of each {DEFAULTS.seq_len}-token evaluation window that are the "
-                   "prompt, not scored (skip runs them through every layer). Default: half.")
+              help="Tokens at the start of each evaluation window that are the prompt, not "
+                   "scored (skip runs them through every layer). Default: half of --seq-len.")
+@click.option("--seq-len", default=DEFAULTS.seq_len, show_default=True, type=int, metavar="L",
+              help="Tokens per window of tuning and of the held-out and out-of-domain "
+                   "perplexities.")
+@click.option("--tune-windows", default=DEFAULTS.tune_samples, show_default=True, type=int,
+              metavar="N", help="Calibration windows tuning draws its batches from, at most.")
+@click.option("--eval-windows", default=DEFAULTS.eval_samples, show_default=True, type=int,
+              metavar="N", help="Windows of --eval and of --eval-ood scored, at most.")
 @click.option("--report", type=click.Path(dir_okay=False), metavar="PATH",
               help="Reuse a `cqil analyze --json` report instead of measuring sensitivity again.")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True,
@@ -107,8 +114,8 @@ def convert(state: State, model, out_dir, strategy, devices, engine, budget, spe
             start, end, parallel, bypass, tune_steps, tune_minutes, tune_stages, local_params,
             local_loss, local_start, local_share, local_steps, local_windows, lora_rank, calib,
             eval_spec,
-            eval_ood, eval_prompt, report, seed, force, device, dtype, trust_remote_code,
-            allow_pickle):
+            eval_ood, eval_prompt, seq_len, tune_windows, eval_windows, report, seed, force,
+            device, dtype, trust_remote_code, allow_pickle):
     """Convert MODEL so that groups of adjacent layers run concurrently.
 
     \b
@@ -137,8 +144,8 @@ def convert(state: State, model, out_dir, strategy, devices, engine, budget, spe
                           local_steps=local_steps, local_samples=local_windows,
                           lora_rank=lora_rank, calib=calib, eval=eval_spec,
                           eval_ood=None if eval_ood.lower() == "none" else eval_ood,
-                          eval_prompt=eval_prompt,
-                          report=Path(report) if report else None, seed=seed, force=force)
+                          eval_prompt=eval_prompt, seq_len=seq_len, tune_samples=tune_windows,
+                          eval_samples=eval_windows, report=Path(report) if report else None, seed=seed, force=force)
     use_all_cores()
     with state.progress() as progress:
         def status(text):

@@ -63,9 +63,9 @@ class ConvertOptions:
     seed: int = 0
     force: bool = False
     calib_samples: int = 8  # sensitivity samples when no --report is given
-    tune_samples: int = 256  # calibration windows for tuning (seq_len tokens each)
-    seq_len: int = 256
-    eval_samples: int = 16
+    tune_samples: int = 256  # --tune-windows: calibration windows for tuning (seq_len tokens)
+    seq_len: int = 256  # --seq-len: tokens per tuning and evaluation window
+    eval_samples: int = 16  # --eval-windows: windows of --eval and --eval-ood scored
     eval_prompt: int | None = None  # tokens of each eval window that are prompt, not scored (None: half)
     candidates: int = 4  # best partitions re-measured whole
 
@@ -125,6 +125,12 @@ class ConvertOptions:
         if self.strategy == "skip" and self.report is not None:
             raise CqilError("--report applies to --strategy cqil and prune (skip chooses its "
                             "layers by rule, not by measurement)")
+        if self.seq_len < 4:
+            raise CqilError(f"bad --seq-len {self.seq_len}: at least 4 tokens")
+        for name, value in (("--tune-windows", self.tune_samples),
+                            ("--eval-windows", self.eval_samples)):
+            if value < 1:
+                raise CqilError(f"bad {name} {value}: at least 1")
         if not 0 <= self.prompt_tokens <= self.seq_len - 2:
             raise CqilError(f"bad --eval-prompt {self.prompt_tokens}: between 0 and "
                             f"{self.seq_len - 2} (windows are {self.seq_len} tokens)")
