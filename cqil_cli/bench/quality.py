@@ -48,10 +48,11 @@ def run_quality(entries: list[Entry], baseline: Entry, tokens: BenchTokens,
     start = max(p - 1, 0)  # the first scored prediction: the prompt's last position
     for batch in tokens.eval_windows.split(options.eval_batch):  # [b, eval_window] each
         inputs, targets = batch[:, :-1], batch[:, 1:][:, start:]
-        base_logits = baseline.runner.logits(inputs, p)[:, start:]  # [b, T, V]
+        scored = targets.shape[1]  # logits of the scored positions only: [b, scored, V]
+        base_logits = baseline.runner.logits(inputs, p, keep=scored)
         metrics[baseline.quality_key].update(None, base_logits, targets)
         for entry in others:
-            logits = entry.runner.logits(inputs, p)[:, start:]
+            logits = entry.runner.logits(inputs, p, keep=scored)
             _update_against_baseline(metrics[entry.quality_key], base_logits, logits, targets)
         del base_logits
         advance("quality: teacher-forced windows")

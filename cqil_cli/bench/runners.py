@@ -90,13 +90,15 @@ class TransformersRunner:
         return self.generate(prompts, new_tokens).tokens
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, prompt_tokens: int = 0) -> torch.Tensor:
-        """Teacher-forced logits [B, T, V]; the first prompt_tokens of ids are the prompt (which
-        matters only to a layer-skipping model: it runs its prompt through every layer)."""
-        from ..calibrate.evaluate import prompt_kwargs
+    def logits(self, ids: torch.Tensor, prompt_tokens: int = 0, keep: int = 0) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] of ids [B, T], or of its last `keep` positions only
+        ([B, keep, V]: the head and the logits cost only what is scored); the first
+        prompt_tokens of ids are the prompt (which matters only to a layer-skipping model: it
+        runs its prompt through every layer)."""
+        from ..calibrate.evaluate import last_logits, prompt_kwargs
 
-        extra = prompt_kwargs(self.model, prompt_tokens)
-        return self.model(input_ids=ids.to(self.device), use_cache=False, **extra).logits
+        return last_logits(self.model, ids.to(self.device), keep,
+                           **prompt_kwargs(self.model, prompt_tokens))
 
 
 class CqilRunner(TransformersRunner):
@@ -149,8 +151,10 @@ def make_runner(loaded, engine: str, compile: bool = False) -> TransformersRunne
         return TransformersRunner(loaded.model, loaded.tokenizer)
     if engine == "cqil":
         if not can_run_on_cqil(loaded):
+            from ..inputs.models import CQIL_FAMILIES
+
             raise CqilError(f"'{loaded.spec}' ({loaded.model_type}) cannot run on cqil's engine: "
-                            "it supports the Llama family (llama, mistral, qwen2, qwen3)")
+                            f"it runs the families {', '.join(CQIL_FAMILIES)}")
         try:
             return CqilRunner(loaded.model, loaded.tokenizer, compile=compile)
         except ValueError as exc:

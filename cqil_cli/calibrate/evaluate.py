@@ -7,6 +7,8 @@ perplexity before and after tuning) and by the benchmarks.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..core.metrics import TokenMetrics, perplexity_of, summed_kl
@@ -18,6 +20,17 @@ def prompt_kwargs(model, prompt_tokens: int) -> dict:
     if not getattr(model.config, "skip_layers", None):
         return {}
     return {"prompt_length": max(prompt_tokens, 1)}  # a generation needs at least one prompt token
+
+
+def last_logits(model, ids: torch.Tensor, keep: int, **kwargs) -> torch.Tensor:
+    """Logits [B, keep, V] of the last `keep` positions of a forward over ids [B, T] (all T
+    when keep is 0): the head runs on those positions only (transformers' logits_to_keep),
+    which halves the logits' memory when half of a window is prompt. A model whose forward
+    lacks logits_to_keep (older remote code) computes them all and is sliced."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep, **kwargs).logits
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    return logits[:, -keep:] if keep else logits
 
 
 @torch.no_grad()
@@ -33,10 +46,12 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, prompt_tokens: int
     start = max(prompt_tokens - 1, 0)  # the first scored prediction
     extra = prompt_kwargs(model, prompt_tokens)
     metrics = TokenMetrics()
+    L = ids.shape[1]
     for batch in ids.split(batch_size):
         batch = batch.to(device)  # [b, L]
-        logits = model(input_ids=batch, use_cache=False, **extra).logits  # [b, L, V]
-        metrics.update(None, logits[:, start:-1], batch[:, start + 1:])
+        # Only the scored positions start..L-2 reach the head: [b, L - 1 - start, V]
+        logits = last_logits(model, batch[:, :-1], L - 1 - start, **extra)
+        metrics.update(None, logits, batch[:, start + 1:])
     return perplexity_of(metrics.mean_nll)
 
 
@@ -61,4 +76,4 @@ def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: 
     return total / count
 
 
-__all__ = ["grouping_kl", "perplexity", "prompt_kwargs"]
+__all__ = ["grouping_kl", "last_logits", "perplexity", "prompt_kwargs"]
