@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import FAMILIES, VOCAB_SIZE, tiny_model
 
 from cqil_cli.calibrate.options import AnalyzeOptions
-from cqil_cli.calibrate.profile import analyze_model, candidate_groups
+from cqil_cli.calibrate.profile import AnalyzeReport, analyze_model, candidate_groups
 from cqil_cli.core.errors import CqilError
 from cqil_cli.inputs.models import LoadedModel
 
@@ -64,7 +64,7 @@ def test_similarity_and_sensitivity_match_direct_computation(family):
     window = min(3, n)
     with torch.no_grad():
         report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=window, batch_size=2,
-                                                                 repeats=1))
+                                                                 repeats=1, exact_kl=True))
         states, _, _ = _layer_inputs(model, ids)
         logits = model(ids).logits
     assert report.num_layers == n
@@ -94,7 +94,7 @@ def test_similarity_and_sensitivity_match_direct_computation(family):
         nll_q = -log_q[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
         assert row["delta_loss"] == pytest.approx(nll_q - nll_p, rel=1e-4, abs=1e-6)
     # Most promising first: ascending KL per saved step.
-    per_step = [r["kl_per_saved_step"] for r in report.groups]
+    per_step = [r["kl_per_saved_step"] for r in report.groups]  # = cost per step with exact_kl
     assert per_step == sorted(per_step)
     latency = report.latency_ms
     assert len(latency["prefill"]) == n and all(t > 0 for t in latency["prefill"])
@@ -105,9 +105,9 @@ def test_results_do_not_depend_on_batch_size():
     model = tiny_model("llama-gqa")
     ids = torch.randint(0, VOCAB_SIZE, (6, 10), generator=torch.Generator().manual_seed(1))
     one = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, batch_size=1,
-                                                            latency=False))
+                                                            latency=False, exact_kl=True))
     all_ = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, batch_size=6,
-                                                             latency=False))
+                                                             latency=False, exact_kl=True))
     for a, b in zip(one.groups, all_.groups, strict=True):
         assert a["layers"] == b["layers"]
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
@@ -123,6 +123,23 @@ def test_other_decoder_only_architectures_work():
     ids = torch.randint(0, VOCAB_SIZE, (2, 8))
     report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, repeats=1))
     assert report.num_layers == 3 and len(report.groups) == 2
+
+
+def test_a_version_1_report_still_reads_its_kl_as_the_cost():
+    """Reports of cqil 0.1 (schema cqil.analyze/1) measured every group by its KL at the output
+    and have no local_error or cost: --report keeps reading them."""
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(0, VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(5))
+    report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=2, latency=False,
+                                                               exact_kl=True)).to_json()
+    old = {k: v for k, v in report.items() if k != "sensitivity_measure"}
+    old["schema"] = "cqil.analyze/1"
+    old["groups"] = [{k: g[k] for k in ("layers", "size", "kl", "delta_loss",
+                                        "kl_per_saved_step", "mean_similarity")}
+                     for g in report["groups"]]
+    read = AnalyzeReport.from_json(old, "old.json")
+    assert read.sensitivity_measure == "output_kl"
+    assert read.group_costs(2) == {tuple(g["layers"]): g["kl"] for g in report["groups"]}
 
 
 def test_bad_window_is_an_error():

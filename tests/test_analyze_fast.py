@@ -74,7 +74,7 @@ def test_fast_sensitivity_equals_the_slow_reference(kind, window):
     n = model.config.num_hidden_layers
     ids = torch.randint(0, VOCAB_SIZE, (3, 16), generator=torch.Generator().manual_seed(2))
     report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=window, batch_size=3,
-                                                               latency=False))
+                                                               latency=False, exact_kl=True))
     assert sorted(r["layers"] for r in report.groups) == sorted(candidate_groups(n, window))
     with torch.no_grad():
         reference = log_probs(model(input_ids=ids, use_cache=False).logits)
@@ -100,9 +100,65 @@ def test_stacking_candidates_does_not_change_the_sums():
         ticks = []
         one = group_sensitivity(model, proxies, ids, inputs, log_p, nll, 4, ticks.append,
                                 stack_rows=1)
+        local_only = group_sensitivity(model, proxies, ids, inputs, log_p, nll, 4, exact=False)
         stacked = group_sensitivity(model, proxies, ids, inputs, log_p, nll, 4, stack_rows=64)
     assert len(ticks) == len(candidate_groups(len(proxies), 4))  # one tick per candidate
+    assert local_only[0] == one[0] and local_only[1:] == ({}, {})
     for sums_one, sums_stacked in zip(one, stacked, strict=True):
         assert sums_one.keys() == sums_stacked.keys()
         for group, value in sums_one.items():
             assert sums_stacked[group] == pytest.approx(value, rel=1e-5, abs=1e-7), group
+
+
+@torch.no_grad()
+def _slow_local_error(model, ids, group) -> float:
+    """Mean over tokens of ‖y − x‖² / ‖x‖²: y the group's output with the group made
+    concurrent in a full forward, x the original output of its last layer."""
+    layers = model.model.layers
+    captured = {}
+
+    def keep(name):
+        return lambda _module, _args, out: captured.__setitem__(name, hidden_out(out))
+
+    hook = layers[group[-1]].register_forward_hook(keep("x"))
+    model(input_ids=ids, use_cache=False)
+    hook.remove()
+    original = list(layers)
+    shared: dict = {}
+    for j in group:
+        layers[j] = _GroupMember(original[j], shared, j == group[0], j == group[-1])
+    hook = layers[group[-1]].register_forward_hook(keep("y"))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+        for j in group:
+            layers[j] = original[j]
+    x, y = captured["x"], captured["y"]
+    return ((y - x).square().sum(-1) / x.square().sum(-1)).mean().item()
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma2-softcap"])
+def test_local_error_is_the_default_and_equals_the_slow_reference(kind):
+    """The default sensitivity: every group's local error at its own output (no KL, no forward
+    after the group), the cost the report sorts by; --exact-kl adds the KL, same local error."""
+    model = tiny_model(kind)
+    n = model.config.num_hidden_layers
+    ids = torch.randint(0, VOCAB_SIZE, (3, 16), generator=torch.Generator().manual_seed(4))
+    report = analyze_model(_loaded(model), ids, AnalyzeOptions(window=3, latency=False))
+    exact = analyze_model(_loaded(model), ids, AnalyzeOptions(window=3, latency=False,
+                                                               exact_kl=True))
+    assert report.sensitivity_measure == "local_error" and exact.sensitivity_measure == "output_kl"
+    assert sorted(r["layers"] for r in report.groups) == sorted(candidate_groups(n, 3))
+    exact_rows = {tuple(r["layers"]): r for r in exact.groups}
+    for row in report.groups:
+        assert row["kl"] is None and row["delta_loss"] is None and row["cost"] == row["local_error"]
+        want = _slow_local_error(model, ids, row["layers"])
+        assert row["local_error"] == pytest.approx(want, rel=1e-5, abs=1e-9), row["layers"]
+        other = exact_rows[tuple(row["layers"])]
+        assert other["local_error"] == pytest.approx(row["local_error"], rel=1e-6)
+        assert other["cost"] == other["kl"]
+    per_step = [r["cost_per_saved_step"] for r in report.groups]
+    assert per_step == sorted(per_step)
+    assert report.group_costs(2) == {tuple(r["layers"]): r["local_error"]
+                                     for r in report.groups if r["size"] == 2}

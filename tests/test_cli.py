@@ -24,10 +24,11 @@ def test_analyze_writes_report_and_heatmap(cqil, tiny_folder, text_file, tmp_pat
     for key in ("schema", "model", "num_layers", "similarity", "block_influence", "latency_ms",
                 "groups"):
         assert key in report
-    assert report["schema"] == "cqil.analyze/1"
+    assert report["schema"] == "cqil.analyze/2" and report["sensitivity_measure"] == "local_error"
     assert len(report["similarity"]) == n and all(len(row) == n for row in report["similarity"])
     assert set(report["latency_ms"]) >= {"prefill", "decode"}
-    assert all({"layers", "kl", "delta_loss"} <= set(g) for g in report["groups"])
+    assert all({"layers", "local_error", "cost", "kl", "delta_loss"} <= set(g)
+               for g in report["groups"])
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Most promising" in result.out
     # outputs are ordinary files (not the private 0600 of their temporaries), nothing else left

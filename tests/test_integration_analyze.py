@@ -38,4 +38,4 @@ def test_latencies_are_positive(report):
 def test_sensitivity_covers_every_adjacent_pair(report):
     pairs = {tuple(g["layers"]) for g in report["groups"] if g["size"] == 2}
     assert pairs == {(i, i + 1) for i in range(29)}
-    assert all(g["kl"] >= 0 for g in report["groups"])
+    assert all(g["cost"] == g["local_error"] >= 0 for g in report["groups"])

@@ -15,6 +15,8 @@ class AnalyzeOptions:
     repeats: int = 5  # latency repeats after one warm-up
     sensitivity: bool = True
     latency: bool = True
+    exact_kl: bool = False  # sensitivity as the KL at the output (quadratic in layers) instead
+    # of each group's local error at its own output (linear): calibrate/profile.py
 
 
 @dataclass

@@ -7,7 +7,10 @@ Three measurements, all on calibration text:
   latency      each layer's time for a prefill of L tokens and for one decode step with a cache
                of L tokens (median of repeats), and the time spent outside the layers
   sensitivity  for each run of 2..W adjacent layers made concurrent on its own (docs/method.md, no
-               bypass): KL(original ‖ grouped) per token and the change of next-token loss
+               bypass): its local error, ‖y − x_{e+1}‖² / ‖x_{e+1}‖² per token at the group's own
+               output (linear in layers × W); with exact_kl also KL(original ‖ grouped) per
+               token at the model's output and the change of next-token loss (the rest of the
+               model after every candidate: quadratic in layers)
 Batches stream through, so memory does not grow with the number of samples.
 """
 
@@ -30,7 +33,8 @@ from ..core.metrics import log_probs, next_token_nll, perplexity_of, token_kl
 from .options import AnalyzeOptions
 from .probes import LayerProxy, cache_kwargs, find_decoder_layers, hidden_out, proxied_layers
 
-SCHEMA = Schema("cqil.analyze", 1, "a `cqil analyze --json` report", "run `cqil analyze` again")
+SCHEMA = Schema("cqil.analyze", 2, "a `cqil analyze --json` report", "run `cqil analyze` again",
+                oldest=1)  # 1: every group measured by its KL at the output, no local_error
 
 
 @dataclass
@@ -39,8 +43,9 @@ class AnalyzeReport:
 
     similarity / angular_distance: N x N, None beyond the window; block_influence: N;
     latency_ms: per-layer prefill and decode ms and totals (None with --no-latency);
-    groups: one row per candidate group (layers, size, kl, delta_loss, kl_per_saved_step,
-    mean_similarity), cheapest KL per saved step first.
+    groups: one row per candidate group (layers, size, local_error, kl, delta_loss, cost,
+    cost_per_saved_step, kl_per_saved_step, mean_similarity), lowest cost per saved step first;
+    sensitivity_measure: what `cost` is, "local_error" or "output_kl" (None: not measured).
     """
 
     cqil_version: str
@@ -61,6 +66,7 @@ class AnalyzeReport:
     latency_ms: dict | None
     groups: list[dict]
     options: dict
+    sensitivity_measure: str | None = None
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA.tag, **asdict(self)}
@@ -68,13 +74,17 @@ class AnalyzeReport:
     @classmethod
     def from_json(cls, data: object, source: str) -> AnalyzeReport:
         data = SCHEMA.check(data, source)
+        if data["schema"] == "cqil.analyze/1":  # every group measured at the output
+            data = {**data, "sensitivity_measure": "output_kl" if data.get("groups") else None}
         names = tuple(f.name for f in fields(cls))
         SCHEMA.require(data, names, source)
         return cls(**{k: data[k] for k in names})
 
     def group_costs(self, max_group_size: int) -> dict[tuple[int, ...], float]:
-        """KL of each measured group of at most max_group_size layers, by its layer tuple."""
-        return {tuple(g["layers"]): float(g["kl"]) for g in self.groups if g["size"] <= max_group_size}
+        """The cost (sensitivity_measure) of each measured group of at most max_group_size
+        layers, by its layer tuple; a version-1 report's rows have only `kl`."""
+        return {tuple(g["layers"]): float(g.get("cost", g["kl"])) for g in self.groups
+                if g["size"] <= max_group_size}
 
 
 def candidate_groups(num_layers: int, window: int) -> list[list[int]]:
@@ -110,6 +120,7 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
     sim_sum = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     ang_sum = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     influence_sum = torch.zeros(num_layers, dtype=torch.float64)
+    local_sum = torch.zeros(len(groups), dtype=torch.float64)
     kl_sum = torch.zeros(len(groups), dtype=torch.float64)
     loss_delta_sum = torch.zeros(len(groups), dtype=torch.float64)
     loss_sum, tokens, predicted_tokens = 0.0, 0, 0
@@ -138,13 +149,17 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
                 p.record_input = False
             advance("similarity")
 
-            # 2. Each candidate group alone made concurrent, resuming after its last layer.
+            # 2. Each candidate group alone made concurrent: its error at its own output, and
+            # with exact_kl the KL at the model's output (resuming after its last layer).
             if groups:
-                kl, delta = group_sensitivity(model, proxies, ids, inputs, log_p, nll,
-                                              options.window, advance)
+                local, kl, delta = group_sensitivity(model, proxies, ids, inputs, log_p, nll,
+                                                     options.window, advance,
+                                                     exact=options.exact_kl)
                 for g, group in enumerate(groups):
-                    kl_sum[g] += kl[tuple(group)]
-                    loss_delta_sum[g] += delta[tuple(group)]
+                    local_sum[g] += local[tuple(group)]
+                    if options.exact_kl:
+                        kl_sum[g] += kl[tuple(group)]
+                        loss_delta_sum[g] += delta[tuple(group)]
             for p in proxies:
                 p.reset()
             del inputs, log_p
@@ -156,17 +171,23 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
     angular = _matrix(ang_sum / max(tokens, 1), options.window, diagonal=0.0)
     group_rows = []
     for g, group in enumerate(groups):
-        kl = kl_sum[g].item() / tokens
+        local = local_sum[g].item() / tokens
+        kl = kl_sum[g].item() / tokens if options.exact_kl else None
+        cost = kl if options.exact_kl else local
         pairs = [similarity[a][b] for a in group for b in group if a < b]
         group_rows.append({
             "layers": group,
             "size": len(group),
+            "local_error": local,
             "kl": kl,
-            "delta_loss": loss_delta_sum[g].item() / predicted_tokens,
-            "kl_per_saved_step": kl / (len(group) - 1),
+            "delta_loss": loss_delta_sum[g].item() / predicted_tokens if options.exact_kl
+            else None,
+            "cost": cost,
+            "cost_per_saved_step": cost / (len(group) - 1),
+            "kl_per_saved_step": kl / (len(group) - 1) if options.exact_kl else None,
             "mean_similarity": sum(pairs) / len(pairs),
         })
-    group_rows.sort(key=lambda row: (row["kl_per_saved_step"], row["layers"]))
+    group_rows.sort(key=lambda row: (row["cost_per_saved_step"], row["layers"]))
     loss = loss_sum / max(predicted_tokens, 1)
     return AnalyzeReport(
         cqil_version=__version__,
@@ -187,6 +208,8 @@ def analyze_model(loaded, samples: torch.Tensor, options: AnalyzeOptions,
         latency_ms=latency,
         groups=group_rows,
         options=asdict(options),
+        sensitivity_measure=("output_kl" if options.exact_kl else "local_error") if groups
+        else None,
     )
 
 
@@ -197,29 +220,38 @@ STACK_ROWS = 8  # candidates sharing a last layer run the rest of the model up t
 def group_sensitivity(model, proxies: list[LayerProxy], ids: torch.Tensor,
                       inputs: list[torch.Tensor], log_p: torch.Tensor, nll: torch.Tensor,
                       window: int, advance: Callable[[str], None] = lambda _label: None,
-                      stack_rows: int = STACK_ROWS) -> tuple[dict, dict]:
-    """Summed KL(original ‖ grouped) and summed next-token NLL change over the batch's tokens,
-    for every candidate group of 2..window adjacent layers made concurrent on its own.
+                      stack_rows: int = STACK_ROWS, exact: bool = True
+                      ) -> tuple[dict, dict, dict]:
+    """For every candidate group of 2..window adjacent layers made concurrent on its own,
+    summed over the batch's tokens: its local error and, when `exact`, KL(original ‖ grouped)
+    at the model's output and the next-token NLL change.
 
     ids [B, T]; inputs: the recorded x_0..x_N [B, T, H] (x_ℓ the input of layer ℓ, x_N the last
     output), each proxy holding its recorded call and output; log_p [B, T, V], nll [B, T−1] of
-    the original. Returns ({group layers tuple: KL sum}, {group layers tuple: NLL change sum}).
+    the original. Returns ({group layers tuple: Σ local error}, {…: Σ KL}, {…: Σ NLL change});
+    the last two are empty unless `exact`.
 
     Only what a group changes is computed. Its output y = x_s + Σ_{j=s..e} (layer_j(x_s) − x_s)
     (docs/method.md, no bypass) needs layer_j(x_s) for j > s only (layer_s(x_s) = x_{s+1} is
-    recorded), and groups with the same start share those: each (start, layer) pair runs once.
-    Layers before the group are never rerun: the model's forward replays y up to the group's
-    last layer e and runs e+1..N−1, the final norm and the head, for all groups ending at e at
-    once (stacked along the batch, stack_rows windows at most). Cost per batch: (W − 1)·N
-    candidates × (about N/2 layers + the head): each needs the rest of the model after it.
+    recorded), and groups with the same start share those: each (start, layer) pair runs once,
+    (W − 1)·N layer calls per batch. The local error of a group s..e is, per token,
+    ‖y − x_{e+1}‖² / ‖x_{e+1}‖²: how far the group moves the residual stream the next layer
+    reads, relative to its size (what that layer's RMSNorm sees). The exact KL needs the rest of
+    the model after each group: layers before it are never rerun, the model's forward replays y
+    up to the group's last layer e and runs e+1..N−1, the final norm and the head, for all
+    groups ending at e at once (stacked along the batch, stack_rows windows at most): (W − 1)·N
+    candidates × (about N/2 layers + the head), quadratic in N.
     """
     num_layers, batch = len(proxies), ids.shape[0]
     per_forward = max(1, stack_rows // batch)
+    local_sums: dict[tuple[int, ...], float] = {}
     kl_sums: dict[tuple[int, ...], float] = {}
     delta_sums: dict[tuple[int, ...], float] = {}
     delta_acc: dict[int, torch.Tensor] = {}  # start s -> Σ_{j=s..e} (layer_j(x_s) − x_s), [B, T, H]
     for end in range(1, num_layers):
         starts = list(range(end - 1, max(end - window, -1), -1))  # groups s..end, 2..W layers
+        target = inputs[end + 1].float()  # x_{e+1} [B, T, H]: the sequential output
+        target_energy = target.square().sum(-1).clamp_min(1e-12)  # [B, T]
         outputs = []  # y of each group s..end, [B, T, H]
         for s in starts:
             x = inputs[s]
@@ -227,9 +259,15 @@ def group_sensitivity(model, proxies: list[LayerProxy], ids: torch.Tensor,
                 delta_acc[s] = torch.zeros_like(x)
                 delta_acc[s] += inputs[s + 1] - x
             delta_acc[s] += proxies[end].call_on(x) - x
-            outputs.append(x + delta_acc[s])
+            y = x + delta_acc[s]
+            error = (y.float() - target).square().sum(-1) / target_energy  # [B, T]
+            local_sums[tuple(range(s, end + 1))] = float(error.sum(dtype=torch.float64))
+            if exact:
+                outputs.append(y)
+            else:
+                advance("sensitivity")
         delta_acc.pop(end - window + 1, None)  # its largest group (W layers) ends here
-        for first in range(0, len(starts), per_forward):
+        for first in range(0, len(outputs), per_forward):
             chunk = outputs[first:first + per_forward]
             count = len(chunk)
             stacked = torch.cat(chunk) if count > 1 else chunk[0]  # [count·B, T, H]
@@ -242,13 +280,13 @@ def group_sensitivity(model, proxies: list[LayerProxy], ids: torch.Tensor,
             log_q = log_probs(model(input_ids=rows, use_cache=False).logits)  # [count·B, T, V]
             kl = token_kl(log_p, log_q.view(count, *log_p.shape)).sum((1, 2))  # [count]
             delta = (next_token_nll(log_q, rows).view(count, *nll.shape) - nll).sum((1, 2))
-            del log_q
+            del log_q, stacked
             for c, s in enumerate(starts[first:first + per_forward]):
                 group = tuple(range(s, end + 1))
                 kl_sums[group], delta_sums[group] = kl[c].item(), delta[c].item()
                 advance("sensitivity")
-        del outputs, stacked
-    return kl_sums, delta_sums
+        del outputs
+    return local_sums, kl_sums, delta_sums
 
 
 def _layers_of(model):

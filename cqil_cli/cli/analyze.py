@@ -28,14 +28,19 @@ DEFAULTS = AnalyzeOptions()
 @click.option("--repeats", default=DEFAULTS.repeats, show_default=True, type=click.IntRange(min=1),
               help="Latency repeats after one warm-up (median reported).")
 @click.option("--seed", default=0, show_default=True, help="Which calibration windows are drawn.")
-@click.option("--no-sensitivity", is_flag=True, help="Skip the per-group KL measurement.")
+@click.option("--exact-kl", is_flag=True,
+              help="Sensitivity as each group's KL at the model's output (and its change of "
+                   "next-token loss): the rest of the model runs after every candidate, so the "
+                   "cost grows with the square of the number of layers. Default: each group's "
+                   "local error at its own output, linear in layers × W.")
+@click.option("--no-sensitivity", is_flag=True, help="Skip the per-group sensitivity.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @model_options
 @click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
 @click.option("--plot", "plot_path", metavar="PATH", help="Write the similarity heatmap (PNG).")
 @click.pass_obj
 def analyze(state: State, model, calib, samples, seq_len, window, batch_size, repeats, seed,
-            no_sensitivity, no_latency, device, dtype, trust_remote_code, allow_pickle,
+            exact_kl, no_sensitivity, no_latency, device, dtype, trust_remote_code, allow_pickle,
             json_path, plot_path):
     """Profile MODEL: input similarity between layers, per-layer latency, group sensitivity.
 
@@ -44,8 +49,10 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
                  distance, and each layer's block influence 1 - cos(input, output)
     latency      each layer's time for a prefill of --seq-len tokens and for one decode step
                  with that cache (median of --repeats), and the time outside the layers
-    sensitivity  for every group of 2..W adjacent layers made concurrent alone:
-                 KL(original || grouped) per token and the change of next-token loss
+    sensitivity  for every group of 2..W adjacent layers made concurrent alone: its local
+                 error |y - x|^2 / |x|^2 per token at its own output (x: what the layers in
+                 sequence give); with --exact-kl, KL(original || grouped) per token at the
+                 model's output and the change of next-token loss
 
     See docs/analyze.md for how to read every figure and the heatmap.
     """
@@ -64,7 +71,8 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
     num_layers = loaded.num_layers
     window = min(DEFAULTS.window, num_layers) if window is None else window
     options = AnalyzeOptions(window=window, batch_size=batch_size, repeats=repeats,
-                             sensitivity=not no_sensitivity, latency=not no_latency)
+                             sensitivity=not no_sensitivity, latency=not no_latency,
+                             exact_kl=exact_kl)
     check_window(window, num_layers)
     ids = token_samples(loaded.tokenizer, calib, samples, seq_len, seed)
     with state.progress() as progress:

@@ -41,18 +41,24 @@ def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> No
             f"({latency['prefill_outside_layers']:.1f} outside the layers); one decode step: "
             f"{latency['decode_total']:.2f} ms ({latency['decode_outside_layers']:.2f} outside)")
     if report.groups:
+        exact = report.sensitivity_measure == "output_kl"
+        what = "KL(orig‖grouped)" if exact else "local error"
         groups = Table(title=f"Most promising concurrent groups (of {len(report.groups)}; "
-                       "lowest KL per saved step first)")
+                       f"lowest {'KL' if exact else 'local error'} per saved step first)")
         groups.add_column("layers")
         groups.add_column("size", justify="right")
-        groups.add_column("KL(orig‖grouped)", justify="right")
-        groups.add_column("KL / saved step", justify="right")
-        groups.add_column("Δ loss", justify="right")
+        groups.add_column(what, justify="right")
+        groups.add_column("per saved step", justify="right")
+        if exact:
+            groups.add_column("Δ loss", justify="right")
         groups.add_column("mean cos", justify="right")
         for row in report.groups[:top]:
-            groups.add_row(f"{row['layers'][0]}-{row['layers'][-1]}", str(row["size"]),
-                           f"{row['kl']:.4f}", f"{row['kl_per_saved_step']:.4f}",
-                           f"{row['delta_loss']:+.4f}", f"{row['mean_similarity']:.4f}")
+            cost = row.get("cost", row["kl"])  # a version-1 report has kl only
+            cells = [f"{row['layers'][0]}-{row['layers'][-1]}", str(row["size"]), f"{cost:.4f}",
+                     f"{cost / (row['size'] - 1):.4f}"]
+            if exact:
+                cells.append(f"{row['delta_loss']:+.4f}")
+            groups.add_row(*cells, f"{row['mean_similarity']:.4f}")
         console.print(groups)
 
 

@@ -105,10 +105,12 @@ def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, 
     measured.sort(key=lambda pair: pair[0])
     kl, best = measured[0]
     details = {
-        "candidates": [{"groups": p.spec(), "predicted_kl_sum": p.cost, "measured_kl": k,
+        # predicted_cost_sum: the summed group costs of the report's sensitivity_measure
+        "candidates": [{"groups": p.spec(), "predicted_cost_sum": p.cost, "measured_kl": k,
                         "steps": p.num_steps} for k, p in measured],
         "measured_kl": kl,
         "sensitivity_source": str(opts.report) if opts.report else "computed",
+        "sensitivity_measure": report.sensitivity_measure,
     }
     return best.groups(), details
 

@@ -28,6 +28,7 @@ class Schema:
     version: int  # the version this cqil writes and reads
     what: str  # what a user calls it, e.g. "a `cqil analyze --json` report"
     remedy: str  # how to get a current one, e.g. "run `cqil analyze` again"
+    oldest: int | None = None  # the oldest version this cqil still reads (None: only `version`)
 
     @property
     def tag(self) -> str:
@@ -42,7 +43,7 @@ class Schema:
         if match is None or match["name"] != self.name:
             raise CqilError(f"{source}: not {self.what} (schema {tag!r}, expected {self.tag})")
         version = int(match["version"])
-        if version < self.version:
+        if version < (self.oldest or self.version):
             raise CqilError(f"{source}: written by an older cqil (schema {tag}; this cqil reads "
                             f"{self.tag}): {self.remedy}")
         if version > self.version:
