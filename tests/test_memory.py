@@ -113,3 +113,26 @@ def test_save_load_round_trip_of_packed_weights(tmp_path):
     assert all(torch.equal(state[k], loaded_state[k]) for k in state)
     assert torch.equal(_logits(loaded, "fused", ids, mask), expected)
     assert _storage_bytes(loaded) == _parameter_bytes(loaded)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma2-softcap"])
+def test_building_beside_the_base_shares_or_consumes_it(kind):
+    """share_outside_layers: embedding, head and final norm are the base's own parameters;
+    consume: the base's tensors are freed as they are copied. Both give the same model."""
+    import copy
+
+    base = tiny_model(kind)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = build_cqil_model(base, "1-2", 1)(ids, attention_mask=mask).logits
+        shared = build_cqil_model(base, "1-2", 1, share_outside_layers=True)
+        assert shared.model.embed_tokens.weight is base.model.embed_tokens.weight
+        assert shared.model.norm.weight is base.model.norm.weight
+        assert rel(shared(ids, attention_mask=mask).logits, want) == 0
+        doomed = copy.deepcopy(base)
+        consumed = build_cqil_model(doomed, "1-2", 1, consume=True)
+        assert all(p.numel() == 0 for p in doomed.parameters())
+        assert rel(consumed(ids, attention_mask=mask).logits, want) == 0
+        real = mask.bool()  # the base still works after a shared build (padding: don't-care)
+        assert rel(base(ids, attention_mask=mask).logits[real],
+                   build_cqil_model(base, None, 0)(ids, attention_mask=mask).logits[real]) < 1e-5

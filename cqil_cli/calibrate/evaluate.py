@@ -62,7 +62,7 @@ def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: 
     groups: a grouping as build_cqil_model takes it (lists of layers or a spec string); bypass: its bypass
     distance. The grouped model is built here (untuned: γ = β = 1) and dropped afterwards.
     """
-    model = build_cqil_model(base_model, groups, bypass)
+    model = build_cqil_model(base_model, groups, bypass, share_outside_layers=True)
     device = next(base_model.parameters()).device
     total, count = 0.0, 0
     for batch in ids.split(batch_size):

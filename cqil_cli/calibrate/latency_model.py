@@ -95,14 +95,15 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
         variants[s] = [[i] for i in range(first)] + \
             [list(range(first + j * s, first + (j + 1) * s)) for j in range(k)] + \
             [[i] for i in range(first + k * s, n)]
-    # One converted copy at a time beside the base model (each is a full copy of the weights:
-    # the fused layout is the stored one), rebuilt every repeat so that the variants are still
+    # One converted copy of the layers at a time beside the base model (the embedding, head and
+    # final norm are the base's own; the layers are copied: the fused layout is the stored
+    # one), rebuilt every repeat so that the variants are still
     # interleaved and drift hits them alike. A build is a copy, cheap next to a timed run.
     totals: dict[int, list[float]] = {s: [] for s in variants}
     outside = None
     for _ in range(repeats):
         for s, groups in variants.items():
-            model = build_cqil_model(base_model, groups, 0)
+            model = build_cqil_model(base_model, groups, 0, share_outside_layers=True)
             totals[s].append(decode_ms(model, prompt, new_tokens, 1))
             if outside is None:
                 outside = _outside_ms(model, prompt)

@@ -184,7 +184,8 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
     original = quality_of(base)
 
     if opts.strategy == "cqil":
-        model = build_cqil_model(base, steps, opts.bypass)
+        # consume: each base tensor is freed once copied, so the two are never both whole
+        model = build_cqil_model(base, steps, opts.bypass, consume=True)
         loaded.model = None  # the teacher is the converted model's own weights, run in sequence
         grouped = any(len(g) > 1 for g in steps)
         return Conversion(
@@ -201,7 +202,7 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
     runs_lora = len(kept) < n and opts.lora_rank > 0
     shorter = len(kept) < n  # something to reconstruct
     if opts.strategy == "skip":
-        model = build_cqil_model(base, None, 0, skip_layers=removed)
+        model = build_cqil_model(base, None, 0, skip_layers=removed, consume=True)
         loaded.model = None  # the teacher: the same weights through every layer, LoRA off
         lora_layers = [kept[i] for i in lora_on_kept]
         return Conversion(

@@ -20,6 +20,7 @@ import torch
 from ..core.files import staged_folder
 from .configuration_cqil import FULL, SLIDING, SUPPORTED_BASE_TYPES, CqilConfig, check_groups
 from .families_cqil import make_rotary
+from .fused_cqil import file_mappings, release_file_pages
 from .modeling_cqil import CqilForCausalLM
 
 RUNTIME_DIR = Path(__file__).parent
@@ -78,8 +79,12 @@ def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
     return check_groups(steps, num_layers)
 
 
+SHARABLE = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")  # outside layers
+
+
 def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
-                   skip_layers: list[int] | None = None) -> CqilForCausalLM:
+                     skip_layers: list[int] | None = None, share_outside_layers: bool = False,
+                     consume: bool = False) -> CqilForCausalLM:
     """Build a CqilForCausalLM from a loaded transformers causal LM of SUPPORTED_BASE_TYPES
     (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3: tensor names as the base's,
     Phi-3's fused qkv_proj / gate_up_proj included).
@@ -87,6 +92,12 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
     Every base tensor is copied (names and shapes checked); the new bypass weights (gamma, beta)
     start at 1. skip_layers: layers only the prompt runs through (Unified Layer Skipping).
     The result has the base model's dtype and device and is in eval mode.
+
+    Memory, for callers that hold the base model too: share_outside_layers makes the embedding,
+    the head and the final norm the base's own parameters instead of copies (a short-lived
+    model beside its base: a 1B model's tied embedding is a fifth of its weights); consume
+    frees each base tensor once copied, so that base and result are never both whole (the base
+    model is unusable afterwards).
     """
     config = getattr(base_model, "config", None)
     kind = getattr(config, "model_type", None)
@@ -105,8 +116,8 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
     # Build on the meta device (no random init), then fill every tensor explicitly.
     with torch.device("meta"):
         model = CqilForCausalLM(cfg)
+    model.to(dtype)  # still on meta: free, and the allocation below is already in `dtype`
     model.to_empty(device=device)
-    model.to(dtype)
     source = base_model.state_dict()
     target = model.state_dict()
     new_keys = {k for k in target if k.rsplit(".", 1)[-1] in ("cqil_gamma", "cqil_beta")}
@@ -121,12 +132,27 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
             f"{type(base_model).__name__} tensors do not match the cqil layout: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    shared = {n for n in SHARABLE if n in expected} if share_outside_layers else set()
+    base_params = dict(base_model.named_parameters(remove_duplicate=False)) if consume else {}
+    mappings = file_mappings() if consume else []
     with torch.no_grad():
         for name in sorted(expected):
-            src, dst = source[name], target[name]
+            src, dst = source.pop(name), target[name]  # popped: consume frees it below
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{name}: shape {tuple(src.shape)} in the base model, cqil expects {tuple(dst.shape)}")
+            if name in shared:
+                continue
             dst.copy_(src)
+            del src
+            if name in base_params:  # consume: the base's tensor, and its file pages, go now
+                param = base_params[name]
+                old, param.data = param.data, torch.empty(0, dtype=dst.dtype, device=dst.device)
+                release_file_pages(old, mappings)
+                del old
+        for name in shared:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr,
+                    base_model.get_submodule(module_name).get_parameter(attr))
         for name in new_keys:
             target[name].fill_(1.0)
         # Non-persistent buffers (RoPE inverse frequencies) are computed, not loaded.

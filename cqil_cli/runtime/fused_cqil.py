@@ -84,19 +84,19 @@ def pack_members(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
             shape = (len(blocks), d_in, rows) if in_out else (len(blocks), rows, d_in)
             buf = torch.empty(shape, dtype=first.dtype, device=first.device)
             rows_view = buf.transpose(1, 2) if in_out else buf
-            mappings = _file_mappings()
+            mappings = file_mappings()
             for j, params in enumerate(blocks):
                 r = 0
                 for p in params:
                     view = rows_view[j, r: r + p.shape[0]]
                     view.copy_(p)
                     old, p.data = p.data, view
-                    _release_file_pages(old, mappings)
+                    release_file_pages(old, mappings)
                     r += p.shape[0]
     return rows_view.transpose(1, 2)
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process's file mappings (Linux; [] elsewhere)."""
     ranges = []
     try:
@@ -111,7 +111,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def _release_file_pages(old: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+def release_file_pages(old: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
     """Drop the resident pages of a weight that was just copied out of a memory-mapped file.
 
     transformers loads safetensors as views of a file mapping; the pages read count in the
