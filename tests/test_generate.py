@@ -1,6 +1,6 @@
 """`cqil generate` (cqil_cli/generate, cqil_cli/cli/generate.py): greedy tokens on one device
-against transformers' generate(), on W = 2 local ranks against one device, the JSON document,
-a world size the model cannot use, and a rank that dies mid-run.
+against transformers' generate(), on W = 2 local ranks against one device (Llama and Gemma 2),
+the JSON document, a world size the model cannot use, and a rank that dies mid-run.
 
 Each --devices 2 run starts two fresh interpreters (seconds each), so there are few of them.
 """
@@ -60,21 +60,37 @@ def reference_tokens(folder: Path) -> list[list[int]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def converted_folder(tmp_path_factory, llama_folder) -> Path:
-    """The tiny Llama converted with groups 1-2, 3-4 (bypass 1, random bypass weights)."""
+def convert_with_pairs(base: Path, out: Path) -> Path:
+    """base converted with groups 1-2, 3-4 (bypass 1, random bypass weights), saved to out."""
     from cqil_cli.inputs.models import load_model
     from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
 
-    loaded = load_model(str(llama_folder))
+    loaded = load_model(str(base))
     model = build_cqil_model(loaded.model, "1-2,3-4", 1)
     randomise_bypass(model)
-    return save_converted(model, loaded.tokenizer, tmp_path_factory.mktemp("conv") / "cqil")
+    return save_converted(model, loaded.tokenizer, out)
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory, llama_folder) -> Path:
+    """The tiny Llama converted with groups 1-2, 3-4 (bypass 1, random bypass weights)."""
+    return convert_with_pairs(llama_folder, tmp_path_factory.mktemp("conv") / "cqil")
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Gemma 2 (post-norms, attention and final soft-caps, alternating sliding and
+    global layers, tied embeddings) converted with groups 1-2, 3-4."""
+    from tiny_models import save_tiny
+
+    plain = save_tiny("gemma2-softcap", tmp_path_factory.mktemp("gemma2"),
+                      tokenizer_dir=tokenizer_dir)
+    return convert_with_pairs(plain, tmp_path_factory.mktemp("gemma2-conv") / "cqil")
 
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny GPT-2: not Llama-family, so it runs on transformers' generate()."""
+    """A tiny GPT-2: no family cqil runs, so it runs on transformers' generate()."""
     from tiny_models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -197,7 +213,29 @@ def test_unusable_world_size_is_one_line(cqil, llama_folder, converted_folder, w
 
 def test_other_model_cannot_use_ranks(cqil, gpt2_folder):
     result = cqil("generate", gpt2_folder, "--prompt", "hi", "--devices", "2", "--device", "cpu")
-    assert_clean_error(result, "Llama family")
+    assert_clean_error(result, "--devices runs the families llama, mistral, qwen2, qwen3, gemma2, "
+                       "gemma3_text, phi3", "'gpt2'")
+
+
+def test_gemma_on_two_ranks_equals_one_device_reading_their_slices(cqil, gemma_folder, tmp_path):
+    """A converted Gemma 2 through --devices 2 (single layers tensor-parallel, each post-norm
+    after its all-reduce; pairs on lanes of one rank) gives the tokens of one device, each
+    rank reading only its slices. (Every family on 2 and 4 ranks: tests/test_distributed.py;
+    `cqil bench --devices` shares this loading: inputs/ranks.py.)"""
+    from cqil_cli.runtime.configuration_cqil import CqilConfig
+    from cqil_cli.runtime.distributed_cqil import plan_layout, shard_nbytes
+
+    folder = gemma_folder
+    single = generate_json(cqil, folder, tmp_path, name="one.json")
+    two = generate_json(cqil, folder, tmp_path, "--devices", "2", "--device", "cpu",
+                        name="two.json")
+    assert two["engine"] == "cqil-distributed" and two["tokens"] == single["tokens"]
+    config = CqilConfig.from_pretrained(folder)
+    assert config.base_model_type == "gemma2" and config.post_norms
+    layout = plan_layout(config, 2)
+    assert [r["bytes"] for r in two["ranks"]] == [shard_nbytes(config, layout, r, torch.float32)
+                                                  for r in (0, 1)]
+    assert all(0 < r["bytes"] < checkpoint_bytes(folder) for r in two["ranks"])
 
 
 def _processes_with(marker: str) -> list[int]:

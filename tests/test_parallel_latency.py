@@ -217,3 +217,91 @@ def test_probe_depths_span_the_model_in_multiples_of_every_group_size():
     for n, m in [(7, 1), (32, 4), (30, 4), (80, 8)]:
         short, deep = probe_depths(n, m)
         assert short % m == 0 and deep % m == 0 and deep >= max(n, 3 * m) and deep > short >= m
+
+
+# ----------------------------------------------------------------------------- the engine's calls
+
+
+class CountingCollectives:
+    """runtime/distributed_cqil.py's Collectives in one process: records every call as the
+    alpha-beta model writes it, (kind, ranks, bytes; per rank for an all-gather), and returns
+    tensors of the right shapes (every rank's part taken to be this rank's)."""
+
+    calls: list = []  # the instance the engine made (one engine per test)
+
+    def __init__(self, rank, world_size, lane_sizes=(), native=None):
+        self.world_size = world_size
+        CountingCollectives.calls = self.calls = []
+
+    def all_gather(self, t, lane_size=None):
+        n = lane_size or self.world_size
+        self.calls.append((ALL_GATHER, n, t.numel() * t.element_size()))
+        return t[None].expand(n, *t.shape).clone()  # [n, *t.shape]
+
+    def all_reduce(self, t, lane_size=None):
+        self.calls.append((ALL_REDUCE, lane_size or self.world_size,
+                           t.numel() * t.element_size()))
+        return t
+
+
+def engine_calls_per_token(kind: str, groups: str, bypass: int, world: int, monkeypatch):
+    """(the collectives rank 0 of the distributed engine calls for one decode token of a tiny
+    `kind` model, 4 kv heads, converted with `groups`; its CqilConfig)."""
+    import torch
+    from tiny_models import tiny_model
+
+    from cqil_cli.runtime import distributed_cqil
+    from cqil_cli.runtime.checkpoint import build_cqil_model
+
+    model = build_cqil_model(tiny_model(kind, num_key_value_heads=4), groups, bypass)
+    with monkeypatch.context() as patch:  # a process group of `world` ranks, in name only
+        patch.setattr(distributed_cqil, "Collectives", CountingCollectives)
+        patch.setattr(distributed_cqil.dist, "is_initialized", lambda: True)
+        patch.setattr(distributed_cqil.dist, "get_world_size", lambda group=None: world)
+        engine = distributed_cqil.DistributedCqil.from_model(model, rank=0, world_size=world)
+    engine.forward(torch.tensor([[5]]))  # one token [B=1, T=1]
+    return CountingCollectives.calls, model.config
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma2-softcap"])
+@pytest.mark.parametrize("groups", ["1-2,3-4", "0-3"])  # lanes of 2 ranks; lanes of 1
+@pytest.mark.parametrize("bypass", [0, 1])
+def test_the_contract_is_what_the_engine_calls(kind, groups, bypass, monkeypatch):
+    """Per token, the collectives the model counts (their kinds, ranks, bytes and order) are
+    the ones the engine calls, for a family with post-norms (Gemma 2) and without (Llama)."""
+    calls, config = engine_calls_per_token(kind, groups, bypass, 4, monkeypatch)
+    model = ParallelLatencyModel(config.hidden_size, config.vocab_size, 4,
+                                 ComputeCost({}, {}), {}, post_norms=config.post_norms)
+    embedding, head = model.outside_collectives(4)
+    steps = [c for g in config.groups for c in model.step_collectives(len(g), bypass, 4)]
+    assert calls == [embedding, *steps, head]
+
+
+def test_post_norm_groups_on_lanes_of_several_ranks_pay_two_lane_all_reduces_more():
+    """Gemma's post-norms (DistributedCqil._post_norm_step): a group on lanes of t > 1 ranks
+    sums each member's attention and MLP outputs inside its lane before their norms: 3
+    collectives per group at D = 0 and 4 at D > 0, against 2 and 2 for the Llama family; single
+    layers and groups on lanes of one rank cost the same."""
+    from tiny_models import tiny_model
+
+    from cqil_cli.runtime.checkpoint import build_cqil_model
+
+    counts = {}
+    for kind in ("llama-gqa", "gemma2-softcap"):
+        config = build_cqil_model(tiny_model(kind), "none", 0).config
+        model = make_model()
+        model.post_norms = config.post_norms
+        counts[kind] = {(p, d): len(model.step_collectives(p, d, 8))
+                        for p in (1, 2, 8) for d in (0, 1)}
+    assert counts["llama-gqa"] == {(1, 0): 2, (1, 1): 2, (2, 0): 2, (2, 1): 2, (8, 0): 1,
+                                   (8, 1): 2}
+    assert counts["gemma2-softcap"] == {**counts["llama-gqa"], (2, 0): 3, (2, 1): 4}
+    gemma = make_model()
+    gemma.post_norms = True
+    lane = (ALL_REDUCE, 4, ACT)  # pairs on 8 ranks: lanes of 4
+    assert gemma.step_collectives(2, 1, 8) == [lane, (ALL_GATHER, 8, ACT), lane,
+                                               (ALL_REDUCE, 8, ACT)]
+    groups = [[0], [1, 2], [3, 4]]
+    assert gemma.predict_token_s(groups, 0, 8).seconds > make_model().predict_token_s(
+        groups, 0, 8).seconds
+    assert ParallelLatencyModel.from_json(json.loads(json.dumps(gemma.to_json()))) == gemma

@@ -1,6 +1,7 @@
 """The manifest's `placement` (cqil_cli/convert/export.py, docs/convert.md): for the cqil strategy
-exactly the distributed engine's layout (plan_layout) with each rank's shard bytes; refused world
-sizes recorded, not raised; skip and prune on one rank."""
+exactly the distributed engine's layout (plan_layout) with each rank's shard bytes, for every
+family (Llama's, Gemma 2, Gemma 3, Phi-3); refused world sizes recorded, not raised; skip and
+prune on one rank."""
 
 from __future__ import annotations
 
@@ -30,14 +31,20 @@ def shard_bytes(shard) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-@pytest.mark.parametrize("kind, groups, world", [
-    ("llama-gqa", "0-1,2-3", 2),  # tied head; groups on lanes of one, layer 4 split
-    ("llama-bias", "0-1,2-3", 4),  # untied, biases; lanes of 2, layer 4 over 4 ranks
-    ("llama-bias", "0-3", 4),  # a group of 4: each member whole on one rank
-    ("qwen2-bias", "none", 2),  # the original, tensor-parallel
+KV4 = {"num_key_value_heads": 4}
+
+
+@pytest.mark.parametrize("kind, groups, world, overrides", [
+    ("llama-gqa", "0-1,2-3", 2, {}),  # tied head; groups on lanes of one, layer 4 split
+    ("llama-bias", "0-1,2-3", 4, {}),  # untied, biases; lanes of 2, layer 4 over 4 ranks
+    ("llama-bias", "0-3", 4, {}),  # a group of 4: each member whole on one rank
+    ("qwen2-bias", "none", 2, {}),  # the original, tensor-parallel
+    ("gemma2-softcap", "0-1,2-3", 2, {}),  # four norms per layer, tied head
+    ("gemma3-local", "1-2,3-4,5-6", 4, KV4),  # q/k norms, untied head; lanes of 2
+    ("phi3-partial", "1-2,3-4", 2, {}),  # fused qkv_proj and gate_up_proj rows per rank
 ])
-def test_placement_is_the_engine_layout_with_shard_bytes(kind, groups, world):
-    model = converted(kind, groups)
+def test_placement_is_the_engine_layout_with_shard_bytes(kind, groups, world, overrides):
+    model = converted(kind, groups, **overrides)
     layout = plan_layout(model.config, world)
     got = placement(model, "cqil", world)
     assert got["world_size"] == world and len(got["ranks"]) == world
@@ -71,6 +78,7 @@ def test_every_layer_is_held_and_a_group_of_w_splits_nothing():
     ("mistral-one-kv", "none", 2, "1 kv heads"),  # one kv head cannot split over 2 ranks
     ("llama-gqa", "1-2", 4, "2 kv heads"),  # single layers over 4 ranks, 2 kv heads
     ("llama-gqa", "0-2", 2, "has 3 layers"),  # a group of 3 on 2 ranks
+    ("gemma3-local", "1-2", 2, "1 kv heads"),  # its single layers cannot split over 2 ranks
 ])
 def test_a_world_size_the_engine_refuses_is_recorded_not_raised(kind, groups, world, reason):
     got = placement(converted(kind, groups), "cqil", world)

@@ -1,8 +1,9 @@
 """What a bench run times: every model loaded once, one Entry per row of the report.
 
 Entries that name the same spec share one loaded model but are timed separately (so
-`MODEL --baseline MODEL` shows the noise floor); with --cqil-engine every plain Llama-family
-model (and the baseline) gets a twin entry on cqil's engine.
+`MODEL --baseline MODEL` shows the noise floor); with --cqil-engine every plain model of a
+family cqil runs (inputs/models.py: CQIL_FAMILIES), and the baseline, gets a twin entry on
+cqil's engine.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
         if options.cqil_engine and engine != "cqil":
             if not can_run_on_cqil(loaded):
                 raise CqilError(f"--cqil-engine: '{spec}' ({loaded.model_type}) cannot run on "
-                                "cqil's engine (Llama family only)")
+                                "cqil's engine (not a family it runs)")
             entries.append(entry(f"model[{i}]@cqil", spec, "model", "cqil", loaded,
                                  f"{label} (cqil engine)"))
     return BenchPlan(entries, baseline, engine_baseline, baseline_source)

@@ -10,6 +10,11 @@ The engine's work per generated token, batch B, hidden d, vocabulary V, e bytes 
                    D = 0, t > 1   1 all-reduce over the t ranks of a lane, of B·d·e
                    D = 0, t = 1   nothing
                  and 1 all-reduce over W of B·d·e
+                 post-norm families (Gemma: post_norms), t > 1: the member's attention output
+                 o_j and MLP output f_j are each summed inside the lane before their norms,
+                 2 all-reduces over t of B·d·e, with the all-gather (D > 0) between them and the
+                 lane all-reduce of D = 0 replaced: 3 collectives per group at D = 0, 4 at D > 0
+                 (DistributedCqil._post_norm_step); single layers and lanes of one as above
   head           final norm + vocab-parallel lm_head: head_s(W), then 1 all-gather over W, each
                  rank contributing B·⌈V/W⌉·e (full logits on every rank)
   W = 1          no collectives, lane size 1 everywhere
@@ -260,6 +265,7 @@ class ParallelLatencyModel:
     compute: ComputeCost
     collectives: dict[tuple[str, int], CollectiveCost]
     source: str = ""  # where the numbers come from, in words
+    post_norms: bool = False  # the model's CqilConfig.post_norms (Gemma): more lane all-reduces
 
     def collective_s(self, call: Call) -> float:
         kind, n, nbytes = call
@@ -273,7 +279,8 @@ class ParallelLatencyModel:
 
     def step_collectives(self, group_size: int, bypass_distance: int, world_size: int,
                          batch: int = 1) -> list[Call]:
-        """The collectives of one step: a single layer (group_size 1) or a group of P."""
+        """The collectives of one step: a single layer (group_size 1) or a group of P, in the
+        engine's order (runtime/distributed_cqil.py: DistributedCqil._step, _post_norm_step)."""
         _check_step(group_size, world_size)
         if world_size == 1:
             return []
@@ -281,12 +288,14 @@ class ParallelLatencyModel:
         W, lane = world_size, world_size // group_size
         if group_size == 1:
             return [(ALL_REDUCE, W, activation)] * 2
-        calls: list[Call] = []
-        if bypass_distance > 0:
-            calls.append((ALL_GATHER, W, activation))
-        elif lane > 1:
-            calls.append((ALL_REDUCE, lane, activation))
-        return calls + [(ALL_REDUCE, W, activation)]
+        final = (ALL_REDUCE, W, activation)  # Σ over all ranks of γ_j ⊙ (a_j + m_j)
+        in_lane = (ALL_REDUCE, lane, activation)
+        gather = [(ALL_GATHER, W, activation)] if bypass_distance > 0 else []  # every a_k
+        if self.post_norms and lane > 1:  # o_j, then f_j, whole inside the lane before its norm
+            return [in_lane, *gather, in_lane, final]
+        if bypass_distance == 0 and lane > 1:  # the own a_j, whole inside the lane
+            return [in_lane, final]
+        return [*gather, final]
 
     def outside_collectives(self, world_size: int, batch: int = 1) -> list[Call]:
         """The embedding's all-reduce and the head's all-gather of the logits."""
@@ -365,6 +374,7 @@ class ParallelLatencyModel:
         c = self.compute
         return {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "element_bytes": self.element_bytes, "source": self.source,
+                "post_norms": self.post_norms,
                 "compute": {"layer_s": {str(t): s for t, s in sorted(c.layer_s.items())},
                             "head_s": {str(w): s for w, s in sorted(c.head_s.items())},
                             "embed_s": c.embed_s, "overhead_s": c.overhead_s},
@@ -381,7 +391,7 @@ class ParallelLatencyModel:
                                     float(x["beta_s_per_byte"])) for x in data["collectives"]]
             return cls(int(data["hidden_size"]), int(data["vocab_size"]),
                        float(data["element_bytes"]), compute, collectives_by_key(costs),
-                       str(data.get("source", "")))
+                       str(data.get("source", "")), bool(data.get("post_norms", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CqilError(f"{source}: not a parallel latency model ({exc!r})") from exc
 

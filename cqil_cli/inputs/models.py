@@ -27,8 +27,9 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # Every base model_type cqil converts and runs (runtime/configuration_cqil.py's
 # SUPPORTED_BASE_TYPES): the Llama family, Gemma 2, Gemma 3 (text) and Phi-3.
 CQIL_FAMILIES = (*LLAMA_FAMILY, "gemma2", "gemma3_text", "phi3")
-# What the distributed engine (runtime/distributed_cqil.py) shards today.
-DISTRIBUTED_FAMILIES = LLAMA_FAMILY
+# What the distributed engine (runtime/distributed_cqil.py, sharding_cqil.py) shards: every
+# family cqil runs.
+DISTRIBUTED_FAMILIES = CQIL_FAMILIES
 
 
 def runs_on_cqil_engine(model_type: str | None) -> bool:

@@ -45,8 +45,8 @@ def require_rank_model(model_type: str | None, spec: str,
     if not runs_on_distributed_engine(model_type, base_model_type):
         what = f"converted from '{base_model_type}'" if model_type == "cqil" else \
             f"'{model_type}'"
-        raise CqilError(f"--devices runs the Llama family ({', '.join(DISTRIBUTED_FAMILIES)}) "
-                        f"and folders converted from it; '{spec}' is {what}")
+        raise CqilError(f"--devices runs the families {', '.join(DISTRIBUTED_FAMILIES)} and "
+                        f"folders converted from them; '{spec}' is {what}")
 
 
 def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> str | None:
@@ -152,8 +152,9 @@ def safetensors_weight_bytes(folder: Path) -> int:
 
 def _folder_config_and_stops(folder: Path, kind: str, trust_remote_code: bool):
     """(CqilConfig, stop ids) from the folder's config files, without its weights. A plain
-    Llama-family folder becomes every layer its own step; its tensor names are the ones a
-    converted checkpoint uses, so the same reader serves both."""
+    folder of a family the distributed engine runs (DISTRIBUTED_FAMILIES) becomes every layer
+    its own step; its tensor names are the ones a converted checkpoint uses, so the same reader
+    serves both."""
     from transformers import AutoConfig, GenerationConfig
 
     from ..runtime.configuration_cqil import CqilConfig
