@@ -255,6 +255,56 @@ def test_convert_keeps_a_stage_only_if_it_helps(monkeypatch):
     assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_end_to_end_stage_whose_merge_loses_is_undone_bit_for_bit(dtype):
+    """The e2e stage is judged again after merging its adapters (merging rounds every weight it
+    touches): a merge that loses the gain is undone from the on-disk backup, exactly."""
+    from cqil_cli.calibrate.tuning import LoRALinear, ParameterBackup, tune_groups
+    from cqil_cli.convert import pipeline
+
+    base = tiny_models.tiny_model("llama-gqa", seed=0).to(dtype)
+    model = build_cqil_model(base, [[0], [1, 2], [3, 4]], 1)
+    ids = windows()
+    before = state(model)
+
+    class Scorer:  # unmerged adapters look better (9), the merged weights worse (11)
+        ood_ids = None
+
+        def held_out(self, m):
+            if any(isinstance(x, LoRALinear) for x in m.modules()):
+                return 9.0
+            same = all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+            return 10.0 if same else 11.0
+
+        def out_of_domain(self, m):
+            return self.held_out(m)
+
+        def __call__(self, m):
+            return self.held_out(m), self.out_of_domain(m)
+
+    conversion = pipeline.Conversion(
+        model, [[0], [1, 2], [3, 4]], {}, plain=False, blocks=None,
+        tune=lambda tune, on_step, originals=(): tune_groups(model, ids, tune, on_step=on_step,
+                                                             originals=originals))
+    opts = pipeline.ConvertOptions(out=Path("unused"), tune_stages="e2e", tune_steps=2,
+                                   lora_rank=2)
+    tuned, record = pipeline._tune_stages(conversion, opts, (10.0, 10.0), Scorer(), ids,
+                                          pipeline.Callbacks())
+    (stage,) = record["stages"]
+    assert stage["name"] == "e2e" and not stage["kept"] and stage["ppl"] == 11.0
+    assert tuned == (10.0, 10.0)
+    assert not any(isinstance(x, LoRALinear) for x in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    weight = model.model.layers[1].self_attn.q_proj.weight
+    backup = ParameterBackup([weight])
+    with torch.no_grad():
+        weight.add_(1.0)
+    backup.restore()
+    backup.close()
+    assert torch.equal(weight, before["model.layers.1.self_attn.q_proj.weight"])
+
+
 @pytest.mark.parametrize("stages, message", [("e2e,local", "in that order"),
                                              ("local,local", "in that order"),
                                              ("fast", "--tune-stages"), ("", "--tune-stages")])

@@ -73,8 +73,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        delta = (self.lora_b @ self.lora_a) * self.scale  # [out, in]
-        self.base.weight += delta.to(self.base.weight.dtype)
+        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale  # [out, in] fp32
+        weight = self.base.weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))  # one rounding, in place
         return self.base
 
 
@@ -342,6 +343,39 @@ def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: T
     return _tune(model, [], lora_layers, calib_ids, options, on_step, kl_of_batch)
 
 
+def lora_base_weights(model) -> list[nn.Parameter]:
+    """The weights that detach_lora(merge=True) would change: each adapter's base weight."""
+    return [m.base.weight for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+class ParameterBackup:
+    """Bit-exact copies of parameters in a temporary file, put back by restore(): the undo of a
+    LoRA merge, which rounds (in bf16 enough to lose a small gain) and cannot be subtracted
+    back exactly, without holding a second copy of the weights in memory. The file is written
+    one tensor at a time and deleted by close()."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        import tempfile
+
+        self.params = params
+        self.file = tempfile.TemporaryFile(prefix="cqil-undo-")
+        with torch.no_grad():
+            for p in params:
+                raw = p.detach().to("cpu", copy=False).contiguous().view(-1).view(torch.uint8)
+                self.file.write(raw.numpy().tobytes())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.file.seek(0)
+        for p in self.params:
+            data = bytearray(self.file.read(p.numel() * p.element_size()))
+            value = torch.frombuffer(data, dtype=torch.uint8).view(p.dtype).view(p.shape)
+            p.copy_(value)  # into the parameter's own (possibly re-laid-out) storage
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def snapshot_bypass(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in bypass_parameters(model)]
 
@@ -352,6 +386,7 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
         p.copy_(value)
 
 
-__all__ = ["TuneOptions", "TuneResult", "detach_lora", "restore_bypass", "snapshot_bypass",
+__all__ = ["ParameterBackup", "TuneOptions", "TuneResult", "detach_lora", "lora_base_weights",
+           "restore_bypass", "snapshot_bypass",
            "teacher_and_student", "tune_from_teacher", "tune_groups", "tune_skip",
            "weights_swapped"]

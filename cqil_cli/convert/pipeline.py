@@ -324,8 +324,18 @@ def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, cali
 def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer, cb: Callbacks,
                originals=()) -> tuple[dict, tuple, object]:
     """The end-to-end KL stage (calibrate/tuning.py); keep only if held-out perplexity improves
-    on `best`, else restore the weights exactly (bypass weights restored, LoRA dropped)."""
-    from ..calibrate.tuning import detach_lora, restore_bypass, snapshot_bypass
+    on `best`, else restore the weights exactly (bypass weights restored, LoRA dropped).
+
+    Judged twice: with the adapters unmerged (a loss there drops them, no merge needed), then
+    merged as they will be written, since merging rounds every weight it touches (in bf16 this
+    can undo a small gain); a merge that lost is undone bit for bit from a backup on disk."""
+    from ..calibrate.tuning import (
+        ParameterBackup,
+        detach_lora,
+        lora_base_weights,
+        restore_bypass,
+        snapshot_bypass,
+    )
 
     model = conversion.model
     on_cqil_runtime = hasattr(model, "set_engine")  # a CqilForCausalLM (cqil, skip)
@@ -339,10 +349,20 @@ def _e2e_stage(conversion: Conversion, tune, best, quality_of: Scorer, cb: Callb
     if not keep:  # recorded, then undone
         quality = (held_out, quality_of.out_of_domain(model))
         restore_bypass(model, saved)
-    detach_lora(model, merge=keep)
+        detach_lora(model, merge=False)
+    else:
+        backup = ParameterBackup(lora_base_weights(model))
+        try:
+            detach_lora(model, merge=True)
+            _settle(model)
+            quality = quality_of(model)  # what is written is what is measured
+            keep = quality[0] < best[0]
+            if not keep:  # the merge rounded the gain away
+                backup.restore()
+                restore_bypass(model, saved)
+        finally:
+            backup.close()
     _settle(model)
-    if keep:
-        quality = quality_of(model)  # what is written is what is measured
     stage = _stage_record("e2e", result.steps, result.seconds,
                           result.losses[0] if result.losses else None,
                           result.losses[-1] if result.losses else None, quality, keep)
