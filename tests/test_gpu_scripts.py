@@ -128,7 +128,7 @@ def test_gpu_checks_pass_on_the_cpu(tmp_path, capsys):
 def test_gpu_checks_fail_loudly(monkeypatch, capsys):
     """A check over its limit, or a family that raises, fails the run (exit 1) and the other
     checks still run and print."""
-    monkeypatch.setattr(gpu_checks, "distributed_checks", lambda device, notes: [])
+    monkeypatch.setattr(gpu_checks, "distributed_checks", lambda device, notes, families=None: [])
     monkeypatch.setitem(gpu_checks.LIMITS, torch.float32, 0.0)  # fp32 engines never agree to 0
     real = gpu_checks.family_checks
 

@@ -20,6 +20,6 @@ Engines
                 `generate()` (dynamic cache), greedy, exactly --new-tokens tokens
   cqil          a converted folder (model_type "cqil"), run on cqil's fast path
                 (fastgen.FastGenerator: static KV cache, fused groups); with --cqil-engine a
-                plain Llama-family checkpoint also runs there, converted with every layer its
+                plain checkpoint of a family cqil converts also runs there, converted with every layer its
                 own step, so the gain of the engine and the gain of the grouping separate
 """

@@ -5,7 +5,7 @@ Each model runs in its own launch of W local processes (core/launch.py), one aft
 that each rank's peak resident memory is that model's alone. Every rank reads only its slices
 (inputs/ranks.py: load_rank_part), runs `warmup` untimed generations of the same prompt, then
 `repeats` timed ones; every forward call is timed (the first of a generation is the prefill,
-each later one a decode step). A plain Llama-family checkpoint runs as the original under
+each later one a decode step). A plain checkpoint of a family cqil converts runs as the original under
 tensor parallelism over all W ranks: the baseline a user of W devices compares with.
 """
 

@@ -105,7 +105,7 @@ def probe_rank(request: ProbeRequest) -> dict | None:
                 _collective_costs(config, W, lanes, collectives, request, device, dtype))
             model = ParallelLatencyModel(config.hidden_size, config.vocab_size, element,
                                          ComputeCost(isolated, {W: head_s}, embed_s, overhead_s),
-                                         costs)
+                                         costs, post_norms=bool(config.post_norms))
             in_run = _compute_in_the_engine(config, W, rank, lanes, model, collectives, request,
                                             device, dtype)
         if rank != 0:

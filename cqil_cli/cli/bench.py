@@ -54,8 +54,9 @@ DEFAULTS = BenchOptions()
 @click.option("--greedy-tokens", default=DEFAULTS.greedy_tokens, show_default=True, type=click.IntRange(min=1),
               help="Greedy tokens generated after each prompt (its length too).")
 @click.option("--cqil-engine", is_flag=True,
-              help="Also run plain Llama-family checkpoints (and the baseline) on cqil's "
-                   "engine, to separate the engine's gain from the grouping's.")
+              help="Also run plain checkpoints of the families cqil converts (and the "
+                   "baseline) on cqil's engine, to separate the engine's gain from the "
+                   "grouping's.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile cqil's decode step (warm-up then includes compilation).")
 @click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),

@@ -50,9 +50,9 @@ def generate(state: State, model, prompts, new_tokens, devices, do_sample, tempe
 
     \b
     Greedy by default; --do-sample draws (temperature, top-k, top-p, seed).
-    One device by default: cqil's engine for a converted folder or a Llama-family model,
-    transformers' generate() for any other. --devices W runs a converted or Llama-family
-    model on W local processes (gloo on CPU, NCCL with W GPUs), split as the grouping
+    One device by default: cqil's engine for a converted folder or a model of a family cqil
+    converts (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3), transformers' generate() for any
+    other. --devices W runs such a model or folder on W local processes (gloo on CPU, NCCL with W GPUs), split as the grouping
     allows; the tokens are those of one device. Under torchrun (several machines) each
     process is one rank. See docs/generate.md.
     """
