@@ -136,3 +136,15 @@ def test_building_beside_the_base_shares_or_consumes_it(kind):
         real = mask.bool()  # the base still works after a shared build (padding: don't-care)
         assert rel(base(ids, attention_mask=mask).logits[real],
                    build_cqil_model(base, None, 0)(ids, attention_mask=mask).logits[real]) < 1e-5
+
+
+def test_latency_variants_leave_the_base_as_it_was():
+    """measure_latency_model's variants share the base's embedding and head, which fast
+    generation re-lays out in place: the base gets its ordinary layout and values back."""
+    from cqil_cli.calibrate.latency_model import measure_latency_model
+
+    base = tiny_model("llama-gqa")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    measure_latency_model(base, 2, prompt_len=6, new_tokens=2, repeats=1)
+    assert all(p.is_contiguous() for p in base.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

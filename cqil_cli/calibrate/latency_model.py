@@ -73,6 +73,16 @@ def _outside_ms(model, prompt: torch.Tensor, repeats: int = 50) -> float:
     return statistics.median(times[3:]) * 1e3
 
 
+def _contiguous_again(base_model) -> None:
+    """Fast generation re-lays the head out in place (fp32 on CPU: runtime/fastgen.py), and a
+    variant's head is the base's own parameter: give it back its ordinary layout, which saving
+    (save_pretrained of a pruned copy) and every other user of the base expect."""
+    with torch.no_grad():
+        for p in base_model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+
+
 def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128,
                           new_tokens: int = 24, repeats: int = 3,
                           on_progress=None) -> LatencyModel:
@@ -108,6 +118,7 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
             if outside is None:
                 outside = _outside_ms(model, prompt)
             del model
+            _contiguous_again(base_model)
             if on_progress:
                 on_progress()
     total = {s: statistics.median(v) for s, v in totals.items()}
