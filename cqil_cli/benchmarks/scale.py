@@ -40,18 +40,18 @@ _LLAMA3_COMMON = dict(
     rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, bos_token_id=128000,
     eos_token_id=128001, vocab_size=128256, rope_theta=500000.0,
 )
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # 1B and 3B
 # From memory of the published config.json files (meta-llama/Llama-3.2-1B, -3B, Llama-3.1-8B).
 SHAPES = {
     "llama-3.2-1b": dict(
         _LLAMA3_COMMON, num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, intermediate_size=8192, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        rope_scaling=_LLAMA32_ROPE),
     "llama-3.2-3b": dict(
         _LLAMA3_COMMON, num_hidden_layers=28, hidden_size=3072, num_attention_heads=24,
         num_key_value_heads=8, head_dim=128, intermediate_size=8192, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        rope_scaling=_LLAMA32_ROPE),
     "llama-3.1-8b": dict(
         _LLAMA3_COMMON, num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, intermediate_size=14336, tie_word_embeddings=False,

@@ -83,8 +83,13 @@ class AnalyzeReport:
     def group_costs(self, max_group_size: int) -> dict[tuple[int, ...], float]:
         """The cost (sensitivity_measure) of each measured group of at most max_group_size
         layers, by its layer tuple; a version-1 report's rows have only `kl`."""
-        return {tuple(g["layers"]): float(g.get("cost", g["kl"])) for g in self.groups
+        return {tuple(g["layers"]): group_cost(g) for g in self.groups
                 if g["size"] <= max_group_size}
+
+
+def group_cost(row: dict) -> float:
+    """A report row's cost (its sensitivity_measure); a version-1 row has only `kl`."""
+    return float(row.get("cost", row["kl"]))
 
 
 def candidate_groups(num_layers: int, window: int) -> list[list[int]]:

@@ -41,6 +41,8 @@ def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> No
             f"({latency['prefill_outside_layers']:.1f} outside the layers); one decode step: "
             f"{latency['decode_total']:.2f} ms ({latency['decode_outside_layers']:.2f} outside)")
     if report.groups:
+        from ..calibrate.profile import group_cost
+
         exact = report.sensitivity_measure == "output_kl"
         what = "KL(orig‖grouped)" if exact else "local error"
         groups = Table(title=f"Most promising concurrent groups (of {len(report.groups)}; "
@@ -53,7 +55,7 @@ def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> No
             groups.add_column("Δ loss", justify="right")
         groups.add_column("mean cos", justify="right")
         for row in report.groups[:top]:
-            cost = row.get("cost", row["kl"])  # a version-1 report has kl only
+            cost = group_cost(row)
             cells = [f"{row['layers'][0]}-{row['layers'][-1]}", str(row["size"]), f"{cost:.4f}",
                      f"{cost / (row['size'] - 1):.4f}"]
             if exact:
