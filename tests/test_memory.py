@@ -148,3 +148,19 @@ def test_latency_variants_leave_the_base_as_it_was():
     measure_latency_model(base, 2, prompt_len=6, new_tokens=2, repeats=1)
     assert all(p.is_contiguous() for p in base.parameters())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_importing_cqil_first_puts_large_tensors_on_huge_pages_unless_told_not_to():
+    """cqil sets torch's THP_MEM_ALLOC_ENABLE before torch reads it, and keeps a user's value."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, cqil_cli; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "0"

@@ -74,6 +74,39 @@ def test_a_few_steps_lower_the_kl_on_the_calibration_batch():
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
+@pytest.mark.parametrize("family", sorted(GROUPINGS))
+def test_the_checkpointed_chunked_loss_has_the_gradient_of_the_plain_one(family):
+    """What tune_groups trains on (each step recomputed in the backward, the KL through the head
+    in chunks) has the loss and gradients of the plain KL of the two models' logits."""
+    from cqil_cli.calibrate.tuning import (
+        attach_lora,
+        bypass_parameters,
+        teacher_and_student_hidden,
+    )
+    from cqil_cli.core.metrics import mean_kl_of_hidden
+
+    model = build_cqil_model(tiny_models.tiny_model(family, seed=0), GROUPINGS[family], 1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grouped = [i for g in GROUPINGS[family] if len(g) > 1 for i in g]
+    adapters = attach_lora(model, grouped, 4)
+    trained = bypass_parameters(model) + [p for a in adapters for p in (a.lora_a, a.lora_b)]
+    with torch.no_grad():
+        for a in adapters:
+            a.lora_b.normal_()  # non-zero, so every adapter weight has a gradient
+    for p in trained:
+        p.requires_grad_(True)
+    ids = token_ids(model)
+    plain = mean_kl(*teacher_and_student(model, ids))
+    want = torch.autograd.grad(plain, trained)
+    teacher, student = teacher_and_student_hidden(model, ids, checkpointed=True)
+    loss = mean_kl_of_hidden(teacher, student, model.compute_logits)
+    got = torch.autograd.grad(loss, trained)
+    assert rel(loss, plain) < REL_TOL
+    for g, w in zip(got, want, strict=True):
+        assert rel(g, w) < REL_TOL
+
+
 def test_merging_keeps_the_tuned_model():
     model = build_cqil_model(tiny_models.tiny_model("llama-gqa", seed=0), GROUPINGS["llama-gqa"], 1)
     ids = token_ids(model)

@@ -8,11 +8,13 @@ perplexity before and after tuning) and by the benchmarks.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 
 from ..core.metrics import TokenMetrics, perplexity_of, summed_kl
 from ..runtime.checkpoint import build_cqil_model
+from ..runtime.families_cqil import softcap
 
 
 def prompt_kwargs(model, prompt_tokens: int) -> dict:
@@ -55,25 +57,37 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, prompt_tokens: int
     return perplexity_of(metrics.mean_nll)
 
 
+def head_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Final-normed hidden states [..., d] -> logits [..., V] of a cqil or a plain transformers
+    causal LM: lm_head, then the final soft-cap where the config has one (Gemma 2). With
+    model.model(...).last_hidden_state (after the final norm in both), the logits of forward()."""
+    if hasattr(model, "compute_logits"):
+        return model.compute_logits
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return lambda h: softcap(model.lm_head(h), cap)
+
+
 @torch.no_grad()
 def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean per-token KL(original ‖ grouped, untuned) on ids [n, L], over every position.
 
     groups: a grouping as build_cqil_model takes it (lists of layers or a spec string); bypass: its bypass
-    distance. The grouped model is built here (untuned: γ = β = 1) and dropped afterwards.
+    distance. The grouped model is built here (untuned: γ = β = 1) and dropped afterwards. The
+    two models' final hidden states [b, L, d] go through the (shared) head a chunk of positions
+    at a time (summed_kl's head): their [b, L, V] logits never exist whole.
     """
     model = build_cqil_model(base_model, groups, bypass, share_outside_layers=True)
     device = next(base_model.parameters()).device
     total, count = 0.0, 0
     for batch in ids.split(batch_size):
         batch = batch.to(device)  # [b, L]
-        reference = base_model(input_ids=batch, use_cache=False).logits  # [b, L, V]
-        grouped = model(input_ids=batch, use_cache=False).logits
-        total += summed_kl(reference, grouped)
+        reference = base_model.model(input_ids=batch, use_cache=False).last_hidden_state
+        grouped = model.model(input_ids=batch, use_cache=False).last_hidden_state
+        total += summed_kl(reference, grouped, head=head_of(model))
         count += batch.numel()
         del reference, grouped
     del model
     return total / count
 
 
-__all__ = ["grouping_kl", "last_logits", "perplexity", "prompt_kwargs"]
+__all__ = ["grouping_kl", "head_of", "last_logits", "perplexity", "prompt_kwargs"]

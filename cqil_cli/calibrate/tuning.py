@@ -4,8 +4,9 @@ tune_groups (cqil), on the runtime's own steps (CqilModel.prepare_steps / run_st
   teacher  the same weights run sequentially, every layer on its own input, LoRA off: the
            original model, with no second copy in memory;
   student  the grouped model (reference engine, differentiable), LoRA on;
-  loss     KL(teacher ‖ student) of the next-token distributions, mean per token
-           (core.metrics.mean_kl).
+  loss     KL(teacher ‖ student) of the next-token distributions, mean per token, from the
+           two models' final hidden states through the (frozen) head a chunk of positions at a
+           time (core.metrics.mean_kl_of_hidden): the [B, T, V] logits never exist whole.
   Trainable: the bypass weights (γ of every grouped layer, β of the bypass) and, with
   lora_rank > 0, LoRA adapters on the linear layers of the grouped layers.
   The steps before the first group are identical for teacher and student: they run once per
@@ -31,10 +32,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import CqilError
-from ..core.metrics import mean_kl
-from .evaluate import prompt_kwargs
+from ..core.metrics import mean_kl_of_hidden
+from .evaluate import head_of, prompt_kwargs
 from .options import TuneOptions
 
 # The linear modules of a decoder layer that LoRA may wrap, by their names in the base
@@ -178,29 +180,39 @@ def weights_swapped(originals: Originals):
             p.data = data
 
 
-def teacher_and_student(model, ids: torch.Tensor,
-                        originals: Originals = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, T, V] of the teacher (no gradient) and of the student of a grouped model on
-    ids [B, T] (see the module docstring), sharing the steps before the first group (which a
-    local stage does not change: its blocks start at the first group)."""
+def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Originals = (),
+                               checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed hidden states [B, T, d] of the teacher (no gradient) and of the student of
+    a grouped model on ids [B, T] (see the module docstring), sharing the steps before the
+    first group (which a local stage does not change: its blocks start at the first group).
+    model.compute_logits turns them into logits."""
     inner = model.model
     groups = model.config.groups
     first = next((s for s, g in enumerate(groups) if len(g) > 1), len(groups))
     tuned = range(first, len(groups))
-
-    def logits(x):  # [B, T, d] -> [B, T, V]; with Gemma 2's final soft-cap, as in forward()
-        return model.compute_logits(inner.norm(x))
-
     with torch.no_grad():
         x, context = inner.prepare_steps(ids)
         x = inner.run_steps(x, context, steps=range(first))  # shared, computed once
         set_lora_enabled(model, False)  # the teacher never sees LoRA
         try:
             with weights_swapped(originals):
-                teacher = logits(inner.run_steps(x, context, steps=tuned, sequential=True))
+                teacher = inner.norm(inner.run_steps(x, context, steps=tuned, sequential=True))
         finally:
             set_lora_enabled(model, True)
-    return teacher, logits(inner.run_steps(x, context, steps=tuned))
+    if not checkpointed:
+        return teacher, inner.norm(inner.run_steps(x, context, steps=tuned))
+    for step in tuned:  # each step's activations recomputed in the backward, not kept
+        x = checkpoint(inner.run_steps, x, context, steps=range(step, step + 1),
+                       use_reentrant=False)
+    return teacher, inner.norm(x)
+
+
+def teacher_and_student(model, ids: torch.Tensor,
+                        originals: Originals = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [B, T, V] of teacher_and_student_hidden's two hidden states (with Gemma 2's
+    final soft-cap, as in forward())."""
+    teacher, student = teacher_and_student_hidden(model, ids, originals)
+    return model.compute_logits(teacher), model.compute_logits(student)
 
 
 def random_batches(calib_ids: torch.Tensor, batch_size: int, seed: int):
@@ -291,7 +303,8 @@ def tune_groups(model, calib_ids: torch.Tensor, options: TuneOptions,
     """
     grouped = [i for g in model.config.groups if len(g) > 1 for i in g]
     return _tune(model, bypass_parameters(model), grouped, calib_ids, options, on_step,
-                 lambda ids: mean_kl(*teacher_and_student(model, ids, originals)))
+                 lambda ids: mean_kl_of_hidden(*teacher_and_student_hidden(
+                     model, ids, originals, checkpointed=True), model.compute_logits))
 
 
 def tune_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch.Tensor,
@@ -306,10 +319,11 @@ def tune_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    def kl_of_batch(ids):
+    def kl_of_batch(ids):  # model.model: the base model's final-normed hidden states
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        return mean_kl(teacher_logits, student(input_ids=ids, use_cache=False).logits)
+            reference = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        return mean_kl_of_hidden(reference, hidden, head_of(student))
 
     return _tune(student, [], lora_layers, calib_ids, options, on_step, kl_of_batch)
 
@@ -334,11 +348,11 @@ def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: T
             set_lora_enabled(model, False)  # the teacher: the original model
             try:
                 with weights_swapped(originals):
-                    teacher = model(input_ids=ids, use_cache=False).logits[:, start:]
+                    teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
             finally:
                 set_lora_enabled(model, True)
-        student = model(input_ids=ids, use_cache=False, **extra).logits[:, start:]
-        return mean_kl(teacher, student)
+        student = model.model(input_ids=ids, use_cache=False, **extra).last_hidden_state
+        return mean_kl_of_hidden(teacher[:, start:], student[:, start:], model.compute_logits)
 
     return _tune(model, [], lora_layers, calib_ids, options, on_step, kl_of_batch)
 
@@ -388,5 +402,5 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
 
 __all__ = ["ParameterBackup", "TuneOptions", "TuneResult", "detach_lora", "lora_base_weights",
            "restore_bypass", "snapshot_bypass",
-           "teacher_and_student", "tune_from_teacher", "tune_groups", "tune_skip",
+           "teacher_and_student", "teacher_and_student_hidden", "tune_from_teacher", "tune_groups", "tune_skip",
            "weights_swapped"]

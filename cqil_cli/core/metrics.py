@@ -46,15 +46,67 @@ def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     return token_kl(log_probs(reference_logits), log_probs(logits)).mean()
 
 
-def summed_kl(reference_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 64) -> float:
+# Rows of logits per chunk in mean_kl_of_hidden: about 8M fp32 values (32 MB) per temporary,
+# e.g. 170 rows of a 49k vocabulary, 64 of a 128k one.
+_CHUNK_VALUES = 1 << 23
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Mean KL(head(reference) ‖ head(hidden)) over rows, and its gradient in `hidden`, a chunk
+    of rows at a time: no [N, V] tensor ever exists. The gradient is computed in the forward
+    (one head forward + backward per chunk, what an unchunked loss costs) and kept, [N, d]; the
+    backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, reference, hidden, head, rows):  # [N, d], [N, d] -> scalar
+        grad = torch.empty_like(hidden)  # d(Σ KL)/d hidden [N, d]
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            with torch.no_grad():
+                log_p = log_probs(head(reference[start:start + rows]))  # [rows, V]
+            with torch.enable_grad():
+                part = hidden[start:start + rows].detach().requires_grad_(True)
+                kl = token_kl(log_p, log_probs(head(part))).sum()
+                grad[start:start + rows] = torch.autograd.grad(kl, part)[0]
+            total += kl.detach().double()
+        ctx.save_for_backward(grad)
+        ctx.rows_total = hidden.shape[0]
+        return (total / hidden.shape[0]).float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return None, grad * (grad_output / ctx.rows_total).to(grad.dtype), None, None
+
+
+def mean_kl_of_hidden(reference_hidden: torch.Tensor, hidden: torch.Tensor, head) -> torch.Tensor:
+    """mean_kl(head(reference_hidden), head(hidden)), differentiable in `hidden`, in chunks of
+    rows: [..., d] hidden states (after the final norm) of the reference and of the model, and
+    head: [rows, d] -> [rows, V] logits. The tuning loss: a [4, 256, 49k] pair of logits with
+    their log-probabilities and gradients would take 1-2 GB at once. The head's own parameters
+    get no gradient (tuning never trains the head or the final norm)."""
+    d = hidden.shape[-1]
+    reference, flat = reference_hidden.reshape(-1, d), hidden.reshape(-1, d)
+    with torch.no_grad():
+        probe = head(flat[:1])  # [1, V]: the vocabulary size, for the chunk size
+    rows = max(1, _CHUNK_VALUES // probe.shape[-1])
+    return _ChunkedKL.apply(reference, flat, head, rows)
+
+
+def summed_kl(reference_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 64,
+              head=None) -> float:
     """Σ over positions of KL(reference ‖ model) of two [..., V] logits, in float64, `chunk`
     rows at a time: the fp32 temporaries stay chunk × V (a [4, 256, 128k] pair of logits would
-    otherwise need about 2 GB of fp32 log-probabilities)."""
-    V = logits.shape[-1]
-    ref, flat = reference_logits.reshape(-1, V), logits.reshape(-1, V)
+    otherwise need about 2 GB of fp32 log-probabilities). With `head` ([rows, d] -> [rows, V]),
+    the two are final-normed hidden states [..., d] instead, turned into logits a chunk at a
+    time: no [..., V] tensor exists at all."""
+    width = logits.shape[-1]
+    ref, flat = reference_logits.reshape(-1, width), logits.reshape(-1, width)
+    head = head if head is not None else (lambda rows: rows)
     total = 0.0
     for start in range(0, flat.shape[0], chunk):
-        kl = token_kl(log_probs(ref[start:start + chunk]), log_probs(flat[start:start + chunk]))
+        kl = token_kl(log_probs(head(ref[start:start + chunk])),
+                      log_probs(head(flat[start:start + chunk])))
         total += float(kl.sum(dtype=torch.float64))
     return total
 
