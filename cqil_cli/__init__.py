@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 
 # torch's CPU allocations of 2 MB and more on transparent huge pages. torch reads this once, at
 # its first allocation, so it only takes effect when cqil is imported before torch (the `cqil`
-# command); a value the user set is kept (THP_MEM_ALLOC_ENABLE=0 turns it off). Measured on a
-# 2-core CPU (docs/runtime.md, "Memory"): convert's peak 3.56 -> 2.23 GB (glibc otherwise keeps
-# the freed activations of tuning fragmented in its heap), decode about 20 % faster.
+# command); a value the user set is kept (THP_MEM_ALLOC_ENABLE=0 turns it off). Why: glibc
+# keeps the freed activations of tuning fragmented in its heap; measured on the 2-core CPU
+# (docs/runtime.md, "Memory"), the default model's convert peaked at 3.56 GB without, 2.23 with.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

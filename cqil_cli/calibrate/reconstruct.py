@@ -19,8 +19,8 @@ bound as many as caching fits in options.cache_share of it, as timed on the firs
   x  [n, T, d]  its input, from the model repaired so far (the blocks before it trained);
   y  [n, T, d]  the original layers' sequential output from that same x, cached BEFORE the
                 block trains: so full-weight training needs no second copy of the model, only a
-                copy of the block's own weights (kept in LocalResult.saved until the caller
-                decides to keep the stage, then dropped);
+                copy of the block's own weights (kept in LocalResult.saved, a file, until the
+                caller decides to keep the stage);
   and the block's parameters (every weight of its layers, or LoRA; plus β and γ) are trained
   to map x to y, minimising
     nmse      ‖s − y‖² / ‖y − x‖²: the squared error relative to the energy of the original
@@ -48,7 +48,13 @@ from torch import nn
 
 from ..core.errors import CqilError
 from .options import LOCAL_LOSSES, LOCAL_PARAMS, LocalOptions
-from .tuning import attach_lora_to, detach_lora, random_batches, resolve_precision
+from .tuning import (
+    ParameterBackup,
+    attach_lora_to,
+    detach_lora,
+    random_batches,
+    resolve_precision,
+)
 
 MAX_CLOSED_FORM_FEATURES = 8192  # P·I above this: the Gram matrix would be too large to solve
 
@@ -84,7 +90,7 @@ class LocalResult:
     blocks: list[dict] = field(default_factory=list)  # per block: name, steps, losses, …
     precision: str = "fp32"
     samples: int = 0  # windows cached
-    saved: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # originals
+    saved: ParameterBackup | None = None  # the weights the stage changed, as they were (disk)
 
     @property
     def loss_start(self) -> float | None:
@@ -104,9 +110,10 @@ def _mean(values: list[float]) -> float | None:
 @torch.no_grad()
 def restore(result: LocalResult) -> None:
     """Put back every weight the stage changed (the caller did not keep it)."""
-    for param, value in result.saved:
-        param.copy_(value.to(param.device))
-    result.saved.clear()
+    if result.saved is not None:
+        result.saved.restore()
+        result.saved.close()
+        result.saved = None
 
 
 def block_loss(s: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -159,8 +166,10 @@ def reconstruct(blocks: Blocks, calib_ids: torch.Tensor, options: LocalOptions,
         began = time.perf_counter()
         with torch.no_grad():
             y = torch.cat([block.original(xb) for xb in x.split(options.cache_batch)])  # [n, T, d]
-        originals = [p.detach().to("cpu", copy=True) for p in _parameters(block)]
-        result.saved += list(zip(_parameters(block), originals, strict=True))
+        originals = [p.detach().to("cpu", copy=True) for p in _parameters(block)]  # this block's
+        if result.saved is None:  # … and every block's, on disk until the caller decides
+            result.saved = ParameterBackup()
+        result.saved.add(_parameters(block))
         record = {"name": block.name, "steps": 0}
         record["loss_start"], ready, record["closed_form"] = \
             _closed_form_start(block, x, y, options)

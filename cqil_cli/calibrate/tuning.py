@@ -162,11 +162,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-Originals = Sequence[tuple[nn.Parameter, torch.Tensor]]  # (parameter, its original value)
+Pairs = Sequence[tuple[nn.Parameter, torch.Tensor]]  # (parameter, a value of it)
+# `originals` below: the original values of the parameters a local stage changed, as Pairs or
+# as a ParameterBackup that holds them on disk (convert's: no copy stays in memory).
+
+
+def original_pairs(originals: Pairs | ParameterBackup, params=None) -> Pairs:
+    """[(parameter, original value)] of `originals` for the parameters in `params` (None: all),
+    the values on their parameters' devices; read from disk for a ParameterBackup."""
+    wanted = None if params is None else {id(p) for p in params}
+    if isinstance(originals, ParameterBackup):
+        return originals.pairs(params)
+    return [(p, value.to(p.device)) for p, value in originals
+            if wanted is None or id(p) in wanted]
 
 
 @contextmanager
-def weights_swapped(originals: Originals):
+def weights_swapped(originals: Pairs):
     """Within the block, each parameter holds its original value: `.data` is pointed at it
     (same device and dtype, no copy) and pointed back after, so that the optimizer, LoRA
     wrappers and the fused engine's views keep the very tensors they had."""
@@ -180,7 +192,7 @@ def weights_swapped(originals: Originals):
             p.data = data
 
 
-def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Originals = (),
+def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Pairs | ParameterBackup = (),
                                checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-normed hidden states [B, T, d] of the teacher (no gradient) and of the student of
     a grouped model on ids [B, T] (see the module docstring), sharing the steps before the
@@ -195,8 +207,14 @@ def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Originals = 
         x = inner.run_steps(x, context, steps=range(first))  # shared, computed once
         set_lora_enabled(model, False)  # the teacher never sees LoRA
         try:
-            with weights_swapped(originals):
-                teacher = inner.norm(inner.run_steps(x, context, steps=tuned, sequential=True))
+            teacher = x
+            for step in tuned:  # one step's original weights at a time, read when needed
+                layers = inner.step_layers(step)
+                with weights_swapped(original_pairs(originals, [p for layer in layers
+                                                                for p in layer.parameters()])):
+                    teacher = inner.run_steps(teacher, context, steps=range(step, step + 1),
+                                              sequential=True)
+            teacher = inner.norm(teacher)
         finally:
             set_lora_enabled(model, True)
     if not checkpointed:
@@ -208,7 +226,7 @@ def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Originals = 
 
 
 def teacher_and_student(model, ids: torch.Tensor,
-                        originals: Originals = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                        originals: Pairs | ParameterBackup = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits [B, T, V] of teacher_and_student_hidden's two hidden states (with Gemma 2's
     final soft-cap, as in forward())."""
     teacher, student = teacher_and_student_hidden(model, ids, originals)
@@ -291,7 +309,7 @@ def _tune(model, bypass: list[nn.Parameter], lora_layers: list[int], calib_ids: 
 
 def tune_groups(model, calib_ids: torch.Tensor, options: TuneOptions,
                 on_step: Callable[[int, float, float], None] | None = None,
-                originals: Originals = ()) -> TuneResult:
+                originals: Pairs | ParameterBackup = ()) -> TuneResult:
     """Train the bypass weights (and LoRA) of the grouped CqilForCausalLM `model` in place on
     calib_ids [n, L]: KL(teacher ‖ student) of teacher_and_student. A model without groups
     has nothing to train and is left unchanged.
@@ -331,7 +349,7 @@ def tune_from_teacher(teacher, student, lora_layers: list[int], calib_ids: torch
 def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: TuneOptions,
               prompt_tokens: int,
               on_step: Callable[[int, float, float], None] | None = None,
-              originals: Originals = ()) -> TuneResult:
+              originals: Pairs | ParameterBackup = ()) -> TuneResult:
     """Tune a Unified Layer Skipping model (a CqilForCausalLM with skip_layers) in place.
 
     Each calibration window [L] is a prompt (the first prompt_tokens tokens, every layer)
@@ -347,7 +365,7 @@ def tune_skip(model, lora_layers: list[int], calib_ids: torch.Tensor, options: T
         with torch.no_grad():
             set_lora_enabled(model, False)  # the teacher: the original model
             try:
-                with weights_swapped(originals):
+                with weights_swapped(original_pairs(originals)):
                     teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
             finally:
                 set_lora_enabled(model, True)
@@ -363,31 +381,57 @@ def lora_base_weights(model) -> list[nn.Parameter]:
 
 
 class ParameterBackup:
-    """Bit-exact copies of parameters in a temporary file, put back by restore(): the undo of a
-    LoRA merge, which rounds (in bf16 enough to lose a small gain) and cannot be subtracted
-    back exactly, without holding a second copy of the weights in memory. The file is written
-    one tensor at a time and deleted by close()."""
+    """Bit-exact copies of parameters in a temporary file, without a second copy of them in
+    memory: the undo of a LoRA merge (which rounds, in bf16 enough to lose a small gain, and
+    cannot be subtracted back exactly), and the local stage's record of the weights it changed
+    (restore() undoes the stage; pairs() gives the end-to-end teacher its original weights, a
+    step's at a time). add() appends parameters, each written once with its value at that
+    moment (a parameter already saved keeps its first value); close() deletes the file."""
 
-    def __init__(self, params: list[nn.Parameter]):
+    def __init__(self, params: Sequence[nn.Parameter] = ()):
         import tempfile
 
-        self.params = params
-        self.file = tempfile.TemporaryFile(prefix="cqil-undo-")
-        with torch.no_grad():
-            for p in params:
-                raw = p.detach().to("cpu", copy=False).contiguous().view(-1).view(torch.uint8)
-                self.file.write(raw.numpy().tobytes())
+        self.file = tempfile.TemporaryFile(prefix="cqil-saved-")
+        self.saved: dict[int, tuple[nn.Parameter, int]] = {}  # id -> (parameter, file offset)
+        self.add(params)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p, _ in self.saved.values()]
+
+    def __len__(self) -> int:
+        return len(self.saved)
+
+    @torch.no_grad()
+    def add(self, params: Sequence[nn.Parameter]) -> None:
+        self.file.seek(0, 2)  # the end
+        for p in params:
+            if id(p) in self.saved:
+                continue
+            self.saved[id(p)] = (p, self.file.tell())
+            raw = p.detach().to("cpu", copy=False).contiguous().view(-1).view(torch.uint8)
+            self.file.write(raw.numpy().tobytes())
+
+    def value(self, p: nn.Parameter) -> torch.Tensor:
+        """p's saved value: a new CPU tensor of p's dtype and shape."""
+        self.file.seek(self.saved[id(p)][1])
+        data = bytearray(self.file.read(p.numel() * p.element_size()))
+        return torch.frombuffer(data, dtype=torch.uint8).view(p.dtype).view(p.shape)
+
+    def pairs(self, params: Sequence[nn.Parameter] | None = None
+              ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """[(parameter, saved value on its device)] of the saved ones among params (None: all)."""
+        chosen = self.params if params is None else [p for p in params if id(p) in self.saved]
+        return [(p, self.value(p).to(p.device)) for p in chosen]
 
     @torch.no_grad()
     def restore(self) -> None:
-        self.file.seek(0)
         for p in self.params:
-            data = bytearray(self.file.read(p.numel() * p.element_size()))
-            value = torch.frombuffer(data, dtype=torch.uint8).view(p.dtype).view(p.shape)
-            p.copy_(value)  # into the parameter's own (possibly re-laid-out) storage
+            p.copy_(self.value(p))  # into the parameter's own (possibly re-laid-out) storage
 
     def close(self) -> None:
         self.file.close()
+        self.saved.clear()
 
 
 def snapshot_bypass(model) -> list[torch.Tensor]:
@@ -401,6 +445,6 @@ def restore_bypass(model, saved: list[torch.Tensor]) -> None:
 
 
 __all__ = ["ParameterBackup", "TuneOptions", "TuneResult", "detach_lora", "lora_base_weights",
-           "restore_bypass", "snapshot_bypass",
-           "teacher_and_student", "teacher_and_student_hidden", "tune_from_teacher", "tune_groups", "tune_skip",
+           "original_pairs", "restore_bypass", "snapshot_bypass", "teacher_and_student",
+           "teacher_and_student_hidden", "tune_from_teacher", "tune_groups", "tune_skip",
            "weights_swapped"]

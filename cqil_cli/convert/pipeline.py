@@ -267,6 +267,8 @@ def _tune_stages(conversion: Conversion, opts: ConvertOptions, untuned, quality_
         else:
             continue
         stages.append(stage)
+    if hasattr(originals, "close"):
+        originals.close()  # the local stage's backup file
     record.update({"steps": sum(s["steps"] for s in stages),
                    "seconds": round(sum(s["seconds"] for s in stages), 1),
                    "kept": any(s["kept"] for s in stages), "stages": stages})
@@ -290,8 +292,9 @@ def _stage_record(name: str, steps: int, seconds: float, loss_start, loss_end, q
 def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, calib_ids,
                  cb: Callbacks) -> tuple[dict, tuple, list]:
     """The local stage (calibrate/reconstruct.py), then keep-if-better. Returns (its record,
-    the best quality so far, [(parameter, its value before the stage)] when kept, else []):
-    the end-to-end stage's teacher must run the original weights, not the reconstructed ones."""
+    the best quality so far, the weights it changed as they were before it, a ParameterBackup on
+    disk, when kept, else []): the end-to-end stage's teacher must run the original weights, not
+    the reconstructed ones. The caller closes the backup."""
     from ..calibrate.reconstruct import reconstruct, restore
 
     model = conversion.model
@@ -310,8 +313,7 @@ def _local_stage(conversion: Conversion, options, best, quality_of: Scorer, cali
     if not keep:
         restore(result)
         _settle(model)
-    originals = [(p, value.to(p.device)) for p, value in result.saved] if keep else []
-    result.saved.clear()
+    originals = result.saved if keep and result.saved is not None else []  # read when needed
     stage = _stage_record("local", result.steps, result.seconds, result.loss_start,
                           result.loss_end, quality, keep)
     stage.update(loss=options.loss, params=options.params, precision=result.precision,
