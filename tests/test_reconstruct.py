@@ -123,6 +123,7 @@ def test_the_local_stage_lowers_the_block_error(params):
     assert after < 0.9 * before and first["loss_end"] == pytest.approx(after, rel=1e-4)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged
     assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # a block's worth of memory each
     restore(result)  # the caller's undo: exactly the weights of before
     fresh = build_cqil_model(base, [[0], [1, 2], [3, 4]], 1)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())

@@ -72,6 +72,7 @@ def test_a_few_steps_lower_the_kl_on_the_calibration_batch():
     assert result.losses[0] == pytest.approx(before, rel=1e-5)  # every batch is the whole set
     assert after < 0.9 * before
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert all(p.grad is None for p in model.parameters())  # no gradient memory left behind
 
 
 @pytest.mark.parametrize("family", sorted(GROUPINGS))

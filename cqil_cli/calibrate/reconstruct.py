@@ -312,8 +312,9 @@ def _train_block(block: Block, x: torch.Tensor, y: torch.Tensor, options: LocalO
             if on_step:
                 on_step(index, record["steps"], loss.item(), time.perf_counter() - start)
     finally:
-        for p in params:
+        for p in params:  # and no gradient left on them: a block's worth of memory each
             p.requires_grad_(False)
+            p.grad = None
         if adapters:
             detach_lora(_Layers(block.layers), merge=True)
 

@@ -305,6 +305,7 @@ def _tune(model, bypass: list[nn.Parameter], lora_layers: list[int], calib_ids: 
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+            p.grad = None  # the last step's gradients, which nothing reads
 
 
 def tune_groups(model, calib_ids: torch.Tensor, options: TuneOptions,
