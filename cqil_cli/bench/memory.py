@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-from ..core.devices import peak_rss_bytes
+from ..core.devices import peak_rss_bytes, release_freed_memory
 
 MB = 1024.0 * 1024.0
 
@@ -69,24 +68,13 @@ def _proc_status(field_name: str) -> int | None:
 
 
 def _reset_rss_peak() -> bool:
-    _malloc_trim()  # hand freed heap pages back first, so the peak shows this run's own growth
+    release_freed_memory()  # hand freed heap pages back first, so the peak shows this run's own growth
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
         return _proc_status("VmHWM") is not None
     except OSError:
         return False
-
-
-def _malloc_trim() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _rss_bytes() -> int:

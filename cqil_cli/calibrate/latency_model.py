@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..core.devices import synchronize
+from ..core.devices import release_freed_memory, synchronize
 
 
 @dataclass
@@ -119,6 +119,7 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
                 outside = _outside_ms(model, prompt)
             del model
             _contiguous_again(base_model)
+            release_freed_memory()  # else the next variant's copy comes on top of this one's
             if on_progress:
                 on_progress()
     total = {s: statistics.median(v) for s, v in totals.items()}

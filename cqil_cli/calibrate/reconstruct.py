@@ -46,15 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.devices import release_freed_memory
 from ..core.errors import CqilError
 from .options import LOCAL_LOSSES, LOCAL_PARAMS, LocalOptions
-from .tuning import (
-    ParameterBackup,
-    attach_lora_to,
-    detach_lora,
-    random_batches,
-    resolve_precision,
-)
+from .precision import fp32_linears, resolve_precision
+from .tuning import ParameterBackup, attach_lora_to, detach_lora, random_batches
 
 MAX_CLOSED_FORM_FEATURES = 8192  # P·I above this: the Gram matrix would be too large to solve
 
@@ -155,7 +151,16 @@ def reconstruct(blocks: Blocks, calib_ids: torch.Tensor, options: LocalOptions,
     if not blocks.blocks:
         return result
     torch.manual_seed(options.seed)  # LoRA initialisation
-    ids = calib_ids[:options.samples].to(device)
+    with fp32_linears(result.precision, model):  # caching, closed form and training alike
+        _reconstruct_blocks(blocks, calib_ids[:options.samples].to(device), options, result,
+                            deadline, on_step, on_block)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _reconstruct_blocks(blocks: Blocks, ids: torch.Tensor, options: LocalOptions,
+                        result: LocalResult, deadline: float, on_step, on_block) -> None:
+    """reconstruct's loop over the blocks, filling `result`."""
     with torch.no_grad():
         x = _first_inputs(blocks, ids, options, deadline)  # [n, T, d]
     result.samples = x.shape[0]
@@ -165,7 +170,7 @@ def reconstruct(blocks: Blocks, calib_ids: torch.Tensor, options: LocalOptions,
             break  # the blocks left stay as they are
         began = time.perf_counter()
         with torch.no_grad():
-            y = torch.cat([block.original(xb) for xb in x.split(options.cache_batch)])  # [n, T, d]
+            y = _batched(block.original, x, options.cache_batch)  # [n, T, d]
         originals = [p.detach().to("cpu", copy=True) for p in _parameters(block)]  # this block's
         if result.saved is None:  # … and every block's, on disk until the caller decides
             result.saved = ParameterBackup()
@@ -183,16 +188,19 @@ def reconstruct(blocks: Blocks, calib_ids: torch.Tensor, options: LocalOptions,
         after_began = time.perf_counter()
         del originals, y
         if k + 1 < len(blocks.blocks):
-            with torch.no_grad():
-                x = torch.cat([block.after(s) for s in outputs])  # the next block's input
+            with torch.no_grad():  # the next block's input, over this one's (no longer needed)
+                row = 0
+                while outputs:
+                    s = outputs.pop(0)
+                    x[row:row + s.shape[0]] = block.after(s)
+                    row += s.shape[0]
         del outputs
+        release_freed_memory()  # this block's targets, optimizer state and outputs
         caching = overhead + record.pop("settle_seconds") + (time.perf_counter() - after_began)
         record["seconds"] = round(time.perf_counter() - began, 1)
         result.blocks.append(record)
         if on_block:
             on_block(k, record)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def _train_and_settle(block: Block, x, y, originals: list[torch.Tensor], ready: float | None,
@@ -235,10 +243,23 @@ def _first_inputs(blocks: Blocks, ids: torch.Tensor, options: LocalOptions,
         fits = options.cache_share * (deadline - began) / (per_layer * blocks.layer_passes())
         least = min(options.batch_size, count)
         count = max(least, min(count, int(fits) // options.batch_size * options.batch_size))
-    more = ids[first.shape[0]:count]
-    rest = [blocks.first_input(batch) for batch in more.split(options.cache_batch)] \
-        if more.shape[0] else []
-    return torch.cat([first, *rest])[:count]
+    x = first.new_empty((count, *first.shape[1:]))
+    x[:first.shape[0]] = first[:count]
+    del first
+    for row in range(options.cache_batch, count, options.cache_batch):
+        x[row:row + options.cache_batch] = blocks.first_input(
+            ids[row:min(row + options.cache_batch, count)])
+    return x
+
+
+def _batched(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             batch_size: int) -> torch.Tensor:
+    """run over x [n, T, d] batch by batch, into one preallocated result (a list of outputs
+    and their concatenation would hold it twice)."""
+    out = torch.empty_like(x)
+    for row in range(0, x.shape[0], batch_size):
+        out[row:row + batch_size] = run(x[row:row + batch_size])
+    return out
 
 
 def _parameters(block: Block) -> list[nn.Parameter]:
@@ -349,19 +370,25 @@ def _closed_form_start(block: Block, x: torch.Tensor, y: torch.Tensor,
     inputs: dict[int, torch.Tensor] = {}
     hooks = [d.register_forward_hook(lambda _m, args, _out, j=j: inputs.__setitem__(j, args[0]))
              for j, d in enumerate(downs)] if usable else []
-    features = sum(d.in_features for d in downs) if usable else 0
-    gram = torch.zeros(features, features, dtype=torch.float64, device=x.device)
-    cross = torch.zeros(features, x.shape[-1], dtype=torch.float64, device=x.device)
+    # Memory (the stage's peak on a 1-2 layer block): UᵀU in float64 [P·I, P·I], filled block
+    # by block [I_j, I_k] from each batch's u_j (never the concatenated U [b·T, P·I], nor a
+    # float64 copy of a product), and factored in place.
+    sizes = [d.in_features for d in downs] if usable else []
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=x.device)
+    cross = torch.zeros(sum(sizes), x.shape[-1], dtype=torch.float64, device=x.device)
     error = 0.0
     try:
         for xb, yb in zip(x.split(b), y.split(b), strict=True):
             residual = (yb - block.student(xb).float()).reshape(-1, yb.shape[-1])  # [b·T, d]
             error += float(residual.pow(2).sum())
-            if usable:
-                u = torch.cat([inputs[j].reshape(-1, d.in_features).float()
-                               for j, d in enumerate(downs)], dim=-1)  # [b·T, P·I]
-                gram += (u.T @ u).double()
-                cross += (u.T @ residual).double()
+            u = [inputs[j].reshape(-1, size).float() for j, size in enumerate(sizes)]  # [b·T, I_j]
+            for j, (uj, oj) in enumerate(zip(u, offsets, strict=True)):
+                cross[oj:oj + sizes[j]] += uj.T @ residual
+                for k in range(j, len(u)):  # the upper blocks; the lower are their transposes
+                    gram[oj:oj + sizes[j], offsets[k]:offsets[k] + sizes[k]] += uj.T @ u[k]
+            del u
+            inputs.clear()
     finally:
         for hook in hooks:
             hook.remove()
@@ -369,15 +396,22 @@ def _closed_form_start(block: Block, x: torch.Tensor, y: torch.Tensor,
     before = error / energy
     if not usable:
         return before, None, None
-    ridge = options.ridge / x.shape[0] * gram.diagonal().mean().clamp_min(1e-30)
-    gram.diagonal().add_(ridge)  # symmetric positive definite: Cholesky
-    factor, failed = torch.linalg.cholesky_ex(gram)
-    gram.diagonal().sub_(ridge)
+    for j in range(len(sizes)):
+        for k in range(j + 1, len(sizes)):
+            gram[offsets[k]:offsets[k] + sizes[k], offsets[j]:offsets[j] + sizes[j]] = \
+                gram[offsets[j]:offsets[j] + sizes[j], offsets[k]:offsets[k] + sizes[k]].T
+    ridge = float(options.ridge / x.shape[0] * gram.diagonal().mean().clamp_min(1e-30))
+    gram.diagonal().add_(ridge)  # symmetric positive definite: Cholesky, in place
+    factor, failed = torch.linalg.cholesky_ex(
+        gram, out=(gram, torch.empty((), dtype=torch.int32, device=gram.device)))
     if failed:
         return before, None, "skipped (the Gram matrix is not positive definite)"
-    solution = torch.cholesky_solve(cross, factor)  # [P·I, d]
-    predicted = (error - 2 * float((solution * cross).sum())
-                 + float((solution * (gram @ solution)).sum())) / energy
+    solution = torch.cholesky_solve(cross, factor)  # Δ' [P·I, d]
+    del factor, gram
+    # ‖R − UΔ'‖² = ‖R‖² − 2 tr(Δ'ᵀUᵀR) + tr(Δ'ᵀUᵀUΔ'), and (UᵀU + λI)Δ' = UᵀR makes the last
+    # term tr(Δ'ᵀUᵀR) − λ‖Δ'‖²: no need for UᵀU after the factorisation.
+    predicted = (error - float((solution * cross).sum())
+                 - ridge * float(solution.pow(2).sum())) / energy
     offset = 0
     for layer, down in zip(block.layers, downs, strict=True):
         delta = solution[offset:offset + down.in_features].T  # [d, I]

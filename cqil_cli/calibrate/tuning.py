@@ -19,7 +19,7 @@ tune_from_teacher (prune) and tune_skip (Unified Layer Skipping): LoRA only, sam
 LoRA adapters stay attached when these return; the caller evaluates, then merges them into the
 weights or drops them (detach_lora). On a CPU with bf16 support, forward and backward run under
 bf16 autocast (about 2.7× faster than fp32 at nearly the same KL); the trainable weights stay
-fp32.
+fp32. Elsewhere a bf16 or fp16 model's linear layers compute in fp32 (calibrate/precision.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..core.errors import CqilError
 from ..core.metrics import mean_kl_of_hidden
 from .evaluate import head_of, prompt_kwargs
 from .options import TuneOptions
+from .precision import fp32_linears, resolve_precision, same_linears
 
 # The linear modules of a decoder layer that LoRA may wrap, by their names in the base
 # checkpoint: Llama, Mistral, Qwen, Gemma 2/3 have q/k/v_proj and gate/up_proj; Phi-3 the fused
@@ -148,20 +149,6 @@ def bypass_parameters(model) -> list[nn.Parameter]:
     return params
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise CqilError(f"unknown tuning precision '{precision}' (auto, bf16 or fp32)")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
-
-
 Pairs = Sequence[tuple[nn.Parameter, torch.Tensor]]  # (parameter, a value of it)
 # `originals` below: the original values of the parameters a local stage changed, as Pairs or
 # as a ParameterBackup that holds them on disk (convert's: no copy stays in memory).
@@ -221,7 +208,7 @@ def teacher_and_student_hidden(model, ids: torch.Tensor, originals: Pairs | Para
         return teacher, inner.norm(inner.run_steps(x, context, steps=tuned))
     for step in tuned:  # each step's activations recomputed in the backward, not kept
         x = checkpoint(inner.run_steps, x, context, steps=range(step, step + 1),
-                       use_reentrant=False)
+                       use_reentrant=False, context_fn=same_linears)
     return teacher, inner.norm(x)
 
 
@@ -298,8 +285,9 @@ def _tune(model, bypass: list[nn.Parameter], lora_layers: list[int], calib_ids: 
 
     model.train()
     try:
-        return _optimise(autocast_kl, optimizer, calib_ids, options, device,
-                         TuneResult(precision=precision), on_step)
+        with fp32_linears(precision, model):
+            return _optimise(autocast_kl, optimizer, calib_ids, options, device,
+                             TuneResult(precision=precision), on_step)
     finally:
         set_lora_enabled(model, True)
         model.eval()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .. import __version__
+from ..core.devices import release_freed_memory
 from ..core.errors import CqilError
 from ..runtime.manifest import Manifest
 from .choose import (
@@ -110,7 +111,9 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
 
     num_layers = loaded.num_layers  # the base model may be freed once converted
     latency, parallel = measure_latency(loaded, opts, cb)
+    release_freed_memory()  # each phase frees about a model's worth of tensors: hand it back
     conversion, original = _build(loaded, opts, fraction, latency, calib_ids, cb, quality_of)
+    release_freed_memory()
     model = conversion.model
     untuned = quality_of(model)
     tuned, tuning = untuned, {"steps": 0, "seconds": 0.0, "kept": False, "stages": []}
@@ -267,6 +270,7 @@ def _tune_stages(conversion: Conversion, opts: ConvertOptions, untuned, quality_
         else:
             continue
         stages.append(stage)
+        release_freed_memory()
     if hasattr(originals, "close"):
         originals.close()  # the local stage's backup file
     record.update({"steps": sum(s["steps"] for s in stages),

@@ -1,5 +1,5 @@
 """Honest timing on any device: wait for queued GPU work before reading a clock; a process's
-peak memory."""
+peak memory, and handing freed memory back."""
 
 from __future__ import annotations
 
@@ -34,6 +34,26 @@ def peak_rss_bytes() -> int:
         return int(match.group(1)) * 1024
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    glibc serves big tensors from mmap only until the first is freed; it then raises its mmap
+    threshold (up to 32 MB), so later ones come from the heap, and freeing them keeps the pages
+    resident. A phase that frees a model-sized set of tensors (a latency variant, a tuned
+    block's caches) and is followed by one that allocates as much would otherwise peak with
+    both. Call it between such phases, not in a loop: it walks the whole heap."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class CallTimer:

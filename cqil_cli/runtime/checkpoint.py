@@ -21,7 +21,7 @@ from ..core.files import staged_folder
 from .configuration_cqil import FULL, SLIDING, SUPPORTED_BASE_TYPES, CqilConfig, check_groups
 from .families_cqil import make_rotary
 from .fused_cqil import file_mappings, release_file_pages
-from .modeling_cqil import CqilForCausalLM
+from .modeling_cqil import CqilForCausalLM, contiguous_state_dict
 
 RUNTIME_DIR = Path(__file__).parent
 # The self-contained files a converted folder carries (torch + transformers only), so that
@@ -118,6 +118,7 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
         model = CqilForCausalLM(cfg)
     model.to(dtype)  # still on meta: free, and the allocation below is already in `dtype`
     model.to_empty(device=device)
+    model.model.pack_weights()  # the stored layout is the fused engine's: filled once, in place
     source = base_model.state_dict()
     target = model.state_dict()
     new_keys = {k for k in target if k.rsplit(".", 1)[-1] in ("cqil_gamma", "cqil_beta")}
@@ -182,31 +183,11 @@ def write_converted(model: CqilForCausalLM, tokenizer, folder: Path) -> None:
     folder = Path(folder)
     model.config.auto_map = dict(AUTO_MAP)
     model.config.architectures = ["CqilForCausalLM"]
-    model.save_pretrained(folder, safe_serialization=True, state_dict=contiguous_state_dict(model))
+    model.save_pretrained(folder, safe_serialization=True)  # contiguous copies: its own
     for name in RUNTIME_FILES:
         shutil.copyfile(RUNTIME_DIR / name, folder / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-
-
-def contiguous_state_dict(model) -> dict[str, torch.Tensor]:
-    """model.state_dict() with every tensor contiguous, as save_pretrained needs them.
-
-    The fused engine and fast generation re-lay weights out in place (fused_cqil.pack_members),
-    leaving some parameters strided views of [in, out] buffers (CPU, fp32). Those are copied here,
-    one at a time into the dict, so saving holds them twice until it returns; names that share
-    a tensor (a tied lm_head) share the copy.
-    """
-    copies: dict[tuple, torch.Tensor] = {}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if not tensor.is_contiguous():
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-            if key not in copies:
-                copies[key] = tensor.contiguous()
-            tensor = copies[key]
-        state[name] = tensor
-    return state
 
 
 def save_converted(model: CqilForCausalLM, tokenizer, out_dir, overwrite: bool = False) -> Path:

@@ -217,6 +217,19 @@ def _cat_bias(pairs) -> torch.Tensor | None:
     return None if pairs[0][1] is None else torch.cat([b for _, b in pairs])
 
 
+@torch.no_grad()
+def pack_step(layers) -> None:
+    """Lay a step's matrices out as the fused engine will use them (pack_members), now: so a
+    model built for it (runtime/checkpoint.py) is filled in that layout directly, instead of
+    being copied into it on first use (a second copy of every layer, briefly, and heap
+    fragmentation after). A no-op where the engine prepacks (CPU bf16 with oneDNN)."""
+    if FusedLinear.packs(layers[0].self_attn.o_proj.weight):
+        return
+    weights = [_member_weights(ly) for ly in layers]
+    for kind in range(4):  # qkv, o, gate/up, down: as FusedStep's MemberLinears pack them
+        pack_members([w[kind] for w in weights])
+
+
 class MemberLinear:
     """The same map of each of P members at once: x [P, N, in] -> [P, N, out].
 
@@ -409,4 +422,4 @@ class FusedStep:
         return (x2 + ((a + m) * self.gamma).sum(0)).view(B, T, d)  # x + sum_j gamma_j (a_j + m_j)
 
 
-__all__ = ["FusedLinear", "FusedStep", "MemberLinear", "pack_members", "rope_tables"]
+__all__ = ["FusedLinear", "FusedStep", "MemberLinear", "pack_members", "pack_step", "rope_tables"]
