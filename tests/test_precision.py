@@ -59,3 +59,10 @@ def test_tuning_a_bf16_model_in_fp32_compute_is_close_to_the_fp32_model():
         assert result.precision == "fp32" and result.steps == 2
     first32, first16 = losses[torch.float32][0], losses[torch.bfloat16][0]
     assert first16 == pytest.approx(first32, rel=5e-2, abs=1e-3)
+
+
+def test_the_precision_benchmark_runs():
+    from cqil_cli.benchmarks.precision import measure
+
+    rows = measure(tokens=4, repeats=1, shapes={"tiny": (16, 32)})
+    assert rows[0]["matrix"] == "tiny" and rows[0]["bf16_s"] > 0 and rows[0]["fp32_s"] > 0
