@@ -35,6 +35,30 @@ def test_linear_in_fp32_matches_the_fp32_formulas(bias):
         assert torch.equal(b.grad, g32.reshape(-1, 40).sum(0).to(torch.bfloat16))
 
 
+def test_a_weight_upcast_in_row_blocks_gives_the_same_results(monkeypatch):
+    """A weight larger than CHUNK_ELEMENTS (a big head) is upcast a block of rows at a time:
+    the same output and weight gradient, the input gradient summed over the blocks (fp32
+    rounding apart: within one bf16 ulp)."""
+    import cqil_cli.calibrate.precision as precision
+
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(24, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(7, 24, generator=g).to(torch.bfloat16)
+    upstream = torch.randn(7, 40, generator=g).to(torch.bfloat16)
+    results = []
+    for chunk in (1 << 24, 24 * 6):  # one block; seven blocks of 6 rows (the last of 4)
+        monkeypatch.setattr(precision, "CHUNK_ELEMENTS", chunk)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fp32_linears("fp32", layer):
+            y = layer(xi)
+            y.backward(upstream)
+        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+    (y1, gx1, gw1, gb1), (y7, gx7, gw7, gb7) = results
+    assert torch.equal(y1, y7) and torch.equal(gw1, gw7) and torch.equal(gb1, gb7)
+    assert torch.allclose(gx1.float(), gx7.float(), rtol=8e-3, atol=1e-6)
+
+
 def test_fp32_linears_is_inactive_for_fp32_models_and_bf16_precision():
     layer = torch.nn.Linear(8, 8)
     x = torch.randn(2, 8)

@@ -7,8 +7,8 @@ in] contiguous) runs about 5x slower than in fp32, and its backward (g W and gáµ
 untransposed layouts) 30-150x slower: one training step of a 1B model did not finish in 20
 minutes. So under "fp32" every linear layer with reduced-precision weights computes in fp32
 (fp32_linears): its input and weight are cast per call, the output and the gradients cast back,
-and nothing is kept but what the layer kept already (no fp32 copy of the model: one weight's
-transient at a time).
+and nothing is kept but what the layer kept already (no fp32 copy of the model: at most 64 MB
+of one weight in fp32 at a time).
 """
 
 from __future__ import annotations
@@ -40,30 +40,48 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
+CHUNK_ELEMENTS = 1 << 24  # weight elements upcast at a time: 64 MB in fp32 (a 1B model's MLP
+# matrix is one chunk; its 128k-row head, 1 GB in fp32, sixteen)
+
+
 class _LinearInFp32(torch.autograd.Function):
     """F.linear(x, w, b) computed in fp32 for x, w (and b) of one reduced dtype; the output and
-    the gradients in that dtype. Saves x and w as F.linear would (no fp32 copies kept)."""
+    the gradients in that dtype. Saves x and w as F.linear would (no fp32 copies kept), and
+    upcasts w a block of CHUNK_ELEMENTS at a time (output rows), so a large head never exists
+    whole in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return out.to(x.dtype)
+        x32 = x.float()  # [..., in]
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # [..., out], x's dtype
+        for rows in _row_blocks(weight):
+            b = None if bias is None else bias[rows].float()
+            out[..., rows] = F.linear(x32, weight[rows].float(), b).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g = grad.float()  # [..., out]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight.float()).to(x.dtype)  # [..., in]
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]).float()
-                      ).to(weight.dtype)  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        g = grad.float().reshape(-1, grad.shape[-1])  # [N, out]
+        x32 = x.float().reshape(-1, x.shape[-1])  # [N, in]
+        grad_x32 = torch.zeros_like(x32) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        for rows in _row_blocks(weight):
+            if grad_x32 is not None:
+                grad_x32 += g[:, rows] @ weight[rows].float()
+            if grad_w is not None:
+                grad_w[rows] = (g[:, rows].T @ x32).to(weight.dtype)
+        grad_x = None if grad_x32 is None else grad_x32.reshape(x.shape).to(x.dtype)
+        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
+
+
+def _row_blocks(weight: torch.Tensor) -> list[slice]:
+    """Slices of a weight's output rows, each at most CHUNK_ELEMENTS elements (one row at least)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return [slice(r, min(r + step, weight.shape[0])) for r in range(0, weight.shape[0], step)]
 
 
 class _LinearsInFp32(TorchFunctionMode):
