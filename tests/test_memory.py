@@ -170,9 +170,9 @@ def test_importing_cqil_first_puts_large_tensors_on_huge_pages_unless_told_not_t
 
 
 def test_built_model_is_stored_in_the_fused_layout():
-    """build_cqil_model fills the fused engine's layout directly: using the fused engine then
-    moves no parameter (no second copy of the layers on first use)."""
-    model = build_cqil_model(tiny_model("llama-gqa"), "1-2,3-4", 1)
+    """build_cqil_model(packed=True) fills the fused engine's layout directly: using the fused
+    engine then moves no parameter (no second copy of the layers on first use)."""
+    model = build_cqil_model(tiny_model("llama-gqa"), "1-2,3-4", 1, packed=True)
     where = {name: p.data_ptr() for name, p in model.named_parameters()}
     with torch.no_grad():
         model(torch.randint(0, 64, (1, 6)))

@@ -76,7 +76,7 @@ def grouping_kl(base_model, groups, bypass: int, ids: torch.Tensor, batch_size: 
     two models' final hidden states [b, L, d] go through the (shared) head a chunk of positions
     at a time (summed_kl's head): their [b, L, V] logits never exist whole.
     """
-    model = build_cqil_model(base_model, groups, bypass, share_outside_layers=True)
+    model = build_cqil_model(base_model, groups, bypass, share_outside_layers=True, packed=True)
     device = next(base_model.parameters()).device
     total, count = 0.0, 0
     for batch in ids.split(batch_size):

@@ -113,7 +113,8 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
     outside = None
     for _ in range(repeats):
         for s, groups in variants.items():
-            model = build_cqil_model(base_model, groups, 0, share_outside_layers=True)
+            model = build_cqil_model(base_model, groups, 0, share_outside_layers=True,
+                                     packed=True)
             totals[s].append(decode_ms(model, prompt, new_tokens, 1))
             if outside is None:
                 outside = _outside_ms(model, prompt)

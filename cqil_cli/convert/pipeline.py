@@ -188,7 +188,7 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
 
     if opts.strategy == "cqil":
         # consume: each base tensor is freed once copied, so the two are never both whole
-        model = build_cqil_model(base, steps, opts.bypass, consume=True)
+        model = build_cqil_model(base, steps, opts.bypass, consume=True, packed=True)
         loaded.model = None  # the teacher is the converted model's own weights, run in sequence
         grouped = any(len(g) > 1 for g in steps)
         return Conversion(
@@ -205,7 +205,8 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
     runs_lora = len(kept) < n and opts.lora_rank > 0
     shorter = len(kept) < n  # something to reconstruct
     if opts.strategy == "skip":
-        model = build_cqil_model(base, None, 0, skip_layers=removed, consume=True)
+        model = build_cqil_model(base, None, 0, skip_layers=removed, consume=True,
+                                 packed=True)
         loaded.model = None  # the teacher: the same weights through every layer, LoRA off
         lora_layers = [kept[i] for i in lora_on_kept]
         return Conversion(

@@ -84,7 +84,7 @@ SHARABLE = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight") 
 
 def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
                      skip_layers: list[int] | None = None, share_outside_layers: bool = False,
-                     consume: bool = False) -> CqilForCausalLM:
+                     consume: bool = False, packed: bool = False) -> CqilForCausalLM:
     """Build a CqilForCausalLM from a loaded transformers causal LM of SUPPORTED_BASE_TYPES
     (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3: tensor names as the base's,
     Phi-3's fused qkv_proj / gate_up_proj included).
@@ -97,7 +97,11 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
     the head and the final norm the base's own parameters instead of copies (a short-lived
     model beside its base: a 1B model's tied embedding is a fifth of its weights); consume
     frees each base tensor once copied, so that base and result are never both whole (the base
-    model is unusable afterwards).
+    model is unusable afterwards); packed allocates the layers in the fused engine's layout
+    (CqilModel.pack_weights) and fills that, so its first fused use copies nothing, where
+    otherwise that use re-lays every layer out (briefly two copies). Not the default: the
+    reference engine's fp32 rounding differs slightly on re-laid-out (strided) weights, and
+    the distributed engine is checked against it op for op.
     """
     config = getattr(base_model, "config", None)
     kind = getattr(config, "model_type", None)
@@ -118,7 +122,8 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
         model = CqilForCausalLM(cfg)
     model.to(dtype)  # still on meta: free, and the allocation below is already in `dtype`
     model.to_empty(device=device)
-    model.model.pack_weights()  # the stored layout is the fused engine's: filled once, in place
+    if packed:
+        model.model.pack_weights()  # the stored layout is the fused engine's: filled in place
     source = base_model.state_dict()
     target = model.state_dict()
     new_keys = {k for k in target if k.rsplit(".", 1)[-1] in ("cqil_gamma", "cqil_beta")}
