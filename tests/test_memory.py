@@ -208,3 +208,26 @@ def test_release_freed_memory_hands_pages_back():
     before = _rss_bytes()
     release_freed_memory()
     assert before - _rss_bytes() > 64 << 20
+
+
+def test_a_bf16_folder_loaded_in_fp32_is_widened_tensor_by_tensor(tmp_path):
+    """load_model of a bf16 folder with dtype float32 loads it in bf16 and casts each tensor
+    (dropping its file pages): the same fp32 model as transformers' own fp32 load, exactly."""
+    from tiny_models import offline_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from cqil_cli.inputs.models import load_model
+
+    folder = tmp_path / "bf16"
+    tiny_model("llama-gqa").to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    offline_tokenizer().save_pretrained(folder)
+    ours = load_model(str(folder), dtype="float32").model
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # still tied
+    mine, other = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == other.keys()
+    assert all(torch.equal(mine[k], other[k]) for k in mine)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)

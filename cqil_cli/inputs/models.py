@@ -359,14 +359,20 @@ def folder_model_name(spec: str, folder: Path, raw: dict) -> str:
 
 def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
                  allow_pickle: bool) -> LoadedModel:
+    import torch
     from transformers import AutoModelForCausalLM
 
     raw = check_model_folder(folder, allow_pickle)
     model_type = raw.get("model_type", "?")
+    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(raw.get("dtype") or raw.get("torch_dtype")))
+    widen = stored is not None and dt == torch.float32  # e.g. a bf16 folder wanted in fp32
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dt, trust_remote_code=trust_remote_code,
+            folder, dtype=stored if widen else dt, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True)
+        if widen:
+            _widen(model, dt)
     except ValueError as exc:
         message = _first_line(exc)
         if "trust_remote_code" in message or "custom code" in message:
@@ -378,6 +384,32 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
     tokenizer = load_tokenizer(folder, trust_remote_code)
     return LoadedModel(model, tokenizer, spec, folder_model_name(spec, folder, raw),
                        folder, model_type, extra={"config": raw})
+
+
+def _widen(model, dt) -> None:
+    """Cast a model loaded in its stored reduced precision to dt, a tensor at a time, each
+    tensor's file pages dropped as soon as it is cast (runtime/fused_cqil.release_file_pages).
+
+    Why not from_pretrained(dtype=fp32) directly: it reads the safetensors mapping and writes
+    fp32 copies, and every page read stays resident until the whole file is unmapped, so a
+    bf16 folder loaded as fp32 peaked at 1.5 × its fp32 weights (a 1B model: 7.6 GB for
+    4.9 GB of weights). Here the peak is the fp32 weights plus one tensor."""
+    import torch
+
+    from ..runtime.fused_cqil import file_mappings, release_file_pages
+
+    mappings = file_mappings()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is None or not tensor.is_floating_point() or tensor.dtype == dt:
+                        continue  # a tied weight is cast once, at its first owner
+                    old = tensor.data
+                    tensor.data = old.to(dt)
+                    release_file_pages(old, mappings)
+                    del old
+    model.config.dtype = dt
 
 
 def load_tokenizer(source, trust_remote_code: bool):
