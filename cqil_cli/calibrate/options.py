@@ -27,7 +27,8 @@ class TuneOptions:
     lr_bypass: float = 2e-3
     lr_lora: float = 1e-3
     batch_size: int = 4
-    precision: str = "auto"  # auto | bf16 | fp32 (autocast dtype of forward/backward)
+    precision: str = "auto"  # auto | bf16 (autocast) | fp32 (fp32 compute, also
+    # for a bf16 model: calibrate/precision.py)
     seed: int = 0
 
 
