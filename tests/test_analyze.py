@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import FAMILIES, VOCAB_SIZE, tiny_model
 
-from cqil_cli.calibrate.options import AnalyzeOptions
-from cqil_cli.calibrate.profile import AnalyzeReport, analyze_model, candidate_groups
+from cqil_cli.analyze.options import AnalyzeOptions
+from cqil_cli.analyze.profile import AnalyzeReport, analyze_model, candidate_groups
 from cqil_cli.core.errors import CqilError
 from cqil_cli.inputs.models import LoadedModel
 

@@ -1,4 +1,4 @@
-"""analyze's fast sensitivity path (calibrate/profile.py's group_sensitivity: recorded layer
+"""analyze's fast sensitivity path (analyze/profile.py's group_sensitivity: recorded layer
 calls, shared members, forwards resumed after the group, candidates stacked) against a slow,
 obvious reference: a full forward of the model per candidate group, its layers wrapped."""
 
@@ -7,9 +7,9 @@ import torch
 from tiny_models import VOCAB_SIZE, tiny_model
 from torch import nn
 
-from cqil_cli.calibrate.options import AnalyzeOptions
-from cqil_cli.calibrate.probes import hidden_out, proxied_layers
-from cqil_cli.calibrate.profile import analyze_model, candidate_groups, group_sensitivity
+from cqil_cli.analyze.options import AnalyzeOptions
+from cqil_cli.analyze.probes import hidden_out, proxied_layers
+from cqil_cli.analyze.profile import analyze_model, candidate_groups, group_sensitivity
 from cqil_cli.core.metrics import log_probs, next_token_nll, token_kl
 from cqil_cli.inputs.models import LoadedModel
 

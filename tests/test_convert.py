@@ -122,8 +122,8 @@ def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tm
 def test_prune_writes_a_plain_model_any_tool_loads(llama_folder, long_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cqil_cli.calibrate.strategies import prune_kept_layers, skip_kept_layers
     from cqil_cli.convert import pipeline as conv
+    from cqil_cli.convert.strategies import prune_kept_layers, skip_kept_layers
 
     opts = conv.ConvertOptions(out=tmp_path / "p", strategy="prune", steps=3, tune_steps=2,
                                tune_minutes=None, lora_rank=2, calib=str(long_text),
@@ -163,8 +163,8 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
     import torch
 
     from cqil_cli.calibrate.evaluate import perplexity
-    from cqil_cli.calibrate.strategies import skip_kept_layers_for_count
     from cqil_cli.convert import pipeline as conv
+    from cqil_cli.convert.strategies import skip_kept_layers_for_count
     from cqil_cli.inputs.models import load_model
 
     result = convert_in_process(llama_folder, "--out", tmp_path / "k", "--strategy", "skip",
@@ -197,7 +197,7 @@ def test_skip_writes_a_cqil_folder_that_prompts_through_every_layer(llama_folder
 
 
 def skip_kept_layers(n, r):
-    from cqil_cli.calibrate.strategies import skip_kept_layers as rule
+    from cqil_cli.convert.strategies import skip_kept_layers as rule
 
     return rule(n, r)
 
@@ -235,7 +235,7 @@ def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, lon
                                                                tmp_path, monkeypatch):
     """--engine distributed: the search reads the alpha-beta model measured on --devices local
     ranks, and the manifest records it with its prediction for the chosen steps."""
-    from cqil_cli.calibrate import parallel_probe
+    from cqil_cli.search import parallel_probe
 
     measure = parallel_probe.measure_parallel_model
     monkeypatch.setattr(parallel_probe, "measure_parallel_model",

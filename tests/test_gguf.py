@@ -50,7 +50,7 @@ def gguf_files(tmp_path_factory):
 def quick_latency(monkeypatch) -> None:
     """`cqil convert` measures decode latency for its search and manifest (seconds even on a
     tiny model); a test of weights needs only a shorter measurement of the same kind."""
-    from cqil_cli.calibrate import latency_model
+    from cqil_cli.search import latency_model
 
     monkeypatch.setattr(latency_model, "measure_latency_model", functools.partial(
         latency_model.measure_latency_model, prompt_len=8, new_tokens=2, repeats=1))

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cqil_cli"
-# Lowest first; layers on one rank (convert, bench, generate) may not import each other.
-RANKS = {"core": 0, "runtime": 1, "inputs": 2, "calibrate": 3, "convert": 4, "bench": 4,
+# Lowest first; layers on one rank (analyze, search, calibrate; convert, bench, generate) may
+# not import each other.
+RANKS = {"core": 0, "runtime": 1, "inputs": 2, "analyze": 3, "search": 3, "calibrate": 3,
+         "convert": 4, "bench": 4,
          "generate": 4, "cli": 5, "benchmarks": 6}
 SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "fused_cqil.py",
                   "sharding_cqil.py", "distributed_cqil.py")
@@ -44,6 +46,11 @@ def layer_of(module: str) -> str | None:
 
 def modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE)
+
+
+def test_every_folder_is_a_layer():
+    folders = {p.parent.name for p in modules()}
+    assert folders <= set(RANKS), f"folders without a layer: {sorted(folders - set(RANKS))}"
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -144,7 +144,7 @@ def test_building_beside_the_base_shares_or_consumes_it(kind):
 def test_latency_variants_leave_the_base_as_it_was():
     """measure_latency_model's variants share the base's embedding and head, which fast
     generation re-lays out in place: the base gets its ordinary layout and values back."""
-    from cqil_cli.calibrate.latency_model import measure_latency_model
+    from cqil_cli.search.latency_model import measure_latency_model
 
     base = tiny_model("llama-gqa")
     before = {k: v.clone() for k, v in base.state_dict().items()}

@@ -1,11 +1,12 @@
-"""The alpha-beta latency model of the distributed engine (calibrate/parallel_latency.py)."""
+"""The alpha-beta latency model of the distributed engine (search/parallel_latency.py)."""
 
 import json
 import random
 
 import pytest
 
-from cqil_cli.calibrate.parallel_latency import (
+from cqil_cli.core.errors import CqilError
+from cqil_cli.search.parallel_latency import (
     ALL_GATHER,
     ALL_REDUCE,
     CollectiveCost,
@@ -15,8 +16,7 @@ from cqil_cli.calibrate.parallel_latency import (
     collectives_by_key,
     search_latency,
 )
-from cqil_cli.calibrate.search import uniform_groups
-from cqil_cli.core.errors import CqilError
+from cqil_cli.search.partitions import uniform_groups
 
 D, V, E = 64, 1000, 2  # hidden, vocabulary, bytes per element
 ACT = D * E  # one rank's [1, 1, d] activation, batch 1
@@ -177,7 +177,7 @@ def test_weight_bytes_follow_the_engine_split():
 
 def test_search_meets_a_budget_that_is_a_fraction_of_tensor_parallel():
     """What convert/choose.py does with the hook: allowance = fraction x original − outside."""
-    from cqil_cli.calibrate.search import best_partitions
+    from cqil_cli.search.partitions import best_partitions
 
     model, n, w, fraction = make_model(), 12, 4, 0.85
     latency = search_latency(model, n, w, bypass_distance=1)
@@ -190,13 +190,13 @@ def test_search_meets_a_budget_that_is_a_fraction_of_tensor_parallel():
 
 
 def test_probe_measures_every_input_on_two_ranks():
-    """calibrate/parallel_probe.py on 2 local ranks (a tiny Llama's shapes): compute at both
+    """search/parallel_probe.py on 2 local ranks (a tiny Llama's shapes): compute at both
     lane sizes (timed in the running engine), the head, and alpha/beta of every collective the
     engine calls; the model it returns predicts any grouping of the shape."""
     from tiny_models import tiny_model
 
-    from cqil_cli.calibrate.parallel_probe import measure_parallel_model
     from cqil_cli.runtime.checkpoint import build_cqil_model
+    from cqil_cli.search.parallel_probe import measure_parallel_model
 
     config = build_cqil_model(tiny_model("llama-gqa"), "none", 0).config
     model = measure_parallel_model(config, 2, context_tokens=16, repeats=6)
@@ -210,7 +210,7 @@ def test_probe_measures_every_input_on_two_ranks():
 
 
 def test_probe_depths_span_the_model_in_multiples_of_every_group_size():
-    from cqil_cli.calibrate.parallel_probe import probe_depths
+    from cqil_cli.search.parallel_probe import probe_depths
 
     assert probe_depths(30, 2) == (10, 30)  # the default model on 2 ranks: its own depth
     assert probe_depths(5, 2) == (2, 6)  # a tiny model: at least m and 3m

@@ -14,17 +14,10 @@ import torch
 from tiny_models import rel
 
 from cqil_cli.calibrate.options import LocalOptions
-from cqil_cli.calibrate.reconstruct import (
-    LocalResult,
-    cqil_blocks,
-    prune_blocks,
-    reconstruct,
-    repair_units,
-    restore,
-    skip_blocks,
-)
-from cqil_cli.calibrate.strategies import remove_layers
+from cqil_cli.calibrate.reconstruct import LocalResult, reconstruct, restore
 from cqil_cli.calibrate.tuning import LoRALinear
+from cqil_cli.convert.strategies import remove_layers
+from cqil_cli.convert.strategy_blocks import cqil_blocks, prune_blocks, repair_units, skip_blocks
 from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.checkpoint import build_cqil_model
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from cqil_cli.calibrate.search import best_partitions, uniform_groups
 from cqil_cli.core.errors import CqilError
+from cqil_cli.search.partitions import best_partitions, uniform_groups
 
 
 def all_partitions(n, max_size, i=0):

@@ -14,8 +14,8 @@ ids) and 64 new tokens, one thread per rank, all in one run:
 Each distributed row is one launch of W processes (bench/distributed.py: a warm-up run, then
 --repeats runs, the median per-token decode time); the launches are interleaved over --rounds
 rounds and the median over rounds is reported. Then the alpha-beta model is measured on the
-same W ranks (calibrate/parallel_probe.py) and predicts every distributed row, and the
-one-device latency model (calibrate/latency_model.py) every one-process row; the error is
+same W ranks (search/parallel_probe.py) and predicts every distributed row, and the
+one-device latency model (search/latency_model.py) every one-process row; the error is
 (predicted - measured) / measured. Weights are the default model's (the grouped rows untuned:
 the values do not change the time).
 """
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from ..bench.distributed import bench_on_ranks
-    from ..calibrate.latency_model import decode_ms, measure_latency_model
-    from ..calibrate.parallel_probe import measure_parallel_model
     from ..inputs.models import load_model
     from ..runtime.checkpoint import build_cqil_model, parse_groups, save_converted
+    from ..search.latency_model import decode_ms, measure_latency_model
+    from ..search.parallel_probe import measure_parallel_model
 
     W, n_new = args.world, args.new_tokens
     loaded = load_model("default", device="cpu", dtype="float32")

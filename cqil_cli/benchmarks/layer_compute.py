@@ -7,7 +7,7 @@ For each published shape of benchmarks/predict_parallel.py (Llama-2-7B, LLaMA-33
 Llama-3.1-8B; `--shapes tiny`: a tiny shape that runs in seconds on a CPU) it times, batch 1:
   layer  one rank's slice of a layer on a lane of t ranks, t in 1, 2, 4, 8 (those the shape's kv
          heads allow), exactly the slice the distributed engine runs, with a KV cache of
-         --context tokens (calibrate/parallel_probe.py: layer_slice_step, the same code the
+         --context tokens (search/parallel_probe.py: layer_slice_step, the same code the
          probe times); the slowest rank's (rank 0's) slice when heads do not divide evenly
   head   final norm + one rank's ⌈V/W⌉ rows of the lm_head, W in 1, 2, 4, 8
   embed  one rank's vocab-parallel embedding lookup, W in 1, 2, 4, 8
@@ -33,16 +33,16 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate.parallel_latency import DecoderShape
-from ..calibrate.parallel_probe import (
+from ..core.errors import CqilError
+from ..core.files import write_json_atomic
+from ..search.parallel_latency import DecoderShape
+from ..search.parallel_probe import (
     SliceStep,
     embed_slice_step,
     head_slice_step,
     layer_slice_step,
     timed_seconds,
 )
-from ..core.errors import CqilError
-from ..core.files import write_json_atomic
 from .predict_parallel import (
     COMPUTE_SCHEMA,
     COMPUTE_SIZES,

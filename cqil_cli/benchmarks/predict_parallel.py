@@ -4,7 +4,7 @@
         [--layer-overhead-us 45] [--compute-json PATH] [--json PATH]
 
 Nothing is measured here: the alpha-beta model of the distributed engine
-(calibrate/parallel_latency.py) is fed published hardware figures (every one with its source
+(search/parallel_latency.py) is fed published hardware figures (every one with its source
 in FIGURES below and in docs/performance.md) and published model configs, batch 1, fp16:
   compute      a layer costs a fixed overhead plus the slowest rank's bytes (weights and the KV
                cache of --context tokens) over the achieved HBM bandwidth (datasheet x efficiency)
@@ -26,7 +26,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..calibrate.parallel_latency import (
+from ..core.documents import Schema, read_json
+from ..core.errors import CqilError
+from ..core.files import write_json_atomic
+from ..search.parallel_latency import (
     ALL_GATHER,
     ALL_REDUCE,
     CollectiveCost,
@@ -35,10 +38,7 @@ from ..calibrate.parallel_latency import (
     ParallelLatencyModel,
     collectives_by_key,
 )
-from ..calibrate.search import uniform_groups
-from ..core.documents import Schema, read_json
-from ..core.errors import CqilError
-from ..core.files import write_json_atomic
+from ..search.partitions import uniform_groups
 
 FP16 = 2
 # Published configs (config.json on the Hugging Face Hub: meta-llama/Llama-2-7b-hf,

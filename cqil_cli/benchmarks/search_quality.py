@@ -19,12 +19,12 @@ import torch
 
 
 def main() -> None:
+    from cqil_cli.analyze.options import AnalyzeOptions
+    from cqil_cli.analyze.profile import analyze_model
     from cqil_cli.calibrate.evaluate import grouping_kl
-    from cqil_cli.calibrate.options import AnalyzeOptions
-    from cqil_cli.calibrate.profile import analyze_model
-    from cqil_cli.calibrate.search import best_partitions, uniform_groups
     from cqil_cli.inputs.models import load_model
     from cqil_cli.inputs.text import token_samples
+    from cqil_cli.search.partitions import best_partitions, uniform_groups
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

@@ -28,9 +28,9 @@ def spearman(a: dict, b: dict) -> float:
 
 
 def main() -> None:
-    from cqil_cli.calibrate.profile import AnalyzeReport
-    from cqil_cli.calibrate.search import best_partitions
+    from cqil_cli.analyze.profile import AnalyzeReport
     from cqil_cli.core.documents import read_json
+    from cqil_cli.search.partitions import best_partitions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exact", type=Path, help="a report of `cqil analyze --exact-kl`")

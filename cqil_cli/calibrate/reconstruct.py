@@ -48,35 +48,11 @@ from torch import nn
 
 from ..core.devices import release_freed_memory
 from ..core.errors import CqilError
+from .blocks import Block, Blocks, cache_energy
+from .closed_form import closed_form_start
 from .options import LOCAL_LOSSES, LOCAL_PARAMS, LocalOptions
 from .precision import fp32_linears, resolve_precision
 from .tuning import ParameterBackup, attach_lora_to, detach_lora, random_batches
-
-MAX_CLOSED_FORM_FEATURES = 8192  # P·I above this: the Gram matrix would be too large to solve
-
-
-@dataclass
-class Block:
-    name: str  # e.g. "layers 12-13"
-    layers: list[nn.Module]  # the layers whose weights train (or carry LoRA)
-    student: Callable[[torch.Tensor], torch.Tensor]  # x [b, T, d] -> s [b, T, d], differentiable
-    original: Callable[[torch.Tensor], torch.Tensor]  # x -> y, the original layers in sequence
-    after: Callable[[torch.Tensor], torch.Tensor]  # s -> the next block's input (layers between)
-    passes: int = 0  # layers run by original, student and after together (one window each)
-
-
-@dataclass
-class Blocks:
-    model: nn.Module  # the model the blocks train; all else in it stays frozen
-    first_input: Callable[[torch.Tensor], torch.Tensor]  # ids [b, T] -> the first block's x
-    blocks: list[Block]
-    prefix: int = 0  # layers first_input runs
-
-    def layer_passes(self) -> int:
-        """Layers the stage runs per cached window without gradients, roughly: the prefix, and
-        for each block its passes plus two more of its own layers (the error and the end pass)
-        plus about as much again for the closed form's Gram matrix."""
-        return self.prefix + sum(b.passes + 3 * len(b.layers) for b in self.blocks)
 
 
 @dataclass
@@ -177,7 +153,7 @@ def _reconstruct_blocks(blocks: Blocks, ids: torch.Tensor, options: LocalOptions
         result.saved.add(_parameters(block))
         record = {"name": block.name, "steps": 0}
         record["loss_start"], ready, record["closed_form"] = \
-            _closed_form_start(block, x, y, options)
+            closed_form_start(block, x, y, options)
         overhead = time.perf_counter() - began
         left = len(blocks.blocks) - k  # this block's share of the time, after the caching of
         reserve = (caching if caching is not None else 2 * overhead) * (left - 1)  # the rest
@@ -280,13 +256,7 @@ def _outputs_and_error(block: Block, x: torch.Tensor, y: torch.Tensor,
     outputs = [block.student(xb) for xb in x.split(batch_size)]
     error = sum(float((s.float() - yb).pow(2).sum()) for s, yb in
                 zip(outputs, y.split(batch_size), strict=True))
-    return outputs, error / _energy(x, y)
-
-
-def _energy(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Σ‖y − x‖², the energy of the original blocks' deltas on the cache."""
-    return max(sum(float((yb - xb).pow(2).sum()) for xb, yb in
-                   zip(x.split(16), y.split(16), strict=True)), 1e-30)
+    return outputs, error / cache_energy(x, y)
 
 
 def _train_block(block: Block, x: torch.Tensor, y: torch.Tensor, options: LocalOptions,
@@ -348,250 +318,4 @@ class _Layers(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
-@torch.no_grad()
-def _closed_form_start(block: Block, x: torch.Tensor, y: torch.Tensor,
-                       options: LocalOptions) -> tuple[float, float | None, str | None]:
-    """(the block's error on the cache before the stage, its error after this start or None
-    when there was none, what the start did).
-
-    The block's output s is linear in each layer's down projection W_j [d, I]: s changes by
-    γ_j ⊙ ΔW_j u_j (γ_j = 1 for a single layer) where u_j [.., I] is that projection's input.
-    Stacking U = [u_1 … u_P] [N, P·I] and R = y − s [N, d] over the N cached tokens, the ridge
-    solution Δ' = (UᵀU + λI)⁻¹ UᵀR (λ = options.ridge / n × the mean diagonal of UᵀU for n
-    windows: a pull towards the current weights of a fixed strength, against fitting the cache
-    too closely) gives ΔW_j = Δ'_jᵀ / γ_j, and
-    the new error ‖R − UΔ'‖² = ‖R‖² − 2 tr(Δ'ᵀUᵀR) + tr(Δ'ᵀUᵀUΔ') without another pass. (A
-    block whose output is not linear in W_j is caught by reconstruct's check afterwards.)
-    """
-    b = options.cache_batch
-    downs = [getattr(getattr(layer, "mlp", None), "down_proj", None) for layer in block.layers]
-    usable = options.closed_form and all(type(d) is nn.Linear for d in downs) and \
-        sum(d.in_features for d in downs) <= MAX_CLOSED_FORM_FEATURES
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [d.register_forward_hook(lambda _m, args, _out, j=j: inputs.__setitem__(j, args[0]))
-             for j, d in enumerate(downs)] if usable else []
-    # Memory (the stage's peak on a 1-2 layer block): UᵀU in float64 [P·I, P·I], filled block
-    # by block [I_j, I_k] from each batch's u_j (never the concatenated U [b·T, P·I], nor a
-    # float64 copy of a product), and factored in place.
-    sizes = [d.in_features for d in downs] if usable else []
-    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=x.device)
-    cross = torch.zeros(sum(sizes), x.shape[-1], dtype=torch.float64, device=x.device)
-    error = 0.0
-    try:
-        for xb, yb in zip(x.split(b), y.split(b), strict=True):
-            residual = (yb - block.student(xb).float()).reshape(-1, yb.shape[-1])  # [b·T, d]
-            error += float(residual.pow(2).sum())
-            u = [inputs[j].reshape(-1, size).float() for j, size in enumerate(sizes)]  # [b·T, I_j]
-            for j, (uj, oj) in enumerate(zip(u, offsets, strict=True)):
-                cross[oj:oj + sizes[j]] += uj.T @ residual
-                for k in range(j, len(u)):  # the upper blocks; the lower are their transposes
-                    gram[oj:oj + sizes[j], offsets[k]:offsets[k] + sizes[k]] += uj.T @ u[k]
-            del u
-            inputs.clear()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    energy = _energy(x, y)
-    before = error / energy
-    if not usable:
-        return before, None, None
-    for j in range(len(sizes)):
-        for k in range(j + 1, len(sizes)):
-            gram[offsets[k]:offsets[k] + sizes[k], offsets[j]:offsets[j] + sizes[j]] = \
-                gram[offsets[j]:offsets[j] + sizes[j], offsets[k]:offsets[k] + sizes[k]].T
-    ridge = float(options.ridge / x.shape[0] * gram.diagonal().mean().clamp_min(1e-30))
-    gram.diagonal().add_(ridge)  # symmetric positive definite: Cholesky, in place
-    factor, failed = torch.linalg.cholesky_ex(
-        gram, out=(gram, torch.empty((), dtype=torch.int32, device=gram.device)))
-    if failed:
-        return before, None, "skipped (the Gram matrix is not positive definite)"
-    solution = torch.cholesky_solve(cross, factor)  # Δ' [P·I, d]
-    del factor, gram
-    # ‖R − UΔ'‖² = ‖R‖² − 2 tr(Δ'ᵀUᵀR) + tr(Δ'ᵀUᵀUΔ'), and (UᵀU + λI)Δ' = UᵀR makes the last
-    # term tr(Δ'ᵀUᵀR) − λ‖Δ'‖²: no need for UᵀU after the factorisation.
-    predicted = (error - float((solution * cross).sum())
-                 - ridge * float(solution.pow(2).sum())) / energy
-    offset = 0
-    for layer, down in zip(block.layers, downs, strict=True):
-        delta = solution[offset:offset + down.in_features].T  # [d, I]
-        offset += down.in_features
-        gamma = getattr(layer, "cqil_gamma", None)
-        if gamma is not None:
-            delta = delta / gamma.double()[:, None]
-        down.weight += delta.to(down.weight.dtype)
-    return before, predicted, f"least squares (error {before:.4g} -> {predicted:.4g})"
-
-
-# ----------------------------------------------------------------------------- the blocks
-
-
-def repair_units(num_layers: int, kept: list[int]) -> list[tuple[int, int, int]]:
-    """(start, stop, kept layer) for each kept layer that stands for removed or skipped layers:
-    the run right before it, and for the last kept layer also a run after it; [start, stop) is
-    the span of original layers it replaces. Kept layers with no such run are not listed."""
-    kept_set = set(kept)
-    units = []
-    for position, layer in enumerate(kept):
-        start = layer
-        while start > 0 and start - 1 not in kept_set:
-            start -= 1
-        stop = num_layers if position == len(kept) - 1 else layer + 1
-        if (start, stop) != (layer, layer + 1):
-            units.append((start, stop, layer))
-    return units
-
-
-def _on_model(model, ids: torch.Tensor) -> torch.Tensor:
-    """ids on the model's device (calibration windows are drawn on the CPU)."""
-    return ids.to(next(model.parameters()).device)
-
-
-def cqil_blocks(model, example_ids: torch.Tensor) -> Blocks:
-    """The groups of a grouped CqilForCausalLM as blocks: student = the group (reference
-    engine), original = its layers in sequence. example_ids [b, T]: the windows' length (every
-    batch shares one StepContext: no padding, positions 0..T-1)."""
-    inner = model.model
-    steps = model.config.groups
-    grouped = [s for s, group in enumerate(steps) if len(group) > 1]
-    _, context = inner.prepare_steps(_on_model(model, example_ids[:1]))
-
-    def run(first: int, stop: int, sequential: bool = False):
-        return lambda x: inner.run_steps(x, context, steps=range(first, stop),
-                                         sequential=sequential)
-
-    def first_input(ids):
-        x, _ = inner.prepare_steps(ids)
-        return inner.run_steps(x, context, steps=range(grouped[0] if grouped else 0))
-
-    blocks = []
-    for k, s in enumerate(grouped):
-        following = grouped[k + 1] if k + 1 < len(grouped) else len(steps)
-        between = sum(len(steps[t]) for t in range(s + 1, following))
-        blocks.append(Block(f"layers {steps[s][0]}-{steps[s][-1]}", inner.step_layers(s),
-                            student=run(s, s + 1), original=run(s, s + 1, sequential=True),
-                            after=run(s + 1, following), passes=2 * len(steps[s]) + between))
-    return Blocks(model, first_input, blocks, prefix=steps[grouped[0]][0] if grouped else 0)
-
-
-def skip_blocks(model, prompt_tokens: int, example_ids: torch.Tensor) -> Blocks:
-    """The kept layers after each skipped run of a Unified Layer Skipping CqilForCausalLM as
-    blocks. Student: the skipping model on a window as prompt (its first prompt_tokens tokens,
-    every layer) and continuation (kept layers only); original: every token through every
-    layer. The loss covers every position (the prompt's, unchanged at first, feed the later
-    layers' keys and values)."""
-    inner = model.model
-    config = model.config
-    if any(len(group) != 1 for group in config.groups):
-        raise CqilError("a skipping model has single layers only")
-    n = config.num_hidden_layers
-    kept = [i for i in range(n) if i not in set(config.skip_layers)]
-    units = repair_units(n, kept)
-    one = _on_model(model, example_ids[:1])
-    _, student_context = inner.prepare_steps(one, prompt_length=max(prompt_tokens, 1))
-    _, full_context = inner.prepare_steps(one)
-
-    def run(first: int, stop: int, context):
-        return lambda x: inner.run_steps(x, context, steps=range(first, stop))
-
-    def first_input(ids):
-        x, _ = inner.prepare_steps(ids)
-        return inner.run_steps(x, student_context, steps=range(units[0][0] if units else 0))
-
-    blocks = []
-    for k, (start, stop, layer) in enumerate(units):
-        following = units[k + 1][0] if k + 1 < len(units) else n
-        blocks.append(Block(f"layers {start}-{stop - 1} -> {layer}", [inner.layers[layer]],
-                            student=run(start, stop, student_context),
-                            original=run(start, stop, full_context),
-                            after=run(stop, following, student_context),
-                            passes=2 * (stop - start) + following - stop))
-    return Blocks(model, first_input, blocks, prefix=units[0][0] if units else 0)
-
-
-class _Captured(Exception):
-    """Raised by a forward pre-hook to stop a forward once a layer's input is captured."""
-
-
-def _layer_output(output):
-    return output[0] if isinstance(output, tuple) else output  # transformers < 5: a tuple
-
-
-def layer_arguments(model, example_ids: torch.Tensor) -> list[dict]:
-    """The keyword arguments a transformers decoder calls each of its layers with (attention
-    mask, rotary embeddings, positions …) on windows shaped like example_ids[:1]; with no padding
-    they depend on the window length only and broadcast over any batch."""
-    captured: list[dict] = [{} for _ in model.model.layers]
-
-    def hook(index):
-        def record(_module, _args, kwargs):
-            captured[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(input_ids=_on_model(model, example_ids[:1]), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _layer_input(model, index: int, ids: torch.Tensor) -> torch.Tensor:
-    """The hidden state that layer `index` of a transformers decoder receives for ids."""
-    seen = {}
-
-    def stop(_module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        raise _Captured
-
-    handle = model.model.layers[index].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(input_ids=ids, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return seen["x"]
-
-
-def prune_blocks(teacher, student, kept: list[int], example_ids: torch.Tensor) -> Blocks:
-    """The kept layers next to each removed run of a pruned transformers model as blocks.
-
-    teacher: the original model (all layers); student: the same with only layers `kept` (new
-    index i is original layer kept[i]). Original: the teacher's layers of the unit's span in
-    sequence; student: the kept layer alone. Layers run as their decoder runs them, with the
-    arguments layer_arguments captured."""
-    n = len(teacher.model.layers)
-    student_args = layer_arguments(student, example_ids)
-    teacher_args = layer_arguments(teacher, example_ids)
-    position = {layer: i for i, layer in enumerate(kept)}
-    units = repair_units(n, kept)
-
-    def replay(model, arguments, indices):
-        def run(x):
-            for i in indices:
-                x = _layer_output(model.model.layers[i](x, **arguments[i]))
-            return x
-        return run
-
-    def first_input(ids):
-        return _layer_input(student, position[units[0][2]], ids)
-
-    blocks = []
-    for k, (start, stop, layer) in enumerate(units):
-        here = position[layer]
-        following = position[units[k + 1][2]] if k + 1 < len(units) else len(kept)
-        blocks.append(Block(f"layers {start}-{stop - 1} -> {layer}", [student.model.layers[here]],
-                            student=replay(student, student_args, [here]),
-                            original=replay(teacher, teacher_args, range(start, stop)),
-                            after=replay(student, student_args, range(here + 1, following)),
-                            passes=stop - start + following - here))
-    return Blocks(student, first_input, blocks,
-                  prefix=position[units[0][2]] if units else 0)
-
-
-__all__ = ["Block", "Blocks", "LocalOptions", "LocalResult", "block_loss", "cqil_blocks",
-           "prune_blocks", "reconstruct", "repair_units", "restore", "skip_blocks"]
+__all__ = ["Block", "Blocks", "LocalOptions", "LocalResult", "block_loss", "reconstruct", "restore"]

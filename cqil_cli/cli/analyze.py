@@ -1,10 +1,10 @@
-"""`cqil analyze`: the click command over calibrate.profile (docs/analyze.md)."""
+"""`cqil analyze`: the click command over analyze.profile (docs/analyze.md)."""
 
 from __future__ import annotations
 
 import click
 
-from ..calibrate.options import AnalyzeOptions
+from ..analyze.options import AnalyzeOptions
 from ..core.errors import CqilError
 from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
 
@@ -56,7 +56,7 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
 
     See docs/analyze.md for how to read every figure and the heatmap.
     """
-    from ..calibrate.profile import analyze_model, check_window, progress_steps
+    from ..analyze.profile import analyze_model, check_window, progress_steps
     from ..inputs.models import load_model
     from ..inputs.text import token_samples
 

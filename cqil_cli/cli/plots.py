@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..analyze.profile import AnalyzeReport
     from ..bench.report import BenchReport
-    from ..calibrate.profile import AnalyzeReport
 
 
 def _pyplot():

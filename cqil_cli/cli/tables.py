@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from ..analyze.profile import AnalyzeReport
     from ..bench.report import BenchReport
-    from ..calibrate.profile import AnalyzeReport
 
 
 def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> None:
@@ -41,7 +41,7 @@ def analyze_tables(report: AnalyzeReport, console: Console, top: int = 15) -> No
             f"({latency['prefill_outside_layers']:.1f} outside the layers); one decode step: "
             f"{latency['decode_total']:.2f} ms ({latency['decode_outside_layers']:.2f} outside)")
     if report.groups:
-        from ..calibrate.profile import group_cost
+        from ..analyze.profile import group_cost
 
         exact = report.sensitivity_measure == "output_kl"
         what = "KL(orig‖grouped)" if exact else "local error"

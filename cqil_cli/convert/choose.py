@@ -1,9 +1,9 @@
 """Which steps a conversion keeps: the grouping of cqil, the kept layers of skip and prune.
 
 cqil   by hand (--groups, or the papers' --start/--end/--parallel), or searched under a latency
-       budget (calibrate/search.py) on analyze's group sensitivity and the latency model, the
+       budget (search/partitions.py) on analyze's group sensitivity and the latency model, the
        few best partitions re-measured whole on calibration text (docs/convert.md);
-skip   Unified Layer Skipping's rule (calibrate/strategies.py) for --speedup, or evenly spaced
+skip   Unified Layer Skipping's rule (convert/strategies.py) for --speedup, or evenly spaced
        layers for a depth or budget;
 prune  the layers of highest block influence (ShortGPT).
 Each returns the steps (or kept layers) and a record of how they were chosen for the manifest.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..calibrate.options import AnalyzeOptions
+from ..analyze.options import AnalyzeOptions
 from ..core.documents import read_json
 from ..core.errors import CqilError
 from .options import ConvertOptions
@@ -32,7 +32,7 @@ class Callbacks:
 
 def load_report(path: Path, num_layers: int, devices: int):
     """The AnalyzeReport of --report, checked against the model and --devices."""
-    from ..calibrate.profile import AnalyzeReport
+    from ..analyze.profile import AnalyzeReport
 
     report = AnalyzeReport.from_json(read_json(path, "the --report"), f"--report {path}")
     if report.num_layers != num_layers:
@@ -48,7 +48,7 @@ def load_report(path: Path, num_layers: int, devices: int):
 def _measure_report(loaded, opts: ConvertOptions, options: AnalyzeOptions, label: str,
                     cb: Callbacks):
     """Run analyze's measurements on calibration windows (128 tokens each)."""
-    from ..calibrate.profile import analyze_model, progress_steps
+    from ..analyze.profile import analyze_model, progress_steps
     from ..inputs.text import token_samples_up_to
 
     ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, opts.calib_samples, 128, opts.seed)
@@ -59,8 +59,8 @@ def _measure_report(loaded, opts: ConvertOptions, options: AnalyzeOptions, label
 def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, cb: Callbacks):
     """(steps, details) for the cqil strategy: the best partition under the budget or depth."""
     from ..calibrate.evaluate import grouping_kl
-    from ..calibrate.search import best_partitions, fastest_latency
     from ..inputs.text import token_samples_up_to
+    from ..search.partitions import best_partitions, fastest_latency
 
     n = loaded.num_layers
     if opts.report is not None:
@@ -116,8 +116,8 @@ def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, 
 
 
 def cqil_steps(loaded, opts: ConvertOptions, fraction, latency, cb: Callbacks):
-    from ..calibrate.search import uniform_groups
     from ..runtime.checkpoint import parse_groups
+    from ..search.partitions import uniform_groups
 
     n = loaded.num_layers
     if opts.groups is not None:
@@ -161,7 +161,7 @@ def block_influence(loaded, opts: ConvertOptions, cb: Callbacks) -> list[float]:
 
 def skip_kept_layers_of(opts: ConvertOptions, fraction, latency, n: int) -> tuple[list[int], dict]:
     """(kept layers, selection record) of Unified Layer Skipping."""
-    from ..calibrate.strategies import skip_kept_layers, skip_kept_layers_for_count
+    from .strategies import skip_kept_layers, skip_kept_layers_for_count
 
     if opts.speedup is not None:  # the paper's rule for a speed-up ratio r
         kept = skip_kept_layers(n, opts.speedup)
@@ -174,7 +174,7 @@ def skip_kept_layers_of(opts: ConvertOptions, fraction, latency, n: int) -> tupl
 def prune_kept_layers_of(loaded, opts: ConvertOptions, fraction, latency,
                          cb: Callbacks) -> tuple[list[int], dict]:
     """(kept layers, selection record) of ShortGPT pruning."""
-    from ..calibrate.strategies import prune_kept_layers
+    from .strategies import prune_kept_layers
 
     influence = block_influence(loaded, opts, cb)
     kept = prune_kept_layers(influence, kept_count(opts, fraction, latency, loaded.num_layers))
@@ -185,20 +185,20 @@ def measure_latency(loaded, opts: ConvertOptions, cb: Callbacks):
     """(LatencyModel the budget search reads, ParallelLatencyModel or None).
 
     --engine fused (the default): measured on this device with cqil's one-device engine
-    (calibrate/latency_model.py), budgets relative to the original there. --engine distributed:
+    (search/latency_model.py), budgets relative to the original there. --engine distributed:
     the alpha-beta model of the distributed engine measured on --devices local ranks
-    (calibrate/parallel_probe.py), so that a budget is a fraction of the original's
-    tensor-parallel latency on those ranks (calibrate/parallel_latency.py: search_latency).
+    (search/parallel_probe.py), so that a budget is a fraction of the original's
+    tensor-parallel latency on those ranks (search/parallel_latency.py: search_latency).
     """
-    from ..calibrate.latency_model import measure_latency_model
+    from ..search.latency_model import measure_latency_model
 
     max_group = opts.devices if opts.strategy == "cqil" else 1
     if opts.engine != "distributed":
         tick = cb.progress("measuring latency", 3 * max_group)
         return measure_latency_model(loaded.model, max_group, on_progress=tick), None
-    from ..calibrate.parallel_latency import search_latency
-    from ..calibrate.parallel_probe import measure_parallel_model
     from ..runtime.configuration_cqil import CqilConfig
+    from ..search.parallel_latency import search_latency
+    from ..search.parallel_probe import measure_parallel_model
 
     config = CqilConfig.from_base_config(loaded.model.config, None)
     cb.status(f"measuring the distributed engine on {opts.devices} local ranks")

@@ -168,10 +168,10 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
 
     The original's quality is measured here, before a strategy may free the base model (cqil
     and skip tune against the converted model's own weights run in full: no second copy)."""
-    from ..calibrate.reconstruct import cqil_blocks, prune_blocks, skip_blocks
-    from ..calibrate.strategies import neighbours_of_removed, remove_layers
     from ..calibrate.tuning import tune_from_teacher, tune_groups, tune_skip
     from ..runtime.checkpoint import build_cqil_model
+    from .strategies import neighbours_of_removed, remove_layers
+    from .strategy_blocks import cqil_blocks, prune_blocks, skip_blocks
 
     base, n = loaded.model, loaded.num_layers
     if opts.strategy == "cqil":

@@ -1,7 +1,7 @@
 """The JSON documents cqil writes and reads back, and the check of their schema tag.
 
 Four documents, each defined once as a typed class next to the code that writes it:
-  cqil.analyze/1   calibrate/profile.py   AnalyzeReport   `cqil analyze --json`, read by convert
+  cqil.analyze/1   analyze/profile.py   AnalyzeReport   `cqil analyze --json`, read by convert
   cqil.manifest/1  runtime/manifest.py    Manifest        manifest.json of a converted folder
   cqil.bench/1     bench/report.py        BenchReport     `cqil bench --json`
   cqil.generate/1  generate/run.py        GenerateResult  `cqil generate --json`

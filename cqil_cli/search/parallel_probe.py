@@ -6,7 +6,7 @@ as a real run does), with its own threads (the machine's cores / W):
   - the collectives the engine calls (runtime/distributed_cqil.py: Collectives, the same code):
     all-reduce over W and over every lane size between, all-gather over W, each at several
     message sizes from one token's activation up to one rank's share of the logits, back to
-    back; alpha and beta fitted per (kind, n) (calibrate/parallel_latency.py: CollectiveCost.fit);
+    back; alpha and beta fitted per (kind, n) (search/parallel_latency.py: CollectiveCost.fit);
   - the head: final norm and this rank's rows of lm_head; the embedding lookup; the per-forward
     overhead outside the layers (RoPE tables, mask);
   - compute per step at every lane size t (t = W for a single layer, W/P for a member of a group

@@ -34,8 +34,8 @@ The parts:
                         device where nothing was measured; DecoderShape gives those bytes
   ParallelLatencyModel  predict_token_s, ratio against the plain model's TP on the same W,
                         predicted_record (the manifest's `predicted`), to_json / from_json
-  search_latency        what calibrate/search.py needs (a LatencyModel), from this model
-Pure Python: no torch (search_latency imports calibrate/latency_model.py, which does).
+  search_latency        what search/partitions.py needs (a LatencyModel), from this model
+Pure Python: no torch (search_latency imports search/latency_model.py, which does).
 """
 
 from __future__ import annotations
@@ -425,7 +425,7 @@ def _lane(group_size: int, world_size: int) -> int:
 
 def search_latency(model: ParallelLatencyModel, num_layers: int, world_size: int,
                    bypass_distance: int, max_group_size: int | None = None, batch: int = 1):
-    """The LatencyModel (calibrate/latency_model.py) that convert/choose.py's search reads,
+    """The LatencyModel (search/latency_model.py) that convert/choose.py's search reads,
     predicted for W ranks of the distributed engine instead of measured on one device.
 
     step_ms[s]: one step of s layers on W ranks (s = 1: a single layer tensor-parallel over W;
