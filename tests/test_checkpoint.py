@@ -208,14 +208,14 @@ def test_saved_folder_carries_the_distributed_engine(saved, tmp_path):
     slices from the folder: the same tensors as cqil's own code reads."""
     import shutil
 
+    from cqil_cli.runtime.checkpoint import RUNTIME_FILES
     from cqil_cli.runtime.distributed_cqil import load_rank
 
     _, out = saved
     package = tmp_path / "shipped" / "cqil_runtime"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for name in ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py",
-                 "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py"):
+    for name in RUNTIME_FILES:
         shutil.copyfile(out / name, package / name)
     script = f"""
 import sys, torch

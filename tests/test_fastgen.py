@@ -45,6 +45,22 @@ def test_fastgen_greedy_equals_generate(kind, groups, distance):
     assert result.decode_ms_per_token > 0
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "gemma2-softcap", "gemma3-local"])
+def test_fastgen_head_is_the_models_head_in_bfloat16(kind):
+    """Fast generation's final norm, lm_head and soft-cap are every engine's
+    (edges_cqil.final_logits): Gemma's final norm in fp32 there too. bf16 tolerance 1e-2."""
+    model = build_cqil_model(tiny(kind), "1-2", 1).to(torch.bfloat16)
+    ids = torch.randint(3, V, (2, 9))
+    gen = FastGenerator(model)
+    gen._lm_matrix()
+    with torch.no_grad():
+        x, context = model.model.prepare_steps(ids)
+        h = model.model.run_steps(x, context)[:, -1]  # [B, d] before the final norm
+        got = gen._logits(h).float()
+        want = model.compute_logits(model.model.norm(h)).float()
+    assert tiny_models.rel(got, want) < 1e-2
+
+
 def test_fastgen_plain_model_is_converted_and_matches_transformers():
     hf = tiny("llama-gqa")
     ids, mask = padded_batch()

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cqil_cli"
 RANKS = {"core": 0, "runtime": 1, "inputs": 2, "analyze": 3, "search": 3, "calibrate": 3,
          "convert": 4, "bench": 4,
          "generate": 4, "cli": 5, "benchmarks": 6}
-SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "fused_cqil.py",
+SELF_CONTAINED = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "edges_cqil.py",
+                  "fused_cqil.py",
                   "sharding_cqil.py", "distributed_cqil.py")
 
 
@@ -74,3 +75,18 @@ def test_runtime_files_are_self_contained(name):
             assert f"{sibling}.py" in SELF_CONTAINED, f"{name} imports {module}"
         else:
             assert top in allowed, f"{name} imports {module}"
+
+
+# The edges of a forward pass (runtime/edges_cqil.py) and the family code under them
+# (runtime/families_cqil.py) are the only places that scale embeddings, cap logits or build RoPE.
+EDGE_CODE = ("embedding_multiplier(", "softcap(", "make_rotary(", "RotaryEmbedding(",
+             "build_attention_mask(")
+EDGE_HOMES = ("edges_cqil.py", "families_cqil.py")
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if p.name not in EDGE_HOMES],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_forward_edges_are_written_once(path):
+    text = path.read_text()
+    found = [code for code in EDGE_CODE if code in text]
+    assert not found, f"{path.name} computes an edge itself ({found}): use runtime/edges_cqil.py"

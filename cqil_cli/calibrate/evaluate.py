@@ -14,7 +14,7 @@ import torch
 
 from ..core.metrics import TokenMetrics, perplexity_of, summed_kl
 from ..runtime.checkpoint import build_cqil_model
-from ..runtime.families_cqil import softcap
+from ..runtime.edges_cqil import head_logits
 
 
 def prompt_kwargs(model, prompt_tokens: int) -> dict:
@@ -63,8 +63,7 @@ def head_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
     model.model(...).last_hidden_state (after the final norm in both), the logits of forward()."""
     if hasattr(model, "compute_logits"):
         return model.compute_logits
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return lambda h: softcap(model.lm_head(h), cap)
+    return lambda h: head_logits(model.config, model.lm_head(h))  # the family's, as every engine
 
 
 @torch.no_grad()

@@ -19,14 +19,15 @@ import torch
 
 from ..core.files import staged_folder
 from .configuration_cqil import FULL, SLIDING, SUPPORTED_BASE_TYPES, CqilConfig, check_groups
-from .families_cqil import make_rotary
+from .edges_cqil import make_rotaries
 from .fused_cqil import file_mappings, release_file_pages
 from .modeling_cqil import CqilForCausalLM, contiguous_state_dict
 
 RUNTIME_DIR = Path(__file__).parent
 # The self-contained files a converted folder carries (torch + transformers only), so that
 # trust_remote_code=True works where cqil is not installed.
-RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "fused_cqil.py",
+RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "edges_cqil.py",
+                 "fused_cqil.py",
                  "sharding_cqil.py", "distributed_cqil.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
@@ -162,11 +163,11 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
         for name in new_keys:
             target[name].fill_(1.0)
         # Non-persistent buffers (RoPE inverse frequencies) are computed, not loaded.
+        fresh = make_rotaries(cfg, device)  # layer type -> RoPE module
         for rope, kind in ((model.model.rotary_emb, FULL), (model.model.rotary_local, SLIDING)):
             if rope is not None:
-                fresh = make_rotary(cfg, kind).to(device)
-                rope.inv_freq = fresh.inv_freq
-                rope.original_inv_freq = fresh.original_inv_freq
+                rope.inv_freq = fresh[kind].inv_freq
+                rope.original_inv_freq = fresh[kind].original_inv_freq
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if getattr(base_model, "generation_config", None) is not None:

@@ -71,9 +71,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .configuration_cqil import FULL, SLIDING
-from .families_cqil import embedding_multiplier, has_local_rope, make_rotary, softcap
-from .modeling_cqil import build_attention_mask
+from .edges_cqil import (  # noqa: F401  (sampling: importable from here too)
+    head_logits,
+    make_rotaries,
+    masks_by_type,
+    next_tokens,
+    rope_by_type,
+    sampling_scores,
+    scale_embeddings,
+)
 from .sharding_cqil import (
     CqilShard,
     DistributedLayout,
@@ -209,36 +215,6 @@ class RankKVCache:
         return self.keys[step][:, :, :end], self.values[step][:, :, :end]
 
 
-def sampling_scores(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None) -> torch.Tensor:
-    """logits [B, V] -> the scores a token is drawn from (softmax of them): divided by the
-    temperature, then -inf outside the top_k most likely tokens and outside the smallest set
-    whose probability reaches top_p (the most likely token always stays), in the order
-    transformers' logits warpers apply them."""
-    scores = logits.float() / max(float(temperature), 1e-5)
-    if top_k is not None and 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)  # [B, V]
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before the token already reaches p
-        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return scores
-
-
-def next_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token of each row of logits [B, V] -> [B]: the argmax, or a draw from
-    softmax(sampling_scores(...)) with `generator` (on the CPU, so that the same logits and
-    generator state give the same draw on every rank, whatever its device)."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = sampling_scores(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-
-
 @dataclass
 class DistributedGeneration:
     tokens: torch.Tensor  # [B, n] new tokens (pad after a sequence's eos)
@@ -263,10 +239,8 @@ class DistributedCqil:
         if self.world_size > 1 and not joined:
             raise ValueError(f"the layout is for {self.world_size} ranks: initialise "
                              "torch.distributed with that many first (init_distributed)")
-        with torch.device(self.device):  # the family's RoPE (Phi-3: partial; Gemma 3: 2 bases)
-            self.rotary = make_rotary(self.config, FULL)
-            self.rotary_local = (make_rotary(self.config, SLIDING)
-                                 if has_local_rope(self.config) else None)
+        # layer type -> the family's RoPE (Phi-3: partial; Gemma 3: a local base)
+        self.rotaries = make_rotaries(self.config, self.device)
         self.collectives = Collectives(self.rank, self.world_size, self.layout.lane_sizes())
         rows = [self.layout.vocab_rows(r) for r in range(self.world_size)]
         self._vocab_parts = [len(r) for r in rows]  # rows of each rank (logits gather)
@@ -295,14 +269,12 @@ class DistributedCqil:
             inside = (local >= 0) & (local < len(rows))  # [B, T]: ids among this rank's rows
             x = self.shard.embed_tokens(local.clamp(0, len(rows) - 1))  # [B, T, d]
             x = self.collectives.all_reduce(x.masked_fill(~inside[..., None], 0.0))
-        if self.config.scale_embeddings:
-            x = x * embedding_multiplier(self.config.hidden_size, x.dtype)
-        return x
+        return scale_embeddings(self.config, x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states x [B, T, d] (normed) -> logits [B, T, V], the same on every rank;
         the final soft-cap (Gemma) is elementwise, so each rank caps its own rows."""
-        part = softcap(self.shard.lm_head(x), self.config.final_logit_softcapping)  # [B, T, rows]
+        part = head_logits(self.config, self.shard.lm_head(x))  # [B, T, rows]
         if not self.layout.vocab_parallel:
             return part
         widest = max(self._vocab_parts)
@@ -392,15 +364,11 @@ class DistributedCqil:
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=self.device)[None]  # [1, T]
         position_ids = position_ids.to(self.device)
-        ropes = {FULL: self.rotary(x, position_ids)}  # layer type -> (cos, sin) [B|1, T, r]
-        ropes[SLIDING] = (self.rotary_local(x, position_ids) if self.rotary_local is not None
-                          else ropes[FULL])  # Gemma 3: its sliding layers' local base
+        ropes = rope_by_type(self.rotaries, x, position_ids)  # type -> (cos, sin) [B|1, T, r]
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        masks = {}  # layer type -> (bool mask [B|1, 1, T, past+T] or None, is_causal)
-        for kind in set(self.config.layer_types):
-            window = self.config.sliding_window if kind == SLIDING else None
-            masks[kind] = build_attention_mask(attention_mask, B, T, past, window, self.device)
+        # layer type -> (bool mask [B|1, 1, T, past+T] or None, is_causal)
+        masks = masks_by_type(self.config, attention_mask, B, T, past, self.device)
         skipped = set(self.config.skip_layers) if past else set()
         for sl in self.shard.slices:
             if sl.layer in skipped:

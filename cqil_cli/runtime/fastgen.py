@@ -32,12 +32,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..core.devices import synchronize
 from .configuration_cqil import FULL, SLIDING
-from .distributed_cqil import next_tokens
-from .families_cqil import embedding_multiplier, softcap
+from .edges_cqil import final_logits, next_tokens, rope_by_type, rotaries_of, scale_embeddings
 from .fused_cqil import FusedLinear, pack_members, rope_tables
 from .modeling_cqil import CqilForCausalLM, step_inputs
 
@@ -121,18 +119,12 @@ class FastGenerator:
 
     # -- pieces of one forward
 
-    def _rotaries(self) -> dict:
-        """layer type -> its RoPE module (the same module for both types but in Gemma 3)."""
-        inner = self.model.model
-        local = getattr(inner, "rotary_local", None)  # absent from cqil 0.1's shipped modeling file
-        return {FULL: inner.rotary_emb, SLIDING: local if local is not None else inner.rotary_emb}
-
     def _rope(self, max_len: int, device, dtype) -> dict | None:
         """layer type -> RoPE tables [max_len, 1, r] in the fused form, or None when a RoPE type
         depends on the length (then computed per step)."""
         tables, by_module = {}, {}
         dummy = torch.empty(1, dtype=dtype, device=device)
-        for kind, rope in self._rotaries().items():
+        for kind, rope in rotaries_of(self.model.model).items():
             if rope.rope_type not in _TABLE_ROPE_TYPES:
                 return None
             if id(rope) not in by_module:
@@ -150,10 +142,9 @@ class FastGenerator:
             out[SLIDING] = out[FULL] if local is full else (local[0][positions], local[1][positions])
             return out
         dummy = torch.empty(1, dtype=dtype, device=positions.device)
-        rotaries = self._rotaries()
-        out = {FULL: rope_tables(*rotaries[FULL](dummy, positions))}
-        out[SLIDING] = out[FULL] if rotaries[SLIDING] is rotaries[FULL] else \
-            rope_tables(*rotaries[SLIDING](dummy, positions))
+        ropes = rope_by_type(rotaries_of(self.model.model), dummy, positions)
+        out = {FULL: rope_tables(*ropes[FULL])}
+        out[SLIDING] = out[FULL] if ropes[SLIDING] is ropes[FULL] else rope_tables(*ropes[SLIDING])
         return out
 
     def _lm_matrix(self) -> torch.Tensor:
@@ -169,18 +160,13 @@ class FastGenerator:
         return self._lm_w
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, d] last hidden state -> logits [B, V] (final norm, lm_head)."""
-        norm = self.model.model.norm
-        gain = norm.gain() if hasattr(norm, "gain") else norm.weight  # Gemma: 1 + weight
-        h = F.rms_norm(h, (h.shape[-1],), weight=gain, eps=norm.variance_epsilon)
-        return softcap(self._lm_w(h), getattr(self.config, "final_logit_softcapping", None))
+        """h [B, d] last hidden state -> logits [B, V] (final norm, lm_head, as every engine)."""
+        return final_logits(self.config, self.model.model.norm, self._lm_w, h)
 
     def _decode(self, tok, pos, write_pos, masks):
         """One token for every sequence: tok/pos [B, 1], write_pos [1], masks (layer type ->
         additive row [B, 1, 1, max_len]) -> logits [B, V]."""
-        x = self.model.model.embed_tokens(tok)  # [B, 1, d]
-        if getattr(self.config, "scale_embeddings", False):
-            x = x * embedding_multiplier(self.config.hidden_size, x.dtype)
+        x = scale_embeddings(self.config, self.model.model.embed_tokens(tok))  # [B, 1, d]
         ropes = self._cos_sin(pos, x.dtype)  # layer type -> [B, 1, 1, r]
         masks = {kind: (row, False) for kind, row in masks.items()}
         self._cache.write_pos = write_pos

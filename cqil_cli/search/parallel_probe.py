@@ -195,9 +195,9 @@ def layer_slice_step(config, lane_size: int, *, world_size: int | None = None, r
     on shapes and dtype only), a member of a group of world_size / lane_size layers (default
     world_size = lane_size: a single layer); rank 0 holds the longest runs of heads and columns
     when they do not divide evenly (the slowest rank)."""
-    from ..runtime.configuration_cqil import SLIDING
     from ..runtime.distributed_cqil import RankKVCache
-    from ..runtime.modeling_cqil import CqilDecoderLayer, build_attention_mask
+    from ..runtime.edges_cqil import make_rotaries, masks_by_type
+    from ..runtime.modeling_cqil import CqilDecoderLayer
     from ..runtime.sharding_cqil import slice_config
 
     W = world_size or lane_size
@@ -214,10 +214,9 @@ def layer_slice_step(config, lane_size: int, *, world_size: int | None = None, r
     copies += [new_layer() for _ in range(_copies(weight_bytes) - 1)]
     B, T, past = batch, 1, context_tokens
     x = torch.randn(B, T, config.hidden_size, device=device, dtype=dtype)
-    rotary = _rotary(config, device)
-    cos, sin = rotary(x, torch.full((1, T), past, device=device))
-    window = config.sliding_window if config.layer_types[0] == SLIDING else None
-    mask, is_causal = build_attention_mask(None, B, T, past, window, device)
+    kind = config.layer_types[sl.layer]  # the RoPE and mask of this layer's type, as the engine
+    cos, sin = make_rotaries(config, device)[kind](x, torch.full((1, T), past, device=device))
+    mask, is_causal = masks_by_type(config, None, B, T, past, device)[kind]
     caches = []
     g, hd = len(sl.kv_heads), config.head_dim
     for step in range(len(copies)):
@@ -244,14 +243,14 @@ def head_slice_step(config, world_size: int, *, rank: int = 0, device="cpu",
                     dtype=torch.float32, batch: int = 1) -> SliceStep:
     """The head of one rank on W ranks, as DistributedCqil.logits runs it before its gather:
     the final norm and this rank's ⌈V/W⌉ rows of the lm_head (random weights), in copies."""
-    from ..runtime.modeling_cqil import CqilRMSNorm
+    from ..runtime.families_cqil import make_norm
 
     rows = len(_layout(config, world_size, 1).vocab_rows(rank))
     d = config.hidden_size
 
     def new_head():
         with torch.device(device):
-            return torch.nn.Sequential(CqilRMSNorm(d, eps=config.rms_norm_eps),
+            return torch.nn.Sequential(make_norm(config, d),
                                        torch.nn.Linear(d, rows, bias=False)).to(dtype).eval()
 
     copies = [new_head()]
@@ -382,18 +381,10 @@ def _decode_seconds(engine, config, request, device) -> float:
     return statistics.median(timer.durations[1:])
 
 
-def _rotary(config, device):
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    with torch.device(device):
-        return LlamaRotaryEmbedding(config=config)
-
-
 def _outside_seconds(config, W: int, rank: int, request: ProbeRequest, device,
                      dtype) -> tuple[float, float, float]:
     """(head, embedding, per-forward overhead) seconds of one decode token on this rank."""
-    from ..runtime.configuration_cqil import SLIDING
-    from ..runtime.modeling_cqil import build_attention_mask
+    from ..runtime.edges_cqil import make_rotaries, masks_by_type, rope_by_type
 
     B, d, past = request.batch, config.hidden_size, request.context_tokens
     barrier = _barrier()
@@ -402,14 +393,12 @@ def _outside_seconds(config, W: int, rank: int, request: ProbeRequest, device,
         step = make(config, W, rank=rank, device=device, dtype=dtype, batch=B)
         seconds.append(timed_seconds(step.run, request.repeats, device, barrier) / step.copies)
     x = torch.randn(B, 1, d, device=device, dtype=dtype)
-    rotary = _rotary(config, device)
+    rotaries = make_rotaries(config, device)
     mask = torch.ones(B, past + 1, dtype=torch.long, device=device)
 
     def overhead():  # what DistributedCqil.forward does per token outside the steps
-        rotary(x, torch.full((B, 1), past, device=device))
-        for kind in set(config.layer_types):
-            window = config.sliding_window if kind == SLIDING else None
-            build_attention_mask(mask, B, 1, past, window, device)
+        rope_by_type(rotaries, x, torch.full((B, 1), past, device=device))
+        masks_by_type(config, mask, B, 1, past, device)
 
     return seconds[0], seconds[1], timed_seconds(overhead, request.repeats, device, barrier)
 
