@@ -77,6 +77,13 @@ class CqilConfig(PreTrainedConfig):
     attn_logit_softcapping / final_logit_softcapping (`float`): cap * tanh(s / cap) of the
         attention scores (Gemma 2) / of the logits (Gemma 2, Gemma 3 when set).
     fused_projections (`bool`): one qkv_proj and one gate_up_proj per layer (Phi-3).
+    What OLMo 2 adds: input_norms (`bool`, default True): False = no input and no MLP-input norm
+        (with post_norms: the post-attention and post-feedforward norms only); norm_fp32_gain
+        (`bool`): RMSNorms multiply their weight in fp32, then cast; qk_norm_whole (`bool`): the
+        q/k norms span the whole projection ([heads * head_dim]) instead of each head.
+    What Granite adds: embedding_multiplier (embeddings times it), residual_multiplier (each
+        layer's two deltas times it), attention_multiplier (the attention scores' scale, instead
+        of head_dim^-1/2), logits_scaling (logits divided by it); all `float` or None.
     rope_parameters may hold one dict per layer type (Gemma 3: a local base for the sliding
     layers, the global base and its scaling for the others).
     """
@@ -112,6 +119,13 @@ class CqilConfig(PreTrainedConfig):
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     fused_projections: bool = False
+    input_norms: bool = True
+    norm_fp32_gain: bool = False
+    qk_norm_whole: bool = False
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    attention_multiplier: float | None = None
+    logits_scaling: float | None = None
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
     layer_types: list[str] | None = None

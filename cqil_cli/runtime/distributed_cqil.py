@@ -291,16 +291,25 @@ class DistributedCqil:
         """This rank's part of one step; x [B, T, d] (the same on every rank) -> y [B, T, d]."""
         layer = self.shard.layers[str(sl.layer)]
         attn, reduce = layer.self_attn, self.collectives.all_reduce
-        q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [B, h, T, hd], [B, g, T, hd]
+        t = sl.tp_size
+        whole_norm = None
+        if attn.qk_norm_whole and t > 1:  # OLMo 2: q/k norms over every head of the lane
+            hd = self.config.head_dim
+            whole_norm = (lambda square_sum: reduce(square_sum, t),
+                          self.config.num_attention_heads * hd, self.config.num_key_value_heads * hd)
+        # [B, h, T, hd], [B, g, T, hd]
+        q, k, v = attn.project(layer.attn_input(x), cos, sin, whole_norm)
         if cache is not None:
             k, v = cache.update(k, v, sl.step)  # [B, g, S, hd]
-        a_part = attn.attend(q, k, v, mask, is_causal)  # [B, T, d]: this rank's heads after o_proj
+        o_part = attn.attend(q, k, v, mask, is_causal)  # [B, T, d]: this rank's heads after o_proj
         if layer.post_norms:
-            return self._post_norm_step(sl, layer, x, a_part)
-        t = sl.tp_size
+            return self._post_norm_step(sl, layer, x, o_part)
+        # Without post-norms a_j and m_j are linear in o and f (Granite: times r), so each rank's
+        # part is its partial sum of them.
+        a_part = layer.attn_output(o_part)
         if sl.group_size == 1:  # the original layer, tensor-parallel over all ranks
             h = x + reduce(a_part)  # all-reduce 1: a
-            m_part = layer.mlp(layer.post_attention_layernorm(h))  # [B, T, d], this rank's columns
+            m_part = layer.mlp_delta(h)  # [B, T, d], this rank's columns
             return h + reduce(m_part)  # all-reduce 2: m
         if self.config.bypass_distance > 0:  # the same choice on every rank of the group
             # Bypass: every part of every lane; a_all[k] = a_k, whole. [P, B, T, d]
@@ -313,7 +322,7 @@ class DistributedCqil:
                     z = z + layer.cqil_beta[r] * a_all[sl.member - n_beta + r]
         else:  # D = 0: only the own a_j, whole within the lane
             z = reduce(a_part.clone(), t) if t > 1 else a_part
-        m_part = layer.mlp(layer.post_attention_layernorm(x + z))  # [B, T, d], this rank's columns
+        m_part = layer.mlp_delta(x + z)  # [B, T, d], this rank's columns
         # Σ over all ranks of γ_j ⊙ (a_part + m_part) = Σ_j γ_j ⊙ (a_j + m_j): one all-reduce.
         return x + reduce(layer.cqil_gamma * (a_part + m_part))
 
@@ -332,10 +341,9 @@ class DistributedCqil:
         (every rank of a group would have to hold every member's norm gains to do with fewer)."""
         reduce, t, P = self.collectives.all_reduce, sl.tp_size, sl.group_size
         a = layer.attn_output(reduce(o_part, t) if t > 1 else o_part)  # a_j [B, T, d], whole
-        post_ff = layer.post_feedforward_layernorm
         if P == 1:  # the original layer: h = x + Na(o); y = h + Nf(f), o and f over all ranks
             h = x + a
-            return h + post_ff(reduce(layer.mlp(layer.mlp_norm(h))))
+            return h + layer.mlp_output(reduce(layer.mlp(layer.mlp_input(h))))
         z = a  # a_j + b_j
         if self.config.bypass_distance > 0:  # every rank of the group takes part in the gather
             every = self.collectives.all_gather(a)  # [W, B, T, d]
@@ -343,8 +351,8 @@ class DistributedCqil:
             n_beta = layer.cqil_beta.shape[0] if layer.cqil_beta is not None else 0
             for r in range(n_beta):
                 z = z + layer.cqil_beta[r] * a_all[sl.member - n_beta + r]
-        f = layer.mlp(layer.mlp_norm(x + z))  # [B, T, d], this rank's columns
-        m = post_ff(reduce(f, t) if t > 1 else f)  # m_j, whole
+        f = layer.mlp(layer.mlp_input(x + z))  # [B, T, d], this rank's columns
+        m = layer.mlp_output(reduce(f, t) if t > 1 else f)  # m_j, whole
         delta = layer.cqil_gamma * (a + m)  # γ_j ⊙ (a_j + m_j), the same on the lane's ranks
         return x + reduce(delta if sl.tp_rank == 0 else torch.zeros_like(delta))
 

@@ -27,10 +27,12 @@ from .families_cqil import embedding_multiplier, has_local_rope, make_rotary, so
 
 def scale_embeddings(config, x: torch.Tensor) -> torch.Tensor:
     """Token embeddings x [B, T, d] as the family feeds them to the first layer: Gemma's times
-    sqrt(hidden) rounded to their dtype, the others unchanged."""
+    sqrt(hidden) rounded to their dtype, Granite's times its embedding_multiplier, the others
+    unchanged."""
     if getattr(config, "scale_embeddings", False):
         x = x * embedding_multiplier(config.hidden_size, x.dtype)
-    return x
+    multiplier = getattr(config, "embedding_multiplier", None)
+    return x if multiplier is None else x * multiplier
 
 
 def make_rotaries(config, device=None) -> dict[str, nn.Module]:
@@ -114,8 +116,11 @@ def masks_by_type(config, attention_mask: torch.Tensor | None, batch: int, q_len
 
 def head_logits(config, logits: torch.Tensor) -> torch.Tensor:
     """What the family does to the lm_head's output [..., V] (or a rank's rows of it: every
-    operation here is elementwise): Gemma 2's final soft-cap, nothing for the others."""
-    return softcap(logits, getattr(config, "final_logit_softcapping", None))
+    operation here is elementwise): Gemma 2's final soft-cap, Granite's division by
+    logits_scaling, nothing for the others."""
+    logits = softcap(logits, getattr(config, "final_logit_softcapping", None))
+    scaling = getattr(config, "logits_scaling", None)
+    return logits if scaling is None else logits / scaling
 
 
 def final_logits(config, norm: nn.Module, lm_head, h: torch.Tensor) -> torch.Tensor:

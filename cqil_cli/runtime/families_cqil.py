@@ -17,10 +17,18 @@ the gated MLP:
                                  query_pre_attn_scalar^-1/2; gemma2 soft-caps attention scores
                                  and logits (cap * tanh(s / cap)); gemma3 has per-head q/k norms
                                  and a local RoPE base for its sliding-window layers.
+  granite                        h = x + r·A(N1(x));        y = h + r·F(N2(h))
+                                 r the residual multiplier; embeddings times a multiplier,
+                                 attention scores scaled by attention_multiplier, logits divided
+                                 by logits_scaling (edges_cqil.py)
+  olmo2                          h = x + Na(A(x));          y = h + Nf(F(h))
+                                 no input norms; q/k RMSNorms over the whole projection (all
+                                 heads together, before RoPE); its norms multiply the gain in fp32
 
 In a group each member's two deltas are computed as in its own layer, from the group's input:
   a_j = Na_j(A_j(N1_j(x))),   m_j = Nf_j(F_j(N2_j(x + a_j + b_j))),   y = x + Σ_j γ_j (a_j + m_j)
-with Na = Nf = identity for the families without post-norms (`attn_output`, `mlp_delta`).
+with Na = Nf = identity for the families without post-norms, N1 = N2 = identity for OLMo 2,
+and both deltas times r for Granite (`attn_input`, `attn_output`, `mlp_input`, `mlp_delta`).
 """
 
 from __future__ import annotations
@@ -80,10 +88,41 @@ class CqilOffsetRMSNorm(nn.Module):
         return 1.0 + self.weight
 
 
+class CqilFp32GainRMSNorm(CqilRMSNorm):
+    """OLMo 2's RMSNorm: x / rms(x) times the weight, both in fp32, then cast (as transformers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * x).to(dtype)
+
+
 def make_norm(config, dim: int) -> nn.Module:
     """The RMSNorm of the config's family over `dim` channels."""
-    cls = CqilOffsetRMSNorm if getattr(config, "norm_unit_offset", False) else CqilRMSNorm
-    return cls(dim, eps=config.rms_norm_eps)
+    if getattr(config, "norm_unit_offset", False):
+        return CqilOffsetRMSNorm(dim, eps=config.rms_norm_eps)
+    if getattr(config, "norm_fp32_gain", False):
+        return CqilFp32GainRMSNorm(dim, eps=config.rms_norm_eps)
+    return CqilRMSNorm(dim, eps=config.rms_norm_eps)
+
+
+def norm_in_fp32(config) -> bool:
+    """Whether the family's norms compute in fp32 up to the cast (Gemma, OLMo 2), so a fast path
+    applies their gains in fp32 too."""
+    return bool(getattr(config, "norm_unit_offset", False) or getattr(config, "norm_fp32_gain", False))
+
+
+def whole_projection_norm(norm: nn.Module, t: torch.Tensor, width: int, sum_reduce) -> torch.Tensor:
+    """An fp32-gain RMSNorm (OLMo 2's q/k norm) of t [..., w], a rank's w of the projection's
+    `width` channels: the mean square over all `width`, its sum completed by sum_reduce (the
+    lane's all-reduce) — norm(t) itself when the rank holds every channel."""
+    if sum_reduce is None or t.shape[-1] == width:
+        return norm(t)
+    x = t.to(torch.float32)
+    square_sum = sum_reduce(x.pow(2).sum(-1, keepdim=True))  # [..., 1], over every channel
+    x = x * torch.rsqrt(square_sum / width + norm.variance_epsilon)
+    return (norm.weight * x).to(t.dtype)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -221,13 +260,19 @@ class CqilAttention(nn.Module):
             self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
             self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
+        # q/k RMSNorms: per head (qwen3, gemma3: [hd]) or over the whole projection (OLMo 2:
+        # [H*hd] and [G*hd], before the heads are split)
+        self.qk_norm_whole = bool(getattr(config, "qk_norm_whole", False))
         if config.qk_norm:
-            self.q_norm = make_norm(config, hd)
-            self.k_norm = make_norm(config, hd)
+            whole = self.qk_norm_whole
+            self.q_norm = make_norm(config, self.num_heads * hd if whole else hd)
+            self.k_norm = make_norm(config, self.num_kv_heads * hd if whole else hd)
         else:
             self.q_norm = self.k_norm = None
         scalar = getattr(config, "query_pre_attn_scalar", None)
-        self.scale = scalar ** -0.5 if scalar else None  # None: SDPA's hd^-1/2
+        multiplier = getattr(config, "attention_multiplier", None)  # Granite
+        # scores times this; None: SDPA's hd^-1/2
+        self.scale = multiplier if multiplier is not None else scalar ** -0.5 if scalar else None
         self.cap = getattr(config, "attn_logit_softcapping", None)
 
     def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -238,20 +283,26 @@ class CqilAttention(nn.Module):
         spans = qkv_row_slices(self.num_heads, self.num_kv_heads, self.head_dim).values()
         return [(w[a:z], b[a:z] if b is not None else None) for a, z in spans]
 
-    def project(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h [B, T, d] (already normed) -> q [B, H, T, hd], k and v [B, G, T, hd] (RoPE applied)."""
+    def project(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                whole_norm: tuple | None = None):
+        """h [B, T, d] (already normed) -> q [B, H, T, hd], k and v [B, G, T, hd] (RoPE applied).
+
+        whole_norm: (sum_reduce, q width, k width) on a rank holding part of the heads of a
+        family whose q/k norms span the whole projection (whole_projection_norm)."""
         B, T, _ = h.shape
         if self.fused:
             q, k, v = self.qkv_proj(h).split(
                 [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                  self.num_kv_heads * self.head_dim], dim=-1)
-            q, k = q.reshape(B, T, -1, self.head_dim), k.reshape(B, T, -1, self.head_dim)
-            v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
         else:
-            q = self.q_proj(h).view(B, T, -1, self.head_dim)
-            k = self.k_proj(h).view(B, T, -1, self.head_dim)
-            v = self.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:  # qwen3, gemma3 normalise each head before RoPE
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)  # [B, T, H*hd | G*hd]
+        if self.q_norm is not None and self.qk_norm_whole:  # OLMo 2: before splitting heads
+            reduce, q_width, k_width = whole_norm or (None, q.shape[-1], k.shape[-1])
+            q = whole_projection_norm(self.q_norm, q, q_width, reduce)
+            k = whole_projection_norm(self.k_norm, k, k_width, reduce)
+        q, k = q.reshape(B, T, -1, self.head_dim), k.reshape(B, T, -1, self.head_dim)
+        v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_norm_whole:  # qwen3, gemma3: each head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, r]
@@ -304,39 +355,70 @@ class CqilDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.self_attn = CqilAttention(config)
         self.mlp = CqilMLP(config)
-        self.input_layernorm = make_norm(config, config.hidden_size)
-        self.post_attention_layernorm = make_norm(config, config.hidden_size)
-        self.post_norms = bool(getattr(config, "post_norms", False))
-        if self.post_norms:  # Gemma: post_attention_layernorm acts on the attention output
-            self.pre_feedforward_layernorm = make_norm(config, config.hidden_size)
-            self.post_feedforward_layernorm = make_norm(config, config.hidden_size)
         d = config.hidden_size
+        self.input_norms = bool(getattr(config, "input_norms", True))  # False: OLMo 2
+        self.post_norms = bool(getattr(config, "post_norms", False))
+        self.residual_multiplier = getattr(config, "residual_multiplier", None)  # Granite
+        if self.input_norms:
+            self.input_layernorm = make_norm(config, d)
+        # Llama: N2 (the MLP input); with post-norms (Gemma, OLMo 2): Na, on the attention output
+        self.post_attention_layernorm = make_norm(config, d)
+        if self.post_norms:
+            if self.input_norms:  # Gemma
+                self.pre_feedforward_layernorm = make_norm(config, d)
+            self.post_feedforward_layernorm = make_norm(config, d)
         n_beta = min(group_pos, config.bypass_distance) if group_size > 1 else 0
         # gamma_j scales this layer's contribution; beta rows weight the n_beta previous a_k.
         self.cqil_gamma = nn.Parameter(torch.ones(d)) if group_size > 1 else None
         self.cqil_beta = nn.Parameter(torch.ones(n_beta, d)) if n_beta > 0 else None
 
     @property
-    def mlp_norm(self) -> nn.Module:
-        """N2, the norm of the MLP input (Llama's post_attention_layernorm, Gemma's pre-FF)."""
-        return self.pre_feedforward_layernorm if self.post_norms else self.post_attention_layernorm
+    def attn_norm(self) -> nn.Module | None:
+        """N1, the norm of the attention input (None: OLMo 2 has none)."""
+        return self.input_layernorm if self.input_norms else None
+
+    @property
+    def mlp_norm(self) -> nn.Module | None:
+        """N2, the norm of the MLP input (Llama's post_attention_layernorm, Gemma's pre-FF;
+        None: OLMo 2 has none)."""
+        if not self.post_norms:
+            return self.post_attention_layernorm
+        return self.pre_feedforward_layernorm if self.input_norms else None
 
     @property
     def attn_output_norm(self) -> nn.Module | None:
-        """Na, the norm of the attention output (Gemma), else None."""
+        """Na, the norm of the attention output (Gemma, OLMo 2), else None."""
         return self.post_attention_layernorm if self.post_norms else None
 
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """N1(x), what the attention projections read."""
+        return self.input_layernorm(x) if self.input_norms else x
+
+    def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
+        """N2(h), what the MLP reads."""
+        norm = self.mlp_norm
+        return norm(h) if norm is not None else h
+
     def attn_output(self, o: torch.Tensor) -> torch.Tensor:
-        """a_j from the attention output after o_proj [B, T, d]: Na(o) (Gemma), else o itself."""
-        return self.post_attention_layernorm(o) if self.post_norms else o
+        """a_j from the attention output after o_proj [B, T, d] (or a rank's partial sum of it
+        where the family has no post-norm): Na(o) with post-norms, r·o for Granite, else o."""
+        if self.post_norms:
+            o = self.post_attention_layernorm(o)
+        return o if self.residual_multiplier is None else o * self.residual_multiplier
 
     def mlp_delta(self, h: torch.Tensor) -> torch.Tensor:
-        """m_j of the MLP input h [B, T, d] (before N2): Nf(F(N2(h))), Nf = identity but Gemma."""
+        """m_j of the MLP input h [B, T, d] (before N2): Nf(F(N2(h))), Nf = identity without
+        post-norms, times r for Granite."""
+        return self.mlp_output(self.mlp(self.mlp_input(h)))
+
+    def mlp_output(self, f: torch.Tensor) -> torch.Tensor:
+        """m_j from the MLP's output f [B, T, d]: Nf(f) with post-norms, r·f for Granite."""
         if self.post_norms:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return self.mlp(self.post_attention_layernorm(h))
+            f = self.post_feedforward_layernorm(f)
+        return f if self.residual_multiplier is None else f * self.residual_multiplier
 
 
-__all__ = ["CqilRMSNorm", "CqilOffsetRMSNorm", "make_norm", "CqilRotaryEmbedding", "make_rotary",
+__all__ = ["CqilRMSNorm", "CqilOffsetRMSNorm", "CqilFp32GainRMSNorm", "make_norm", "norm_in_fp32",
+           "whole_projection_norm", "CqilRotaryEmbedding", "make_rotary",
            "has_local_rope", "apply_rope", "rotate_half", "softcap", "embedding_multiplier",
            "attention", "qkv_row_slices", "CqilAttention", "CqilMLP", "CqilDecoderLayer"]

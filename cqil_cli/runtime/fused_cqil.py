@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from .families_cqil import attention
+from .families_cqil import attention, norm_in_fp32
 
 
 def _store_in_out(weight_dtype: torch.dtype, device: torch.device, n_in: int, n_out: int) -> bool:
@@ -267,10 +267,14 @@ class FusedStep:
     MemberLinears. Nothing is folded into them; the small per-channel factors are applied to
     the activations instead:
       n1, n2    [P, 1, d] the N1_j and N2_j gains (x is normed once for the group, then scaled
-                per member); fp32 in families whose norms compute in fp32 (Gemma), else dtype
-      qk_norm_w [P, 1, 1, H+G, hd] per-head q/k norm gains (qwen3, gemma3), member-major
+                per member); fp32 in families whose norms compute in fp32 (Gemma, OLMo 2), else
+                dtype; None where the family has no such norm (OLMo 2)
+      qk_norm_w [P, 1, 1, H+G, hd] per-head q/k norm gains (qwen3, gemma3), member-major; or
+                q_norm_w [P, 1, 1, H*hd], k_norm_w [P, 1, 1, G*hd], gains of q/k norms over the
+                whole projection (OLMo 2)
+      r         Granite's residual multiplier (a_j and m_j times r), else None
       gamma [P, 1, d]; mix [P, P, 1, d] (a_j + b_j = sum_k mix[j, k] * a_k)
-      post-norms (Gemma): post_attn [P, 1, d] the Na_j gains; post_ff [P, 1, d] the Nf_j gains
+      post-norms (Gemma, OLMo 2): post_attn [P, 1, d] the Na_j gains; post_ff [P, 1, d] the Nf_j gains
              (times gamma_j in a group), fp32 (these norms run in fp32)
     Rebuilding a FusedStep is cheap (the big matrices are not copied), which is what
     CqilModel.fused_steps does after any parameter changed.
@@ -286,11 +290,14 @@ class FusedStep:
         att = [ly.self_attn for ly in L]
         self.scale, self.cap = att[0].scale, att[0].cap
         self.post_norms = bool(getattr(config, "post_norms", False))
-        self.fp32_gains = self.post_norms or bool(getattr(config, "norm_unit_offset", False))
+        self.fp32_gains = self.post_norms or norm_in_fp32(config)
+        self.r = L[0].residual_multiplier
         dtype = att[0].o_proj.weight.dtype
         f32 = torch.float32
 
-        def gains(norms, scales=None) -> torch.Tensor:  # [P, 1, d]
+        def gains(norms, scales=None) -> torch.Tensor | None:  # [P, 1, d]
+            if norms[0] is None:  # the family has no such norm
+                return None
             g = torch.stack([n.gain().to(f32) for n in norms])
             g = g if scales is None else g * scales
             return (g if self.fp32_gains else g.to(dtype))[:, None, :].contiguous()
@@ -304,10 +311,13 @@ class FusedStep:
         self.o = MemberLinear([w[1] for w in weights], [a.o_proj.bias for a in att], prepacked)
         self.gu = MemberLinear([w[2] for w in weights], gu_bias, prepacked)
         self.down = MemberLinear([w[3] for w in weights], [ly.mlp.down_proj.bias for ly in L], prepacked)
-        self.n1 = gains([ly.input_layernorm for ly in L])
+        self.n1 = gains([ly.attn_norm for ly in L])
         self.n2 = gains([ly.mlp_norm for ly in L])
-        self.qk_norm_w = None
-        if att[0].q_norm is not None:
+        self.qk_norm_w = self.q_norm_w = self.k_norm_w = None
+        if att[0].q_norm is not None and att[0].qk_norm_whole:  # [P, 1, 1, H*hd | G*hd]
+            self.q_norm_w = torch.stack([a.q_norm.gain().to(f32) for a in att])[:, None, None]
+            self.k_norm_w = torch.stack([a.k_norm.gain().to(f32) for a in att])[:, None, None]
+        elif att[0].q_norm is not None:
             qk = [torch.cat([a.q_norm.gain()[None].expand(self.H, -1), a.k_norm.gain()[None].expand(self.G, -1)])
                   for a in att]  # per member [H+G, hd]
             qk_w = torch.stack(qk)[:, None, None].contiguous()  # [P, 1, 1, H+G, hd]
@@ -340,7 +350,10 @@ class FusedStep:
 
     def _gain_norm(self, t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """The RMSNorm of t [N, d] or [P, N, d] times the members' gains [P, 1, d] -> [P, N, d]
-        (P == 1: [N, d]), computed as the family's norm computes it."""
+        (P == 1: [N, d]), computed as the family's norm computes it; gain None (the family has
+        no such norm): t itself, broadcast to [P, N, d]."""
+        if gain is None:
+            return t if self.P == 1 or t.dim() == 3 else t.expand(self.P, *t.shape)
         if self.P == 1:
             gain = gain[0, 0]
         if self.fp32_gains:
@@ -385,7 +398,11 @@ class FusedStep:
         qkv = self.qkv.single(xn) if P == 1 else self.qkv(xn)  # [(P,) N, (H+2G)*hd]
         qkv = qkv.view(P, B, T, H + 2 * G, hd)  # member j: its q, k, v heads
         qk, v = qkv[..., : H + G, :], qkv[..., H + G:, :]  # [P, B, T, H+G, hd], [P, B, T, G, hd]
-        if self.qk_norm_w is not None and self.post_norms:  # gemma3: in fp32, as its norms
+        if self.q_norm_w is not None:  # OLMo 2: over all heads of each member's q, and of its k
+            q = self._norm(qk[..., :H, :].reshape(P, B, T, H * hd), self.q_norm_w)
+            k = self._norm(qk[..., H:, :].reshape(P, B, T, G * hd), self.k_norm_w)
+            qk = torch.cat([q.view(P, B, T, H, hd), k.view(P, B, T, G, hd)], dim=-2)
+        elif self.qk_norm_w is not None and self.post_norms:  # gemma3: in fp32, as its norms
             qk = self._norm(qk, self.qk_norm_w)
         elif self.qk_norm_w is not None:
             qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm_w
@@ -403,20 +420,28 @@ class FusedStep:
         o = self._attend(q, k, v, mask, is_causal)  # [B, P*H, T, hd]
         o = o.transpose(1, 2).reshape(N, P, -1)  # [N, P, H*hd]
         if P == 1:
-            n2 = self.n2
+            n2, r = self.n2, self.r
             if self.post_norms:  # h = x + Na(o W_o); y = h + Nf(down(act))
                 h = x2 + self._norm(self.o.single(o[:, 0]), self.post_attn[0, 0])
                 act = self._act(self.gu.single(self._gain_norm(h, n2)))
                 return (h + self._norm(self.down.single(act), self.post_ff[0, 0])).view(B, T, d)
+            if r is not None:  # Granite: h = x + r·a; y = h + r·m
+                h = x2 + self.o.single(o[:, 0]) * r
+                act = self._act(self.gu.single(self._gain_norm(h, n2)))
+                return (h + self.down.single(act) * r).view(B, T, d)
             h = self.o.single(o[:, 0], add=x2)  # x + a
             act = self._act(self.gu.single(self._gain_norm(h, n2)))  # [N, I]
             return self.down.single(act, add=h).view(B, T, d)
         a = self.o(o.transpose(0, 1))  # [P, N, d]
         if self.post_norms:
             a = self._norm(a, self.post_attn)  # a_j = Na_j(...)
+        if self.r is not None:
+            a = a * self.r  # Granite: a_j = r·(o_j W_o)
         z = a if self.mix is None else (self.mix * a[None]).sum(1)  # a_j + b_j, [P, N, d]
         act = self._act(self.gu(self._gain_norm(x2 + z, self.n2)))  # [P, N, I]
         m = self.down(act)  # [P, N, d]
+        if self.r is not None:
+            m = m * self.r  # Granite: m_j = r·F(...)
         if self.post_norms:  # sum_j gamma_j Nf_j(m_j), gamma_j folded into the Nf_j gain
             return (x2 + (a * self.gamma).sum(0) + self._norm(m, self.post_ff).sum(0)).view(B, T, d)
         return (x2 + ((a + m) * self.gamma).sum(0)).view(B, T, d)  # x + sum_j gamma_j (a_j + m_j)

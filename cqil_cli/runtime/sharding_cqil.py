@@ -251,6 +251,7 @@ _SPLIT_ROWS = {"self_attn.q_proj": "heads", "self_attn.k_proj": "kv_heads",
                "self_attn.v_proj": "kv_heads", "mlp.gate_proj": "columns", "mlp.up_proj": "columns",
                "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"}
 _SPLIT_INPUTS = {"self_attn.o_proj": "heads", "mlp.down_proj": "columns"}
+_WHOLE_QK_NORMS = {"self_attn.q_norm": "heads", "self_attn.k_norm": "kv_heads"}  # [H*hd], [G*hd]
 
 
 def _fused_runs(config: CqilConfig, sl: LayerSlice, part: str) -> list[tuple[int, int]]:
@@ -323,6 +324,8 @@ class CqilShard(nn.Module):
             sl = next(s for s in self.slices if s.layer == int(layer))
             module, _, kind = local.rpartition(".")
             part = _SPLIT_ROWS.get(module)
+            if getattr(self.config, "qk_norm_whole", False):  # OLMo 2: a gain per q/k channel
+                part = _WHOLE_QK_NORMS.get(module, part)
             dim = 0
             if part is None and kind == "weight":
                 part, dim = _SPLIT_INPUTS.get(module), 1

@@ -229,7 +229,7 @@ def layer_slice_step(config, lane_size: int, *, world_size: int | None = None, r
     def run():
         for step, (layer, cache) in enumerate(zip(copies, caches, strict=True)):
             attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            q, k, v = attn.project(layer.attn_input(x), cos, sin)
             k, v = cache.update(k, v, step)
             a = attn.attend(q, k, v, mask, is_causal)
             h = x + a
