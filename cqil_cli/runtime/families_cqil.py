@@ -47,41 +47,39 @@ from .configuration_cqil import FULL, SLIDING
 # ----------------------------------------------------------------------------- norms
 
 
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, in fp32 (every family's norm statistics)."""
+    x = x.to(torch.float32)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class CqilRMSNorm(nn.Module):
-    """RMSNorm exactly as transformers' Llama computes it (statistics in fp32)."""
+    """RMSNorm exactly as transformers' Llama computes it (statistics in fp32, the weight applied
+    after the cast back). The other families' norms differ in forward and gain only."""
 
     unit_offset = False
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if self.unit_offset
+                                   else torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return self.weight * _normalized(x, self.variance_epsilon).to(x.dtype)
 
     def gain(self) -> torch.Tensor:
         """The per-channel factor after normalisation: the weight."""
         return self.weight
 
 
-class CqilOffsetRMSNorm(nn.Module):
+class CqilOffsetRMSNorm(CqilRMSNorm):
     """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, then cast (as transformers)."""
 
     unit_offset = True
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.variance_epsilon = eps
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return (_normalized(x, self.variance_epsilon) * (1.0 + self.weight.float())).type_as(x)
 
     def gain(self) -> torch.Tensor:
         """The per-channel factor after normalisation: 1 + weight."""
@@ -92,10 +90,7 @@ class CqilFp32GainRMSNorm(CqilRMSNorm):
     """OLMo 2's RMSNorm: x / rms(x) times the weight, both in fp32, then cast (as transformers)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight * x).to(dtype)
+        return (self.weight * _normalized(x, self.variance_epsilon)).to(x.dtype)
 
 
 def make_norm(config, dim: int) -> nn.Module:
