@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.checkpoint import (
+    RUNTIME_FILES,
     build_cqil_model,
     load_converted,
     parse_groups,
@@ -214,8 +215,7 @@ def test_saved_folder_carries_the_distributed_engine(saved, tmp_path):
     package = tmp_path / "shipped" / "cqil_runtime"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for name in ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py",
-                 "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py"):
+    for name in RUNTIME_FILES:
         shutil.copyfile(out / name, package / name)
     script = f"""
 import sys, torch
