@@ -112,7 +112,8 @@ class Family:
     def __post_init__(self) -> None:
         unknown = {"norms": self.norms not in NORMS, "qk_norm": self.qk_norm not in QK_NORMS,
                    "embedding_scale": self.embedding_scale not in (None, SQRT_HIDDEN),
-                   "engines": not set(self.engines) <= set(ENGINES),
+                   # the reference engine defines the computation: every family has it
+                   "engines": not {"reference"} <= set(self.engines) <= set(ENGINES),
                    "gguf": not set(self.gguf) <= set(GGUF_COMPLETIONS),
                    "examples": not self.examples}
         bad = [f"{name} {getattr(self, name)!r}" for name, wrong in unknown.items() if wrong]
@@ -219,14 +220,23 @@ EXAMPLES: Mapping[str, Family] = MappingProxyType(
 # ----------------------------------------------------------------------------- the one check
 
 
+def _field(model, name: str):
+    if isinstance(model, Mapping):
+        return model.get(name)
+    return getattr(model, name, None)
+
+
+def _converted(model) -> bool:
+    """A config (or its dict) of a converted folder; a string is always a base model_type."""
+    return not isinstance(model, str) and model is not None and _field(model, "model_type") == "cqil"
+
+
 def base_type(model) -> str | None:
     """The base model_type of `model`: a model_type string (taken as is: a base model), a
     config, or a config's dict; a converted one (model_type "cqil") gives its base_model_type."""
     if model is None or isinstance(model, str):
         return model
-    get = model.get if isinstance(model, Mapping) else lambda name: getattr(model, name, None)
-    kind = get("model_type")
-    return get("base_model_type") if kind == "cqil" else kind
+    return _field(model, "base_model_type" if _converted(model) else "model_type")
 
 
 def families_for(engine: str) -> tuple[str, ...]:
@@ -243,10 +253,7 @@ def require_engine(model, engine: str, what: str) -> Family:
     base = base_type(model)
     if base in names:
         return FAMILIES[base]
-    kind = model if isinstance(model, str) or model is None else \
-        (model.get if isinstance(model, Mapping) else lambda name: getattr(model, name, None))("model_type")
-    converted = kind == "cqil" and not isinstance(model, str)
-    desc = f"converted from '{base}'" if converted else f"'{base}'"
+    desc = f"converted from '{base}'" if _converted(model) else f"'{base}'"
     raise UnsupportedFamily(f"{what} is {desc}; {ENGINE_TITLES[engine]} runs the families "
                             f"{', '.join(names)} and folders converted from them")
 
@@ -257,8 +264,9 @@ def runs_on(model, engine: str) -> bool:
 
 
 def family_of(model_type: str | None) -> Family:
-    """The row of a base model_type (any engine); UnsupportedFamily otherwise."""
-    return require_engine(model_type, "reference", f"model_type '{model_type}'")
+    """The row of a base model_type (every row runs on the reference engine); UnsupportedFamily
+    otherwise."""
+    return require_engine(model_type, "reference", "the model")
 
 
 # ----------------------------------------------------------------------------- tiny examples
