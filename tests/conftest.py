@@ -34,7 +34,8 @@ def default_tokenizer_dir(tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_folder(request, tmp_path_factory, tokenizer_dir) -> Path:
-    """A saved tiny random model of each family in turn, with the offline tokenizer."""
+    """A saved tiny random model of each family of runtime/family_table_cqil.py in turn (its
+    first tiny example), with the offline tokenizer."""
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param),
                      tokenizer_dir=tokenizer_dir)
 

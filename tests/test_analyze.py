@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import FAMILIES, VOCAB_SIZE, tiny_model
+from tiny_models import LLAMA_FAMILY, VOCAB_SIZE, tiny_model
 
 from cqil_cli.analyze.options import AnalyzeOptions
 from cqil_cli.analyze.profile import AnalyzeReport, analyze_model, candidate_groups
@@ -56,7 +56,7 @@ def _concurrent_logits(model, ids, group):
     return model.lm_head(inner.norm(h))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FAMILY)
 def test_similarity_and_sensitivity_match_direct_computation(family):
     model = _tiny(family)
     n = model.config.num_hidden_layers

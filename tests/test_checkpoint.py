@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cqil_cli.core.errors import CqilError
 from cqil_cli.runtime.checkpoint import (
+    RUNTIME_FILES,
     build_cqil_model,
     load_converted,
     parse_groups,
@@ -208,7 +209,6 @@ def test_saved_folder_carries_the_distributed_engine(saved, tmp_path):
     slices from the folder: the same tensors as cqil's own code reads."""
     import shutil
 
-    from cqil_cli.runtime.checkpoint import RUNTIME_FILES
     from cqil_cli.runtime.distributed_cqil import load_rank
 
     _, out = saved

@@ -1,6 +1,6 @@
 """The distributed engine (cqil_cli/runtime/distributed_cqil.py): its layout and shards without
-processes, then W local gloo ranks against the single-device engines, for every family (the
-Llama family, Gemma 2, Gemma 3 and Phi-3).
+processes, then W local gloo ranks against the single-device engines, for every family of
+cqil_cli/runtime/family_table_cqil.py whose row names the distributed engine.
 
 Process start-up costs seconds here, so each world size runs as one job: W processes forked
 from a forkserver that has already imported torch and transformers, each running every case of
@@ -38,6 +38,7 @@ from cqil_cli.runtime.distributed_cqil import (
     shard_from_model,
     shard_nbytes,
 )
+from cqil_cli.runtime.family_table_cqil import EXAMPLES, FAMILIES, families_for
 
 REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
 NEW_TOKENS = 16
@@ -45,8 +46,7 @@ JOB_TIMEOUT_S = 240  # one world size's whole job; a rank still running then is 
 # What the forkserver imports once, so that every rank starts in well under a second.
 PRELOAD = ["torch", "torch.distributed", "transformers", "cqil_cli.runtime.checkpoint",
            "cqil_cli.runtime.distributed_cqil"] + [
-    f"transformers.models.{family}.modeling_{family}"
-    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")]
+    f"transformers.models.{row.module}.modeling_{row.module}" for row in FAMILIES.values()]
 
 
 @dataclass(frozen=True)
@@ -439,6 +439,13 @@ def test_sharded_checkpoint_reads_through_its_index(tmp_path):
 
 
 # --------------------------------------------------------------------------- tests: no processes
+
+
+def test_cases_cover_every_family_the_engine_runs():
+    """A family whose row names the distributed engine has cases on 2 and 4 ranks."""
+    for world in (2, 4):
+        covered = {EXAMPLES[case.kind].model_type for case in CASES if case.world == world}
+        assert covered == set(families_for("distributed")), world
 
 
 def test_layout_places_lanes_and_slices():

@@ -116,12 +116,14 @@ def test_gpu_checks_pass_on_the_cpu(tmp_path, capsys):
     result = json.loads(path.read_text())
     assert rc == 0, out
     names = [c["name"] for c in result["checks"]]
-    for family in ("llama", "gemma3_text"):
-        for check in (f"fused=reference {family} fp32", f"cached=uncached {family} fp32",
-                      f"fastgen (eager)=reference {family} fp32",
-                      f"fused=reference {family} bf16"):
+    assert gpu_checks.examples(["llama", "gemma3_text"]) == ["llama-gqa", "llama-bias",
+                                                              "gemma3-local"]
+    for kind in ("llama-gqa", "llama-bias", "gemma3-local"):  # every tiny example of both
+        for check in (f"fused=reference {kind} fp32", f"cached=uncached {kind} fp32",
+                      f"fastgen (eager)=reference {kind} fp32",
+                      f"fused=reference {kind} bf16"):
             assert check in names and check in out
-    assert "distributed W=1 (gloo)=fused llama fp32 tokens" in names
+        assert f"distributed W=1 (gloo)=fused {kind} fp32 tokens" in names
     assert result["failed"] == [] and all(c["passed"] for c in result["checks"])
 
 
@@ -132,17 +134,17 @@ def test_gpu_checks_fail_loudly(monkeypatch, capsys):
     monkeypatch.setitem(gpu_checks.LIMITS, torch.float32, 0.0)  # fp32 engines never agree to 0
     real = gpu_checks.family_checks
 
-    def family_checks(family, device):
-        if family == "mistral":
+    def family_checks(kind, device):
+        if kind == "mistral-one-kv":
             raise RuntimeError("boom")
-        return real(family, device)
+        return real(kind, device)
 
     monkeypatch.setattr(gpu_checks, "family_checks", family_checks)
     assert gpu_checks.main(["--device", "cpu", "--families", "mistral,qwen2"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  mistral: RuntimeError: boom" in out
-    assert "FAIL  fused=reference qwen2 fp32" in out
-    assert "pass  cached=uncached qwen2 fp32" in out
+    assert "FAIL  mistral-one-kv: RuntimeError: boom" in out
+    assert "FAIL  fused=reference qwen2-bias fp32" in out
+    assert "pass  cached=uncached qwen2-bias fp32" in out
     assert gpu_checks.main(["--families", "nope"]) == 2
 
 

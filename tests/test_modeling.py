@@ -283,7 +283,7 @@ def test_config_validation_messages():
         CqilConfig.from_base_config(base, None, -1)
     with pytest.raises(ValueError, match="engine"):
         CqilConfig.from_base_config(base, None, 0, engine="warp")
-    with pytest.raises(ValueError, match="supports the architectures"):
+    with pytest.raises(ValueError, match="the base model is 'gpt2'; cqil runs the families llama, "):
         CqilConfig.from_base_config(type("C", (), {"model_type": "gpt2"})(), None, 0)
     cfg = CqilConfig.from_base_config(base, [[0], [1, 2], [3]], 1)
     assert cfg.num_steps == 3 and cfg.base_model_type == "llama"

@@ -3,7 +3,8 @@
 - `offline_tokenizer()` / `save_offline_tokenizer(folder)`: a byte-level tokenizer built with
   the `tokenizers` library (no hub, no download): the 256 bytes plus <pad>, <s>, </s>, so it
   encodes any text, deterministically, in VOCAB_SIZE ids. Tiny models use that vocabulary.
-- `tiny_model(kind)`: a random transformers causal LM of one of KINDS, in eval mode, fp32.
+- `tiny_model(kind)`: a random transformers causal LM of one of KINDS (the tiny examples of
+  cqil_cli/runtime/family_table_cqil.py), in eval mode, fp32.
 - `randomise_bypass(model)`: non-trivial CQIL bypass weights (they start at 1).
 - `padded_batch(...)`: a left-padded batch of random ids and its mask.
 - `rel(a, b)`: max |a - b| / max |b|, the relative difference every equality test uses.
@@ -14,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from cqil_cli.runtime.family_table_cqil import EXAMPLES
+from cqil_cli.runtime.family_table_cqil import FAMILIES as FAMILY_ROWS
+from cqil_cli.runtime.family_table_cqil import tiny_config as table_tiny_config
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -47,52 +52,16 @@ def save_offline_tokenizer(folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- models
 
-# kind: (transformers config class, what this kind covers). Every kind has hidden size 64,
-# MLP width 96 and the offline tokenizer's vocabulary unless overridden.
-KINDS = {
-    # grouped-query attention (4 heads / 2 kv heads), odd layer count, tied embeddings
-    "llama-gqa": ("LlamaConfig", dict(num_hidden_layers=5, num_attention_heads=4,
-                                      num_key_value_heads=2, tie_word_embeddings=True)),
-    # llama with every optional bias (q/k/v/o and MLP)
-    "llama-bias": ("LlamaConfig", dict(num_hidden_layers=5, num_attention_heads=4,
-                                       num_key_value_heads=4, attention_bias=True,
-                                       mlp_bias=True, tie_word_embeddings=False)),
-    # a single kv head and a sliding window shorter than the test sequences
-    "mistral-one-kv": ("MistralConfig", dict(num_hidden_layers=7, num_attention_heads=4,
-                                             num_key_value_heads=1, sliding_window=6,
-                                             tie_word_embeddings=False)),
-    # q/k/v biases
-    "qwen2-bias": ("Qwen2Config", dict(num_hidden_layers=5, num_attention_heads=4,
-                                       num_key_value_heads=2, tie_word_embeddings=False)),
-    # per-head q/k RMSNorm, head_dim independent of hidden size / heads, one kv head
-    "qwen3-qknorm": ("Qwen3Config", dict(num_hidden_layers=7, num_attention_heads=4,
-                                         num_key_value_heads=1, head_dim=32,
-                                         tie_word_embeddings=True)),
-    # Gemma 2: alternating sliding (window 6) / global layers from layer 0, a scale that is not
-    # head_dim's, attention and final logit soft-caps small enough to bite, tied embeddings
-    "gemma2-softcap": ("Gemma2Config", dict(num_hidden_layers=5, num_attention_heads=4,
-                                            num_key_value_heads=2, head_dim=16, sliding_window=6,
-                                            query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
-                                            final_logit_softcapping=3.0, tie_word_embeddings=True)),
-    # Gemma 3 (text): per-head q/k norms, one kv head, two RoPEs (local base on the sliding
-    # layers, a linearly scaled global base on the others), a window of 6, untied head
-    "gemma3-local": ("Gemma3TextConfig", dict(
-        num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-        sliding_window=6, query_pre_attn_scalar=20, tie_word_embeddings=False,
-        final_logit_softcapping=None,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                            "rope_theta": 1000000.0}})),
-    # Phi-3: fused qkv_proj / gate_up_proj, partial rotary (half of head_dim 16), window 8
-    "phi3-partial": ("Phi3Config", dict(num_hidden_layers=5, num_attention_heads=4,
-                                        num_key_value_heads=2, partial_rotary_factor=0.5,
-                                        sliding_window=8, tie_word_embeddings=False)),
-}
-# One kind per supported architecture: the saved folders of tests/conftest.py's tiny_folder.
-FAMILIES = ("llama-gqa", "mistral-one-kv", "qwen2-bias", "qwen3-qknorm")
+# kind: (transformers config class, its settings beyond the vocabulary and special ids), one
+# per tiny example of runtime/family_table_cqil.py (each family's odd shapes are described
+# there): hidden size 64, MLP width 96 unless overridden.
+KINDS = {kind: table_tiny_config(kind) for kind in EXAMPLES}
+# One kind per supported family (its first example), in the table's order: the saved folders
+# of tests/conftest.py's tiny_folder.
+FAMILIES = tuple(next(iter(row.examples)) for row in FAMILY_ROWS.values())
+# The Llama family (a plain pre-norm layer, separate projections): test_analyze's direct
+# computation, which calls transformers' layers without masks or per-type RoPE.
+LLAMA_FAMILY = ("llama-gqa", "mistral-one-kv", "qwen2-bias", "qwen3-qknorm")
 # The families beyond the Llama family (tests/test_families.py), one kind each.
 OTHER_FAMILIES = ("gemma2-softcap", "gemma3-local", "phi3-partial")
 
@@ -100,14 +69,9 @@ OTHER_FAMILIES = ("gemma2-softcap", "gemma3-local", "phi3-partial")
 def tiny_config(kind: str, **overrides):
     import transformers
 
-    class_name, extra = KINDS[kind]
-    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96,
-                    max_position_embeddings=256, rms_norm_eps=1e-6,
-                    # larger than transformers' 0.02, so that layers differ visibly
-                    initializer_range=0.05,
-                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    settings.update(extra)
-    settings.update(overrides)
+    class_name, settings = table_tiny_config(kind, **{
+        "vocab_size": VOCAB_SIZE, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID, **overrides})
     return getattr(transformers, class_name)(**settings)
 
 

@@ -2,8 +2,8 @@
 
 Entries that name the same spec share one loaded model but are timed separately (so
 `MODEL --baseline MODEL` shows the noise floor); with --cqil-engine every plain model of a
-family cqil runs (inputs/models.py: CQIL_FAMILIES), and the baseline, gets a twin entry on
-cqil's engine.
+family cqil's fast path runs (runtime/family_table_cqil.py), and the baseline, gets a twin
+entry on cqil's engine.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..core.errors import CqilError
+from ..inputs.models import require_engine
 from .options import BenchOptions
-from .runners import TransformersRunner, can_run_on_cqil, engine_of, make_runner
+from .runners import TransformersRunner, engine_of, make_runner
 from .tokens import check_same_tokenizer
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
                      f"{baseline_spec} (baseline)")
     engine_baseline = None
     if options.cqil_engine and base_engine != "cqil":
-        if not can_run_on_cqil(base_loaded):
-            raise CqilError(f"--cqil-engine: the baseline '{baseline_spec}' "
-                            f"({base_loaded.model_type}) cannot run on cqil's engine")
+        require_engine(base_loaded, "fastgen", f"--cqil-engine: the baseline '{baseline_spec}'")
         engine_baseline = entry("baseline@cqil", baseline_spec, "engine_baseline", "cqil",
                                 base_loaded, f"{baseline_spec} (baseline, cqil engine)")
     entries: list[Entry] = []
@@ -95,9 +93,7 @@ def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
         label = spec if models.count(spec) == 1 else f"{spec} #{i + 1}"
         entries.append(entry(f"model[{i}]", spec, "model", engine, loaded, label))
         if options.cqil_engine and engine != "cqil":
-            if not can_run_on_cqil(loaded):
-                raise CqilError(f"--cqil-engine: '{spec}' ({loaded.model_type}) cannot run on "
-                                "cqil's engine (not a family it runs)")
+            require_engine(loaded, "fastgen", f"--cqil-engine: '{spec}'")
             entries.append(entry(f"model[{i}]@cqil", spec, "model", "cqil", loaded,
                                  f"{label} (cqil engine)"))
     return BenchPlan(entries, baseline, engine_baseline, baseline_source)

@@ -139,22 +139,14 @@ def engine_of(loaded) -> str:
     return "cqil" if is_converted(loaded) else "transformers"
 
 
-def can_run_on_cqil(loaded) -> bool:
-    from ..inputs.models import runs_on_cqil_engine
-
-    return runs_on_cqil_engine(loaded.model_type)
-
-
 def make_runner(loaded, engine: str, compile: bool = False) -> TransformersRunner:
     """The runner of a LoadedModel on an engine of ENGINES; a CqilError where it cannot run."""
     if engine == "transformers":
         return TransformersRunner(loaded.model, loaded.tokenizer)
     if engine == "cqil":
-        if not can_run_on_cqil(loaded):
-            from ..inputs.models import CQIL_FAMILIES
+        from ..inputs.models import require_engine
 
-            raise CqilError(f"'{loaded.spec}' ({loaded.model_type}) cannot run on cqil's engine: "
-                            f"it runs the families {', '.join(CQIL_FAMILIES)}")
+        require_engine(loaded, "fastgen", f"'{loaded.spec}'")
         try:
             return CqilRunner(loaded.model, loaded.tokenizer, compile=compile)
         except ValueError as exc:

@@ -2,9 +2,9 @@
 
     python -m cqil_cli.benchmarks.gpu_checks [--device cuda] [--families A,B] [--json PATH]
 
-For each family the runtime supports (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text,
-Phi-3), a tiny random transformers model (configs below, in the spirit of tests/tiny_models.py:
-norms and biases not left at 1 and 0, every family's particularity on), converted with groups
+For each tiny example of each family of runtime/family_table_cqil.py (the configs
+tests/tiny_models.py uses too, cut to 5 layers with untied heads; norms and biases not left at 1
+and 0, every family's particularity on) a tiny random transformers model, converted with groups
 (runtime/checkpoint.py: build_cqil_model; steps [0], [1, 2], [3, 4], bypass distance 1, random
 bypass weights), on the device:
   fused=reference fp32   fused engine vs reference engine logits, a left-padded batch, prefill
@@ -19,10 +19,11 @@ bypass weights), on the device:
   fastgen=reference      greedy 16 tokens of runtime/fastgen.py (CUDA graph on CUDA) vs the
                          reference engine's generate() (fp32): identical
 and the distributed engine (runtime/distributed_cqil.py) at W = 1 in a single-process group
-(NCCL on CUDA where torch has it, gloo on the CPU), for each family checked: logits <= 1e-5 of
+(NCCL on CUDA where torch has it, gloo on the CPU), for each example checked: logits <= 1e-5 of
 the reference engine's (fp32, 16 greedy tokens) and greedy tokens identical to the fused
 engine's. W = 1 runs single-layer steps only (a group of P layers needs P to divide W), so
 those models are converted with every layer single.
+Checks are named by example (e.g. llama-gqa); --families picks families by model_type.
 Prints one line per check (name, value, limit, pass/fail) and exits 1 if any fails.
 """
 
@@ -40,39 +41,17 @@ from pathlib import Path
 import torch
 
 from ..core.files import write_json_atomic
+from ..runtime.family_table_cqil import EXAMPLES, MODEL_TYPES, tiny_config
 
 VOCAB, NEW_TOKENS = 259, 16
 GROUPS, BYPASS = [[0], [1, 2], [3, 4]], 1
 LIMITS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-_SLIDING, _FULL = "sliding_attention", "full_attention"
-# family -> (transformers config class, its settings); every one 5 layers, hidden 64, MLP 96
-FAMILIES = {
-    # grouped-query attention and every optional bias
-    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
-                                  attention_bias=True, mlp_bias=True)),
-    # one kv head, a sliding window shorter than the sequences
-    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1,
-                                      sliding_window=6)),
-    # q/k/v biases
-    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
-    # per-head q/k norms, head_dim not hidden / heads
-    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
-    # alternating sliding / global layers, soft-caps that bite, its own attention scale
-    "gemma2": ("Gemma2Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    sliding_window=6, query_pre_attn_scalar=24,
-                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
-    # q/k norms, two RoPEs (local base on sliding layers, linearly scaled global base)
-    "gemma3_text": ("Gemma3TextConfig", dict(
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=6,
-        query_pre_attn_scalar=20, final_logit_softcapping=None,
-        layer_types=[_SLIDING, _SLIDING, _FULL, _SLIDING, _SLIDING],
-        rope_parameters={_SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
-                         _FULL: {"rope_type": "linear", "factor": 2.0,
-                                 "rope_theta": 1000000.0}})),
-    # fused qkv_proj / gate_up_proj, partial rotary
-    "phi3": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2,
-                                partial_rotary_factor=0.5, sliding_window=8)),
-}
+
+
+def examples(families: list[str] | None = None) -> list[str]:
+    """The tiny example kinds of `families` (model_types; default: every family), in table
+    order."""
+    return [kind for kind, row in EXAMPLES.items() if families is None or row.model_type in families]
 
 
 @dataclass
@@ -97,18 +76,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def tiny_hf(family: str, seed: int = 0, **overrides):
-    """A random 5-layer transformers causal LM of `family` (FAMILIES), fp32, eval mode, on the
-    CPU: norm weights in [0.5, 1.5), biases N(0, 0.2²), no eos (generation runs to its end)."""
+def tiny_hf(kind: str, seed: int = 0, **overrides):
+    """A random 5-layer transformers causal LM of the tiny example `kind` (family_table_cqil's
+    tiny_config), untied, fp32, eval mode, on the CPU: norm weights in [0.5, 1.5), biases
+    N(0, 0.2²), no eos (generation runs to its end)."""
     import transformers
 
-    class_name, extra = FAMILIES[family]
-    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                    num_hidden_layers=5, max_position_embeddings=256, rms_norm_eps=1e-6,
-                    initializer_range=0.05, bos_token_id=1, eos_token_id=None, pad_token_id=0,
-                    tie_word_embeddings=False)
-    settings.update(extra)
-    settings.update(overrides)
+    class_name, settings = tiny_config(kind, **{
+        "vocab_size": VOCAB, "num_hidden_layers": 5, "bos_token_id": 1, "eos_token_id": None,
+        "pad_token_id": 0, "tie_word_embeddings": False, **overrides})
     config = getattr(transformers, class_name)(**settings)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -122,11 +98,11 @@ def tiny_hf(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def converted(family: str, groups=GROUPS, bypass: int = BYPASS):
-    """tiny_hf(family) converted with `groups` and bypass distance, random bypass weights."""
+def converted(kind: str, groups=GROUPS, bypass: int = BYPASS):
+    """tiny_hf(kind) converted with `groups` and bypass distance, random bypass weights."""
     from ..runtime.checkpoint import build_cqil_model
 
-    model = build_cqil_model(tiny_hf(family), groups, bypass)
+    model = build_cqil_model(tiny_hf(kind), groups, bypass)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -178,18 +154,18 @@ def greedy(model, ids, mask, **kwargs) -> torch.Tensor:
     return out[:, ids.shape[1]:]
 
 
-def family_checks(family: str, device: torch.device) -> list[Check]:
+def family_checks(kind: str, device: torch.device) -> list[Check]:
     from ..runtime.fastgen import FastGenerator
 
-    model = converted(family).to(device)
+    model = converted(kind).to(device)
     reference32 = engine_logits(model, "reference", device)
-    checks = [Check(f"fused=reference {family} fp32",
+    checks = [Check(f"fused=reference {kind} fp32",
                     worst(engine_logits(model, "fused", device), reference32),
                     LIMITS[torch.float32], "relative error")]
     ids, mask = padded_batch(device)
     cached = greedy(model, ids, mask, use_cache=True)
     uncached = greedy(model, ids, mask, use_cache=False)
-    checks.append(Check(f"cached=uncached {family} fp32", int((cached != uncached).sum()), 0,
+    checks.append(Check(f"cached=uncached {kind} fp32", int((cached != uncached).sum()), 0,
                         "tokens differing"))
     model.set_engine("reference")
     reference = greedy(model, ids, mask)
@@ -197,14 +173,14 @@ def family_checks(family: str, device: torch.device) -> list[Check]:
     fast = FastGenerator(model, cuda_graph=device.type == "cuda")
     tokens = fast.generate(ids, mask, max_new_tokens=NEW_TOKENS).tokens
     how = "graph" if device.type == "cuda" else "eager"
-    checks.append(Check(f"fastgen ({how})=reference {family} fp32",
+    checks.append(Check(f"fastgen ({how})=reference {kind} fp32",
                         int((tokens.to(reference.device) != reference).sum()), 0,
                         "tokens differing"))
     model.to(torch.bfloat16)
     model.cqil_refresh_fused()
     reference16 = engine_logits(model, "reference", device)
     rounding = worst(reference16, reference32)  # what bf16 costs the reference engine itself
-    checks.append(Check(f"fused=reference {family} bf16",
+    checks.append(Check(f"fused=reference {kind} bf16",
                         worst(engine_logits(model, "fused", device), reference16),
                         max(LIMITS[torch.bfloat16], 2 * rounding), "relative error"))
     return checks
@@ -219,8 +195,8 @@ def _free_port() -> int:
 def distributed_checks(device: torch.device, notes: list[str],
                        families: list[str] | None = None) -> list[Check]:
     """The distributed engine at W = 1 (a single-process group) against the fused engine, for
-    each of `families` (default: every family of FAMILIES); why it did not run, if it did not,
-    in `notes`."""
+    each example of `families` (default: every family); why it did not run, if it did not, in
+    `notes`."""
     import torch.distributed as dist
 
     from ..runtime.distributed_cqil import init_distributed
@@ -242,9 +218,9 @@ def distributed_checks(device: torch.device, notes: list[str],
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe)  # the backend works (W = 1: the engine itself calls none)
         checks = []
-        for family in families or list(FAMILIES):
-            checks += _guarded(f"distributed W=1 {family}", lambda family=family:
-                               _distributed_family_checks(family, device, backend))
+        for kind in examples(families):
+            checks += _guarded(f"distributed W=1 {kind}", lambda kind=kind:
+                               _distributed_family_checks(kind, device, backend))
         return checks
     finally:
         if dist.is_initialized():
@@ -256,15 +232,15 @@ def distributed_checks(device: torch.device, notes: list[str],
                 os.environ[k] = v
 
 
-def _distributed_family_checks(family: str, device: torch.device, backend: str) -> list[Check]:
-    """One family's distributed engine at W = 1 (every layer single): the logits of the last
+def _distributed_family_checks(kind: str, device: torch.device, backend: str) -> list[Check]:
+    """One example's distributed engine at W = 1 (every layer single): the logits of the last
     position of every forward against the reference engine, the computation it implements
     op for op; the greedy tokens against the fused engine, what one device generates. (The
     fused engine's own fp32 rounding drifts from the reference's over 16 greedy tokens: up to
     1.4e-5 relative on the tiny Gemma 3, measured on a CPU.)"""
     from ..runtime.distributed_cqil import DistributedCqil
 
-    model = converted(family, groups="none", bypass=0).to(device)
+    model = converted(kind, groups="none", bypass=0).to(device)
     engine = DistributedCqil.from_model(model, rank=0, world_size=1, device=device)
     ids, mask = padded_batch(device)
     got = engine.generate(ids, mask, NEW_TOKENS, output_logits=True)
@@ -276,15 +252,15 @@ def _distributed_family_checks(family: str, device: torch.device, backend: str) 
     tokens = model.generate(ids, **settings).sequences[:, ids.shape[1]:]
     error = worst([step[:, -1] for step in got.logits], list(reference.logits))  # last position
     name = f"distributed W=1 ({backend})"
-    return [Check(f"{name}=reference {family} fp32 logits", error, LIMITS[torch.float32],
+    return [Check(f"{name}=reference {kind} fp32 logits", error, LIMITS[torch.float32],
                   "relative error"),
-            Check(f"{name}=fused {family} fp32 tokens", int((got.tokens != tokens).sum()), 0,
+            Check(f"{name}=fused {kind} fp32 tokens", int((got.tokens != tokens).sum()), 0,
                   "tokens differing")]
 
 
 def _guarded(what: str, fn) -> list:
     """fn()'s list, or one failed Check naming the exception (its traceback on stderr), so
-    that one family's failure does not hide the others' results on a one-shot run."""
+    that one example's failure does not hide the others' results on a one-shot run."""
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - reported as a failed check, never swallowed
@@ -306,12 +282,12 @@ def run_checks(device: str = "cpu", families: list[str] | None = None) -> dict:
     checks, notes = [], []
     start = time.perf_counter()
     with torch.no_grad():
-        for family in families or list(FAMILIES):
-            for check in _guarded(family, lambda family=family: family_checks(family, dev)):
+        for kind in examples(families):
+            for check in _guarded(kind, lambda kind=kind: family_checks(kind, dev)):
                 print(check.line(), flush=True)
                 checks.append(check)
         found = _guarded("distributed W=1",
-                         lambda: distributed_checks(dev, notes, families or list(FAMILIES)))
+                         lambda: distributed_checks(dev, notes, families))
     for check in found:
         print(check.line(), flush=True)
     checks += found
@@ -328,14 +304,14 @@ def run_checks(device: str = "cpu", families: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--families", default=",".join(FAMILIES),
-                        help="comma-separated families to check (default: all)")
+    parser.add_argument("--families", default=",".join(MODEL_TYPES),
+                        help="comma-separated families (model_types) to check (default: all)")
     parser.add_argument("--json", help="also write the checks here")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = sorted(set(families) - set(FAMILIES))
+    unknown = sorted(set(families) - set(MODEL_TYPES))
     if unknown:
-        print(f"error: unknown families {', '.join(unknown)} (known: {', '.join(FAMILIES)})",
+        print(f"error: unknown families {', '.join(unknown)} (known: {', '.join(MODEL_TYPES)})",
               file=sys.stderr)
         return 2
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():

@@ -84,7 +84,7 @@ class Scorer:
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
                 cb: Callbacks) -> Manifest:
     from ..calibrate.self_text import calibration_windows
-    from ..inputs.models import load_model, require_llama_family
+    from ..inputs.models import load_model, require_engine
     from ..inputs.text import token_samples_up_to
 
     opts.check()
@@ -92,7 +92,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     started = time.perf_counter()
     cb.status(f"loading {model_spec}")
     loaded = load_model(model_spec, **load_kwargs)
-    require_llama_family(loaded, "convert")
+    require_engine(loaded, "reference", f"'{loaded.spec}'")
     if loaded.model_type == "cqil":
         raise CqilError(f"{model_spec} is already converted; convert its base model")
 

@@ -1,7 +1,8 @@
 """Generation for `cqil generate` (docs/generate.md): on one device, or as one rank of W.
 
   generate_single(loaded, prompts, n)   one device: cqil's FastGenerator for a converted folder
-                                        or a Llama-family model, transformers' generate() else
+                                        or a model of a family it runs (runtime/
+                                        family_table_cqil.py), transformers' generate() else
   generate_rank(request)                one rank of W (torch.distributed already described in
                                         the environment): load this rank's shard (load_rank_part:
                                         its slices only, from a local safetensors folder),
@@ -156,7 +157,7 @@ def timings_of(prefill_s: float, decode_s: list[float], total_s: float) -> dict:
 def generate_single(loaded, prompts: list[str], new_tokens: int,
                     sampling: Sampling = Sampling()) -> GenerateResult:
     """Continuations of prompts (one left-padded batch) on the model's own device."""
-    from ..inputs.models import runs_on_cqil_engine
+    from ..runtime.family_table_cqil import runs_on
 
     model, tokenizer = loaded.model, loaded.tokenizer
     ids, mask = encode_prompts(tokenizer, prompts)
@@ -164,7 +165,7 @@ def generate_single(loaded, prompts: list[str], new_tokens: int,
     pad = pad_id(tokenizer, stops)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    if runs_on_cqil_engine(loaded.model_type):
+    if runs_on(model.config, "fastgen"):
         from ..runtime.fastgen import FastGenerator
 
         engine = "cqil"

@@ -21,29 +21,8 @@ from pathlib import Path
 
 from ..core.errors import CqilError
 from ..core.files import staged_folder
+from ..runtime import family_table_cqil as family_table
 from .assets import cqil_home, fetch_pypi_file
-
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-# Every base model_type cqil converts and runs (runtime/configuration_cqil.py's
-# SUPPORTED_BASE_TYPES): the Llama family, Gemma 2, Gemma 3 (text) and Phi-3.
-CQIL_FAMILIES = (*LLAMA_FAMILY, "gemma2", "gemma3_text", "phi3")
-# What the distributed engine (runtime/distributed_cqil.py, sharding_cqil.py) shards: every
-# family cqil runs.
-DISTRIBUTED_FAMILIES = CQIL_FAMILIES
-
-
-def runs_on_cqil_engine(model_type: str | None) -> bool:
-    """Whether cqil's single-device engines (fused, fast generation) can run a model of this
-    model_type: a converted folder, or a base model of CQIL_FAMILIES (converted with every
-    layer single)."""
-    return model_type == "cqil" or model_type in CQIL_FAMILIES
-
-
-def runs_on_distributed_engine(model_type: str | None, base_model_type: str | None = None) -> bool:
-    """Whether the distributed engine can run it: a base model of DISTRIBUTED_FAMILIES, or a
-    converted folder (model_type "cqil") whose base_model_type is one."""
-    base = base_model_type if model_type == "cqil" else model_type
-    return base in DISTRIBUTED_FAMILIES
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -208,19 +187,9 @@ GGUF_DROPPED_TENSORS = {
 def _complete_gguf_config(config, reader, file_name: str) -> None:
     """Set, from the GGUF metadata llama.cpp writes, what transformers' GGUF reader
     (integrations/ggml.py GGUF_CONFIG_MAPPING, transformers 5.x) leaves at the config class's
-    defaults for the families cqil runs; a CqilError for what cqil cannot set right.
-
-    gemma2       attn_logit_softcapping, final_logit_softcapping ({arch}.*_softcapping);
-    gemma2/3     query_pre_attn_scalar: llama.cpp stores none and scales queries by
-                 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the 27B models (46 layers
-                 for Gemma 2, 62 for Gemma 3: llama.cpp's LLM_TYPE_27B), as their configs do;
-    gemma3_text  the global layers' RoPE scaling ({arch}.rope.scaling.type/factor: linear
-                 only), the local base ({arch}.rope.freq_base_swa, else llama.cpp's 10000),
-                 final_logit_softcapping; the sliding pattern is llama.cpp's fixed 5 local : 1
-                 global, which is transformers' default;
-    phi3         partial_rotary_factor ({arch}.rope.dimension_count / head_dim) and
-                 sliding_window ({arch}.attention.sliding_window).
-    """
+    defaults for the families cqil runs: the completions its row names (Family.gguf, run in
+    that order; _GGUF_COMPLETIONS says what each sets); a CqilError for what cqil cannot set
+    right."""
     arch = str(reader.fields["general.architecture"].contents())
     model_type = config.model_type
 
@@ -233,31 +202,62 @@ def _complete_gguf_config(config, reader, file_name: str) -> None:
         if tensor in names:
             raise CqilError(f"GGUF {file_name}: {model_type} with {what} is not supported "
                             "(transformers' GGUF reader drops it)")
-    if model_type in ("gemma2", "gemma3_text"):
-        large = config.num_hidden_layers == (46 if model_type == "gemma2" else 62)
-        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
-                                        if large else config.head_dim)
-        config.final_logit_softcapping = key("final_logit_softcapping",
-                                             config.final_logit_softcapping)
-    if model_type == "gemma2":
-        config.attn_logit_softcapping = key("attn_logit_softcapping",
-                                            config.attn_logit_softcapping)
-    elif model_type == "gemma3_text":
-        scaling = key("rope.scaling.type")
-        if scaling not in (None, "none", "linear"):
-            raise CqilError(f"GGUF {file_name}: gemma3 with RoPE scaling '{scaling}' is not "
-                            "supported (linear only)")
-        rope = config.rope_parameters
-        if scaling == "linear":
-            rope["full_attention"].update(rope_type="linear",
-                                          factor=float(key("rope.scaling.factor")))
-        rope["sliding_attention"]["rope_theta"] = float(key("rope.freq_base_swa", 10000.0))
-    elif model_type == "phi3":
-        dims = key("rope.dimension_count")
-        if dims:
-            head_dim = config.hidden_size // config.num_attention_heads
-            config.rope_parameters["partial_rotary_factor"] = int(dims) / head_dim
-        config.sliding_window = key("attention.sliding_window", config.sliding_window)
+    family = family_table.FAMILIES.get(model_type)
+    for completion in family.gguf if family is not None else ():
+        _GGUF_COMPLETIONS[completion](config, key, family, file_name)
+
+
+def _gguf_query_scale(config, key, family, file_name: str) -> None:
+    """query_pre_attn_scalar: llama.cpp stores none and scales queries by 1/sqrt(head_dim), but
+    by 1/sqrt(hidden/heads) for the 27B models (Family.gguf_wide_scale_layers layers: llama.cpp's
+    LLM_TYPE_27B), as their configs do."""
+    wide = config.num_hidden_layers == family.gguf_wide_scale_layers
+    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
+                                    if wide else config.head_dim)
+
+
+def _gguf_copied(name: str):
+    """The config field `name` from {arch}.{name}, when the file has it."""
+    def complete(config, key, family, file_name: str) -> None:
+        setattr(config, name, key(name, getattr(config, name)))
+    return complete
+
+
+def _gguf_per_type_rope(config, key, family, file_name: str) -> None:
+    """The global layers' RoPE scaling ({arch}.rope.scaling.type/factor: linear only) and the
+    local base ({arch}.rope.freq_base_swa, else llama.cpp's 10000); the sliding pattern is
+    llama.cpp's fixed 5 local : 1 global, which is transformers' default."""
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise CqilError(f"GGUF {file_name}: {config.model_type} with RoPE scaling '{scaling}' is "
+                        "not supported (linear only)")
+    rope = config.rope_parameters
+    if scaling == "linear":
+        rope["full_attention"].update(rope_type="linear", factor=float(key("rope.scaling.factor")))
+    rope["sliding_attention"]["rope_theta"] = float(key("rope.freq_base_swa", 10000.0))
+
+
+def _gguf_partial_rotary(config, key, family, file_name: str) -> None:
+    """partial_rotary_factor: {arch}.rope.dimension_count / head_dim."""
+    dims = key("rope.dimension_count")
+    if dims:
+        head_dim = config.hidden_size // config.num_attention_heads
+        config.rope_parameters["partial_rotary_factor"] = int(dims) / head_dim
+
+
+def _gguf_sliding_window(config, key, family, file_name: str) -> None:
+    config.sliding_window = key("attention.sliding_window", config.sliding_window)
+
+
+# The completions a row's Family.gguf may name (family_table_cqil.GGUF_COMPLETIONS).
+_GGUF_COMPLETIONS = {
+    "query_pre_attn_scalar": _gguf_query_scale,
+    "attn_logit_softcapping": _gguf_copied("attn_logit_softcapping"),
+    "final_logit_softcapping": _gguf_copied("final_logit_softcapping"),
+    "rope_parameters": _gguf_per_type_rope,
+    "partial_rotary_factor": _gguf_partial_rotary,
+    "sliding_window": _gguf_sliding_window,
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -435,12 +435,13 @@ def _load_hub(spec: str, dt, trust_remote_code: bool) -> LoadedModel:
     return LoadedModel(model, tokenizer, spec, spec, None, model.config.model_type)
 
 
-def require_llama_family(loaded: LoadedModel, command: str) -> None:
-    """A CqilError unless the model (or a converted model's base) is of CQIL_FAMILIES. (The
-    name is historical: the Gemma 2, Gemma 3 and Phi-3 families pass too.)"""
-    base = loaded.model_type
-    if base == "cqil":
-        base = getattr(loaded.model.config, "base_model_type", "cqil")
-    if base not in CQIL_FAMILIES:
-        raise CqilError(f"`cqil {command}` supports the families "
-                        f"{', '.join(CQIL_FAMILIES)}; '{loaded.spec}' is '{base}'")
+def require_engine(model, engine: str, what: str) -> family_table.Family:
+    """The family of a model when cqil's `engine` runs it (runtime/family_table_cqil.py's
+    require_engine, the one check), else a CqilError with its message. model: a LoadedModel,
+    a config, a config.json dict or a model_type; what: how the message names it."""
+    if isinstance(model, LoadedModel):
+        model = model.model.config
+    try:
+        return family_table.require_engine(model, engine, what)
+    except family_table.UnsupportedFamily as exc:
+        raise CqilError(str(exc)) from exc

@@ -36,17 +36,13 @@ def eos_ids(generation_config, config) -> list[int]:
     return [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
 
 
-def require_rank_model(model_type: str | None, spec: str,
-                       base_model_type: str | None = None) -> None:
-    """Only what cqil's distributed engine runs can be spread over ranks: a model of its
-    families, or a folder converted from one (base_model_type)."""
-    from .models import DISTRIBUTED_FAMILIES, runs_on_distributed_engine
+def require_rank_model(model, spec: str) -> None:
+    """Only what cqil's distributed engine runs can be spread over ranks: a model of a family
+    whose row names it (runtime/family_table_cqil.py), or a folder converted from one. model:
+    a config, a config.json dict or a LoadedModel."""
+    from .models import require_engine
 
-    if not runs_on_distributed_engine(model_type, base_model_type):
-        what = f"converted from '{base_model_type}'" if model_type == "cqil" else \
-            f"'{model_type}'"
-        raise CqilError(f"--devices runs the families {', '.join(DISTRIBUTED_FAMILIES)} and "
-                        f"folders converted from them; '{spec}' is {what}")
+    require_engine(model, "distributed", f"--devices: '{spec}'")
 
 
 def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> str | None:
@@ -66,7 +62,7 @@ def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False
         return None
     raw = read_config(folder)
     kind = raw.get("model_type")
-    require_rank_model(kind, spec, raw.get("base_model_type"))
+    require_rank_model(raw, spec)
     config, _ = _folder_config_and_stops(folder, kind, trust_remote_code)
     plan_for(config, world_size, spec)
     manifest = read_manifest(folder) if kind == "cqil" else None
@@ -114,7 +110,7 @@ def load_rank_part(spec: str, rank: int, world_size: int, dtype: str = "float32"
                                      allow_pickle, vocab_parallel)
     raw = check_model_folder(folder, allow_pickle)
     kind = raw.get("model_type")
-    require_rank_model(kind, spec, raw.get("base_model_type"))
+    require_rank_model(raw, spec)
     config, stops = _folder_config_and_stops(folder, kind, trust_remote_code)
     layout = plan_for(config, world_size, spec, vocab_parallel)
     read = safetensors_reader(folder)
@@ -152,7 +148,7 @@ def safetensors_weight_bytes(folder: Path) -> int:
 
 def _folder_config_and_stops(folder: Path, kind: str, trust_remote_code: bool):
     """(CqilConfig, stop ids) from the folder's config files, without its weights. A plain
-    folder of a family the distributed engine runs (DISTRIBUTED_FAMILIES) becomes every layer
+    folder of a family the distributed engine runs (require_rank_model) becomes every layer
     its own step; its tensor names are the ones a converted checkpoint uses, so the same reader
     serves both."""
     from transformers import AutoConfig, GenerationConfig
@@ -184,8 +180,7 @@ def _load_rank_part_whole(spec: str, rank: int, world_size: int, dtype: str,
     loaded = load_model(spec, device="cpu", dtype=dtype,
                         trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle)
-    require_rank_model(loaded.model_type, spec,
-                       getattr(loaded.model.config, "base_model_type", None))
+    require_rank_model(loaded, spec)
     model, stops = loaded.model, stop_ids(loaded.model)
     whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     if loaded.model_type != "cqil":

@@ -1,8 +1,8 @@
 """Build, save and load CQIL-converted checkpoints (docs/runtime.md).
 
 - `parse_groups(spec, num_layers)`      "14-15,16-17" / "none" -> the ordered steps
-- `build_cqil_model(model, groups, D)`    a loaded transformers causal LM of a supported family
-                                        (configuration_cqil.SUPPORTED_BASE_TYPES) -> CqilForCausalLM
+- `build_cqil_model(model, groups, D)`    a loaded transformers causal LM of a family of
+                                        family_table_cqil.py -> CqilForCausalLM
 - `save_converted(model, tok, out_dir)` an atomic Hugging Face folder (config with auto_map,
                                         safetensors with the base names, tokenizer, modeling file)
 - `load_converted(path)`                load such a folder back (cqil's classes, no remote code)
@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 
 from ..core.files import staged_folder
-from .configuration_cqil import FULL, SLIDING, SUPPORTED_BASE_TYPES, CqilConfig, check_groups
+from .configuration_cqil import FULL, SLIDING, CqilConfig, check_groups
 from .edges_cqil import make_rotaries
+from .family_table_cqil import require_engine
 from .fused_cqil import file_mappings, release_file_pages
 from .modeling_cqil import CqilForCausalLM, contiguous_state_dict
 
 RUNTIME_DIR = Path(__file__).parent
 # The self-contained files a converted folder carries (torch + transformers only), so that
 # trust_remote_code=True works where cqil is not installed.
-RUNTIME_FILES = ("configuration_cqil.py", "modeling_cqil.py", "families_cqil.py", "edges_cqil.py",
-                 "fused_cqil.py",
-                 "sharding_cqil.py", "distributed_cqil.py")
+RUNTIME_FILES = ("family_table_cqil.py", "configuration_cqil.py", "modeling_cqil.py", "families_cqil.py",
+                 "edges_cqil.py", "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
     "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM",
@@ -86,9 +86,9 @@ SHARABLE = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight") 
 def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_distance: int = 0,
                      skip_layers: list[int] | None = None, share_outside_layers: bool = False,
                      consume: bool = False, packed: bool = False) -> CqilForCausalLM:
-    """Build a CqilForCausalLM from a loaded transformers causal LM of SUPPORTED_BASE_TYPES
-    (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3: tensor names as the base's,
-    Phi-3's fused qkv_proj / gate_up_proj included).
+    """Build a CqilForCausalLM from a loaded transformers causal LM of a family of
+    family_table_cqil.py (tensor names as the base's, Phi-3's fused qkv_proj / gate_up_proj
+    included).
 
     Every base tensor is copied (names and shapes checked); the new bypass weights (gamma, beta)
     start at 1. skip_layers: layers only the prompt runs through (Unified Layer Skipping).
@@ -105,12 +105,10 @@ def build_cqil_model(base_model, groups: list[list[int]] | str | None, bypass_di
     the distributed engine is checked against it op for op.
     """
     config = getattr(base_model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED_BASE_TYPES or not type(base_model).__name__.endswith("ForCausalLM"):
-        raise ValueError(
-            f"cannot convert {type(base_model).__name__} (model_type '{kind}'): cqil supports causal LMs of the "
-            f"architectures {', '.join(SUPPORTED_BASE_TYPES)}"
-        )
+    name = type(base_model).__name__
+    require_engine(getattr(config, "model_type", None), "reference", f"cannot convert {name}: it")
+    if not name.endswith("ForCausalLM"):
+        raise ValueError(f"cannot convert {name}: cqil converts causal LMs (a *ForCausalLM class)")
     if isinstance(groups, str):
         groups = parse_groups(groups, config.num_hidden_layers)
     cfg = CqilConfig.from_base_config(config, groups, bypass_distance, skip_layers=skip_layers)

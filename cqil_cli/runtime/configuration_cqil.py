@@ -1,7 +1,8 @@
-"""Configuration of a CQIL-converted model (model_type "cqil"): the Llama family (llama,
-mistral, qwen2, qwen3), Gemma 2, Gemma 3 (text) and Phi-3.
+"""Configuration of a CQIL-converted model (model_type "cqil") of a family of
+family_table_cqil.py (what each family turns on: Family.config_fields).
 
-Self-contained on purpose (torch, transformers and the standard library only): `cqil convert`
+Self-contained on purpose (torch, transformers, the standard library and family_table_cqil.py
+only): `cqil convert`
 copies it next to the converted weights with the other runtime files, so that
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works where cqil is not
 installed. The grouping it carries is explained in modeling_cqil.py and docs/runtime.md.
@@ -13,9 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-GEMMA_TYPES = ("gemma2", "gemma3_text")
-SUPPORTED_BASE_TYPES = (*LLAMA_TYPES, *GEMMA_TYPES, "phi3")
+from .family_table_cqil import MODEL_TYPES, require_engine
+
+SUPPORTED_BASE_TYPES = MODEL_TYPES  # the table's base model_types (its older name)
 ENGINES = ("fused", "reference")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -58,7 +59,7 @@ class CqilConfig(PreTrainedConfig):
     It carries the base model's fields flat (so the usual names `hidden_size`,
     `num_hidden_layers`, ... mean what they mean in the base config) plus:
 
-    base_model_type (`str`): one of SUPPORTED_BASE_TYPES (the architecture converted).
+    base_model_type (`str`): a model_type of family_table_cqil.py (the architecture converted).
     groups (`list[list[int]]`): the ordered steps; size-1 lists are single layers.
         None means every layer is its own step (the original model).
     bypass_distance (`int`): D >= 0, how many earlier layers of its group feed a layer's MLP.
@@ -68,7 +69,8 @@ class CqilConfig(PreTrainedConfig):
     attention_bias / attention_out_bias / mlp_bias / qk_norm: which optional tensors the
         layers have (q/k/v bias, o_proj bias, MLP biases, per-head q/k RMSNorm of qwen3 and
         gemma3).
-    What the Gemma and Phi-3 families add (all off for the Llama family; families_cqil.py):
+    What the Gemma and Phi-3 families add (all off for the Llama family; families_cqil.py;
+    from_base_config sets them from the family's row, family_table_cqil.Family.config_fields):
     norm_unit_offset (`bool`): RMSNorms scale by (1 + weight), in fp32 (Gemma).
     post_norms (`bool`): four norms per layer: input, post-attention (on the attention output),
         pre-feedforward (the MLP input), post-feedforward (on the MLP output) (Gemma).
@@ -129,7 +131,7 @@ class CqilConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
     layer_types: list[str] | None = None
-    base_model_type: str = "llama"
+    base_model_type: str = MODEL_TYPES[0]  # the first family of the table (Llama)
     groups: list[list[int]] | None = None
     bypass_distance: int = 0
     skip_layers: list[int] | None = None
@@ -140,11 +142,7 @@ class CqilConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.base_model_type not in SUPPORTED_BASE_TYPES:
-            raise ValueError(
-                f"base_model_type '{self.base_model_type}' is not supported; "
-                f"supported: {', '.join(SUPPORTED_BASE_TYPES)}"
-            )
+        require_engine(self.base_model_type, "reference", "base_model_type")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -188,29 +186,16 @@ class CqilConfig(PreTrainedConfig):
     def from_base_config(
         cls, base_config: PreTrainedConfig, groups: list[list[int]] | None, bypass_distance: int = 0, **kwargs
     ) -> CqilConfig:
-        """Build a CqilConfig from a transformers config of a SUPPORTED_BASE_TYPES model."""
-        kind = getattr(base_config, "model_type", None)
-        if kind not in SUPPORTED_BASE_TYPES:
-            raise ValueError(
-                f"cqil supports the architectures {', '.join(SUPPORTED_BASE_TYPES)}; got model_type '{kind}'"
-            )
+        """Build a CqilConfig from a transformers config of a family of family_table_cqil.py
+        (the fields its row decides: Family.config_fields)."""
         c = base_config
+        kind = getattr(c, "model_type", None)
+        family = require_engine(kind, "reference", "the base model")
         if getattr(c, "use_bidirectional_attention", False):
             raise ValueError(f"{kind} with use_bidirectional_attention is not a causal LM; cqil cannot convert it")
         n = c.num_hidden_layers
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         hidden_act = getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", None) or "silu"
-        if kind in ("llama", "qwen3"):
-            qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
-            mlp_bias = bool(getattr(c, "mlp_bias", False)) if kind == "llama" else False
-        elif kind in ("mistral", "phi3"):
-            qkv_bias = out_bias = mlp_bias = False
-        elif kind == "qwen2":
-            qkv_bias, out_bias, mlp_bias = True, False, False
-        else:  # gemma2, gemma3_text
-            qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
-            mlp_bias = False
-        gemma = kind in GEMMA_TYPES
         sliding_window = getattr(c, "sliding_window", None)
         layer_types = getattr(c, "layer_types", None)
         if layer_types is not None:
@@ -238,18 +223,7 @@ class CqilConfig(PreTrainedConfig):
             eos_token_id=getattr(c, "eos_token_id", None),
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             rope_parameters=rope,
-            attention_bias=qkv_bias,
-            attention_out_bias=out_bias,
-            mlp_bias=mlp_bias,
-            qk_norm=kind in ("qwen3", "gemma3_text"),
-            norm_unit_offset=gemma,
-            post_norms=gemma,
-            scale_embeddings=gemma,
-            query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) if gemma else None,
-            # Gemma 3 keeps the field but its attention never applies it (transformers 5.24).
-            attn_logit_softcapping=getattr(c, "attn_logit_softcapping", None) if kind == "gemma2" else None,
-            final_logit_softcapping=getattr(c, "final_logit_softcapping", None) if gemma else None,
-            fused_projections=kind == "phi3",
+            **family.config_fields(c),
             attention_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
             sliding_window=sliding_window,
             layer_types=layer_types,
@@ -260,5 +234,4 @@ class CqilConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["CqilConfig", "check_groups", "SUPPORTED_BASE_TYPES", "LLAMA_TYPES", "GEMMA_TYPES", "ENGINES", "FULL",
-           "SLIDING"]
+__all__ = ["CqilConfig", "check_groups", "SUPPORTED_BASE_TYPES", "ENGINES", "FULL", "SLIDING"]
