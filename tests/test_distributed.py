@@ -122,6 +122,10 @@ CASES = [
     Case(2, "phi3-partial"),
     Case(2, "phi3-partial", pairs(5), 0),
     Case(2, "phi3-partial", pairs(5), 2),
+    Case(2, "granite-multipliers"),
+    Case(2, "granite-multipliers", pairs(5), 1),
+    Case(2, "olmo2-postnorm", overrides=KV2),  # q/k norms over heads split between 2 ranks
+    Case(2, "olmo2-postnorm", pairs(5), 2, KV2),
     # W = 4: tensor parallelism over 4, groups of 2 on lanes of 2 ranks, groups of 4 on lanes of
     # one rank, and both sizes in one model.
     Case(4, "llama-bias"),
@@ -144,6 +148,8 @@ CASES = [
     Case(4, "gemma2-softcap", pairs(5), 1, KV4),
     Case(4, "gemma3-local", ((0, 1, 2, 3), (4, 5), (6,)), 2, KV4),
     Case(4, "phi3-partial", pairs(5), 1, KV4),
+    Case(4, "granite-multipliers", ((0, 1, 2, 3), (4,)), 3, KV4),
+    Case(4, "olmo2-postnorm", pairs(5), 1, KV4),  # whole-projection q/k norms inside a lane
 ]
 # Sampling settings every rank uses for a second, sampled generation of each case.
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)

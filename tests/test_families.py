@@ -61,16 +61,19 @@ def test_all_singles_equal_transformers(kind, engine):
 def formula_forward(hf, model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of `model`'s grouping computed with the transformers model's own layers:
     a_j = Na_j(A_j(N1_j(x))), m_j = Nf_j(F_j(N2_j(x + a_j + b_j))), y = x + Σ γ_j (a_j + m_j)
-    (Na = Nf = identity and N2 = post_attention_layernorm for Phi-3)."""
+    (Na = Nf = identity and N2 = post_attention_layernorm for Phi-3 and Granite; N1 = N2 =
+    identity for OLMo 2; Granite: both deltas times its residual multiplier r, embeddings times
+    its embedding multiplier, logits divided by logits_scaling)."""
     cfg, T = hf.config, ids.shape[1]
     inner = hf.model
-    x = inner.embed_tokens(ids)
+    r = getattr(cfg, "residual_multiplier", 1.0)
+    x = inner.embed_tokens(ids) * getattr(cfg, "embedding_multiplier", 1.0)
     pos = torch.arange(T)[None]
     i = torch.arange(T)
     masks = {}
     for kind in set(getattr(cfg, "layer_types", None) or ["sliding_attention"]):
         allowed = i[None, :] <= i[:, None]
-        if kind == "sliding_attention" and cfg.sliding_window is not None:
+        if kind == "sliding_attention" and getattr(cfg, "sliding_window", None) is not None:
             allowed &= i[None, :] > i[:, None] - cfg.sliding_window
         masks[kind] = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))[None, None]
 
@@ -84,15 +87,19 @@ def formula_forward(hf, model, ids: torch.Tensor) -> torch.Tensor:
 
     def attention(li, x):
         layer = inner.layers[li]
-        o = layer.self_attn(layer.input_layernorm(x), position_embeddings=rope(kind_of(li)),
+        n1 = getattr(layer, "input_layernorm", torch.nn.Identity())  # OLMo 2: none
+        o = layer.self_attn(n1(x), position_embeddings=rope(kind_of(li)),
                             attention_mask=masks[kind_of(li)])[0]
-        return layer.post_attention_layernorm(o) if hasattr(layer, "pre_feedforward_layernorm") else o
+        post_norms = hasattr(layer, "post_feedforward_layernorm")  # Gemma, OLMo 2
+        return (layer.post_attention_layernorm(o) if post_norms else o) * r
 
     def mlp(li, u):
         layer = inner.layers[li]
-        if hasattr(layer, "pre_feedforward_layernorm"):
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma
             return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(u)))
-        return layer.mlp(layer.post_attention_layernorm(u))
+        if hasattr(layer, "post_feedforward_layernorm"):  # OLMo 2
+            return layer.post_feedforward_layernorm(layer.mlp(u))
+        return layer.mlp(layer.post_attention_layernorm(u)) * r
 
     ours = dict(model.named_parameters())
     D = model.config.bypass_distance
@@ -110,7 +117,7 @@ def formula_forward(hf, model, ids: torch.Tensor) -> torch.Tensor:
                 b = b + beta[k - (j - beta.shape[0])] * a[k]
             y = y + ours[f"model.layers.{li}.cqil_gamma"] * (a[j] + mlp(li, x + a[j] + b))
         x = y
-    logits = hf.lm_head(inner.norm(x))
+    logits = hf.lm_head(inner.norm(x)) / getattr(cfg, "logits_scaling", 1.0)
     cap = getattr(cfg, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

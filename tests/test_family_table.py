@@ -78,9 +78,18 @@ def _old_fields(c) -> dict:
         qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
         mlp_bias = False
     gemma = kind in ("gemma2", "gemma3_text")
+    if kind == "granite":  # added with the table: Llama's layer, Granite's four multipliers
+        qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
+        mlp_bias = bool(getattr(c, "mlp_bias", False))
+    granite = {name: getattr(c, name) if kind == "granite" else None for name in
+               ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                "logits_scaling")}
+    olmo2 = kind == "olmo2"  # added with the table: post-norms only, q/k norms over projections
     return dict(
+        **granite, input_norms=not olmo2, norm_fp32_gain=olmo2, qk_norm_whole=olmo2,
         attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=mlp_bias,
-        qk_norm=kind in ("qwen3", "gemma3_text"), norm_unit_offset=gemma, post_norms=gemma,
+        qk_norm=kind in ("qwen3", "gemma3_text", "olmo2"), norm_unit_offset=gemma,
+        post_norms=gemma or olmo2,
         scale_embeddings=gemma,
         query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) if gemma else None,
         attn_logit_softcapping=getattr(c, "attn_logit_softcapping", None) if kind == "gemma2" else None,
@@ -120,8 +129,8 @@ def test_one_check_one_message():
 
 
 def test_rows_refuse_what_the_runtime_does_not_implement():
-    with pytest.raises(ValueError, match="norms 'post'"):
-        table.Family("x", "X", "XConfig", "x", norms="post", examples={"x": {}})
+    with pytest.raises(ValueError, match="norms 'stacked'"):
+        table.Family("x", "X", "XConfig", "x", norms="stacked", examples={"x": {}})
     with pytest.raises(ValueError, match="examples"):
         table.Family("x", "X", "XConfig", "x")
 

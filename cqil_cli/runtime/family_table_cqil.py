@@ -42,8 +42,11 @@ ENGINES = ("reference", "fused", "fastgen", "distributed")
 ENGINE_TITLES = {"reference": "cqil", "fused": "cqil's fused engine",
                  "fastgen": "cqil's fast path", "distributed": "cqil's distributed engine"}
 SQRT_HIDDEN = "sqrt(hidden_size)"  # embedding_scale: x * sqrt(hidden), rounded to its dtype
-NORMS = ("pre", "sandwich")  # the norm layouts the runtime implements (families_cqil.py)
-QK_NORMS = (None, "per_head")
+# the norm layouts the runtime implements (families_cqil.py): "pre" N1, N2 (Llama); "sandwich"
+# N1, Na, N2, Nf (Gemma); "post" Na, Nf only (OLMo 2)
+NORMS = ("pre", "sandwich", "post")
+# q/k RMSNorms: over each head ([head_dim]: Qwen3, Gemma 3) or the whole projection (OLMo 2)
+QK_NORMS = (None, "per_head", "projection")
 # What inputs/models.py completes in a GGUF file's config (its _GGUF_COMPLETIONS, same keys).
 GGUF_COMPLETIONS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                     "rope_parameters", "partial_rotary_factor", "sliding_window")
@@ -92,7 +95,14 @@ class Family:
     # Norms and scales.
     norms: str = "pre"  # "pre": input, pre-MLP; "sandwich": also after attention and MLP (Gemma)
     norm_unit_offset: bool = False  # RMSNorms scale by (1 + weight), in fp32 (Gemma)
+    norm_fp32_gain: bool = False  # RMSNorms multiply their weight in fp32, then cast (OLMo 2)
     embedding_scale: str | None = None  # SQRT_HIDDEN (Gemma)
+    # Granite's multipliers (FromConfig): embeddings ×, each layer's two deltas ×, the attention
+    # scores' scale (instead of head_dim^-1/2), logits ÷
+    embedding_multiplier: FromConfig | None = None
+    residual_multiplier: FromConfig | None = None
+    attention_multiplier: FromConfig | None = None
+    logits_scaling: FromConfig | None = None
     attention_scale: FromConfig | None = None  # scores × field^-1/2 (None: head_dim^-1/2)
     attn_softcap: FromConfig | None = None  # cap · tanh(scores / cap) (Gemma 2)
     final_softcap: FromConfig | None = None  # cap · tanh(logits / cap)
@@ -129,9 +139,16 @@ class Family:
             attention_bias=bool(_decide(self.qkv_bias, config)),
             attention_out_bias=bool(_decide(self.out_bias, config)),
             mlp_bias=bool(_decide(self.mlp_bias, config)),
-            qk_norm=self.qk_norm == "per_head",
+            qk_norm=self.qk_norm is not None,
+            qk_norm_whole=self.qk_norm == "projection",
             norm_unit_offset=self.norm_unit_offset,
-            post_norms=self.norms == "sandwich",
+            norm_fp32_gain=self.norm_fp32_gain,
+            input_norms=self.norms != "post",
+            post_norms=self.norms in ("sandwich", "post"),
+            embedding_multiplier=_decide(self.embedding_multiplier, config),
+            residual_multiplier=_decide(self.residual_multiplier, config),
+            attention_multiplier=_decide(self.attention_multiplier, config),
+            logits_scaling=_decide(self.logits_scaling, config),
             scale_embeddings=self.embedding_scale == SQRT_HIDDEN,
             query_pre_attn_scalar=_decide(self.attention_scale, config),
             attn_logit_softcapping=_decide(self.attn_softcap, config),
@@ -210,6 +227,28 @@ _ROWS = (
                "phi3-partial": dict(num_hidden_layers=5, num_attention_heads=4,
                                     num_key_value_heads=2, partial_rotary_factor=0.5,
                                     sliding_window=8, tie_word_embeddings=False)}),
+    # transformers reads neither family from GGUF files: no gguf completions.
+    Family("granite", "Granite", "GraniteConfig", "granite",
+           qkv_bias=_ATTENTION_BIAS, out_bias=_ATTENTION_BIAS,
+           mlp_bias=FromConfig("mlp_bias", False),
+           embedding_multiplier=FromConfig("embedding_multiplier"),
+           residual_multiplier=FromConfig("residual_multiplier"),
+           attention_multiplier=FromConfig("attention_multiplier"),
+           logits_scaling=FromConfig("logits_scaling"),
+           examples={
+               # every multiplier far from 1 (transformers' defaults are 1), GQA, odd layers
+               "granite-multipliers": dict(num_hidden_layers=5, num_attention_heads=4,
+                                           num_key_value_heads=2, embedding_multiplier=3.0,
+                                           residual_multiplier=0.4, attention_multiplier=0.09,
+                                           logits_scaling=2.5, tie_word_embeddings=True)}),
+    Family("olmo2", "OLMo 2", "Olmo2Config", "olmo2",
+           qkv_bias=_ATTENTION_BIAS, out_bias=_ATTENTION_BIAS,
+           norms="post", norm_fp32_gain=True, qk_norm="projection",
+           examples={
+               # norms after attention and MLP only, q/k norms over the whole projection with
+               # one kv head, odd layer count, untied head
+               "olmo2-postnorm": dict(num_hidden_layers=5, num_attention_heads=4,
+                                      num_key_value_heads=1, tie_word_embeddings=False)}),
 )
 FAMILIES: Mapping[str, Family] = MappingProxyType({row.model_type: row for row in _ROWS})
 MODEL_TYPES = tuple(FAMILIES)
