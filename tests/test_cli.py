@@ -61,7 +61,7 @@ def test_bad_input_is_one_clear_line(cqil, args, fragments, llama_folder, text_f
     encdec = tmp_path / "t5"
     encdec.mkdir()
     (encdec / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
-    (encdec / "model.safetensors").write_bytes(b"")
+    (encdec / "model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # empty, valid
     values = {"tiny": llama_folder, "text": text_file, "short": short, "gguf": gguf,
               "pickled": pickled, "encdec": encdec}
     assert_clean_error(cqil(*[a.format(**values) for a in args]), *fragments)
