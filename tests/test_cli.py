@@ -39,8 +39,8 @@ def test_analyze_writes_report_and_heatmap(cqil, tiny_folder, text_file, tmp_pat
 
 @pytest.mark.parametrize("args,fragments", [
     (["analyze", "/no/such/model"], ["model not found"]),
-    (["analyze", "{tiny}", "--window", "1"], ["bad window"]),
-    (["analyze", "{tiny}", "--window", "99", "--calib", "{text}"], ["bad window", "between 2"]),
+    (["analyze", "{tiny}", "--window", "1"], ["bad --window"]),
+    (["analyze", "{tiny}", "--window", "99", "--calib", "{text}"], ["bad --window", "between 2"]),
     (["analyze", "{tiny}", "--json", "/no/such/dir/r.json"], ["cannot write", "does not exist"]),
     (["analyze", "{tiny}", "--calib", "{short}"], ["too little text", "tokens"]),
     (["analyze", "{tiny}", "--calib", "/no/such/text.txt"], ["text not found"]),

@@ -42,7 +42,8 @@ class SectionedCommand(click.Command):
         for param in self.get_params(ctx):
             record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
             if record is not None:
-                name = getattr(param, "section", None) or "Other options"
+                name = getattr(param, "section", None) or (
+                    "Global options" if param.name == "help" else "Other options")
                 sections.setdefault(name, []).append(record)
         for name in ("Global options", "Other options"):
             if name in sections:

@@ -160,7 +160,7 @@ def rank_device(device: str, devices: int) -> str:
         return "cpu"
     if device.startswith("cuda"):
         if gpus < local:
-            raise CqilError(f"--devices {devices} on cuda needs {local} GPUs on this machine; "
+            raise CqilError(f"--ranks {devices} on cuda needs {local} GPUs on this machine; "
                             f"it has {gpus} (use --device cpu)")
         return "cuda"
-    raise CqilError(f"--devices runs on cpu or cuda, not '{device}'")
+    raise CqilError(f"--ranks runs on cpu or cuda, not '{device}'")

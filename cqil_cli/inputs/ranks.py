@@ -1,5 +1,5 @@
 """A model spec on W ranks of cqil's distributed engine: what one rank loads (docs/generate.md,
-"What each rank reads"), shared by `cqil generate --devices` and `cqil bench --devices`.
+"What each rank reads"), shared by `cqil generate --ranks` and `cqil bench --ranks`.
 
   load_rank_part(spec, rank, W, ...)   this rank's shard: from a local safetensors folder only its
                                        slices (safetensors_reader + load_shard), else the whole
@@ -45,7 +45,7 @@ def require_rank_model(model_type: str | None, spec: str,
     if not runs_on_distributed_engine(model_type, base_model_type):
         what = f"converted from '{base_model_type}'" if model_type == "cqil" else \
             f"'{model_type}'"
-        raise CqilError(f"--devices runs the families {', '.join(DISTRIBUTED_FAMILIES)} and "
+        raise CqilError(f"--ranks runs the families {', '.join(DISTRIBUTED_FAMILIES)} and "
                         f"folders converted from them; '{spec}' is {what}")
 
 
@@ -60,7 +60,7 @@ def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False
     from .models import local_model_folder, read_config
 
     if world_size < 1:
-        raise CqilError(f"--devices must be at least 1, got {world_size}")
+        raise CqilError(f"--ranks must be at least 1, got {world_size}")
     folder = local_model_folder(spec)
     if folder is None:
         return None
