@@ -94,7 +94,10 @@ def _option(f: dataclasses.Field, section: str | None):
             kwargs["type"] = str
         if isinstance(default, Path):
             default = str(default)
-        kwargs["default"] = default
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
         if meta.get("default_text"):
             kwargs["show_default"] = meta["default_text"]
         else:
@@ -116,7 +119,8 @@ def _deprecated(alias: str, name: str, flag: str, kind, click_type):
 
     extra = dict(is_flag=True, default=False) if kind is bool else dict(type=click_type,
                                                                          default=None)
-    return click.option(alias, f"_deprecated_{name}", hidden=True, expose_value=False,
+    key = "_deprecated_" + alias.lstrip("-").replace("-", "_")
+    return click.option(alias, key, hidden=True, expose_value=False,
                         callback=remember, **extra)
 
 
