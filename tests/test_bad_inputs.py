@@ -125,6 +125,7 @@ CASES = [
     # generate
     (GENERATE + ["--new-tokens", "-5"], "bad --new-tokens -5: at least 1"),
     (GENERATE + ["--ranks", "0"], "bad --ranks 0: at least 1"),
+    (GENERATE + ["--new-tokens", "100000"], "at most 256 tokens"),
     (GENERATE + ["--do-sample", "--temperature", "0"], "bad --temperature 0.0: more than 0"),
     (GENERATE + ["--do-sample", "--top-k", "0"], "bad --top-k 0: at least 1"),
     (GENERATE + ["--do-sample", "--top-p", "0"], "bad --top-p 0.0: in (0, 1]"),

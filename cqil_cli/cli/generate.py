@@ -13,6 +13,7 @@ from .options import (
     WHERE,
     State,
     check_model_spec,
+    check_positions,
     check_writable,
     json_option,
     loading,
@@ -49,7 +50,8 @@ def generate(state: State, model, prompts, json_path, device, dtype, trust_remot
     options = build(GenerateOptions, params)
     options.check()
     json_target = check_writable(json_path, "JSON", ".json")
-    check_model_spec(model, allow_pickle)
+    check_positions(check_model_spec(model, allow_pickle), options.new_tokens + 1,
+                    "--new-tokens (+ the prompt)")
     from ..generate.run import Sampling
 
     sampling = Sampling(options.do_sample, options.temperature, options.top_k, options.top_p,
