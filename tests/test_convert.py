@@ -76,8 +76,8 @@ def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path, cqi
         handle.write(b"\0" * 8)
     with pytest.raises(CqilError, match="changed or truncated"):
         load_model(str(copy))
-    (copy / "model.safetensors").write_bytes(b"")
-    assert_clean_error(cqil("analyze", copy), "changed or truncated")
+    (copy / "model.safetensors").write_bytes(b"")  # found before any weights are read
+    assert_clean_error(cqil("analyze", copy), "model.safetensors", "truncated")
 
 
 def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path, cqil):

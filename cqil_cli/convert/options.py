@@ -246,7 +246,7 @@ class ConvertOptions:
         if max_positions and self.window_len > max_positions:
             raise CqilError(f"bad --window-len {self.window_len}: at most {max_positions} (the "
                             "model's positions, max_position_embeddings)")
-        if self.analysis is not None and self.strategy != "skip":
+        if self.analysis is not None and self.strategy != "skip" and not self.manual:
             check_analysis_file(self.analysis, num_layers,
                                 self.group_size if self.strategy == "cqil" else 1)
 

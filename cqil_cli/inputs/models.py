@@ -308,12 +308,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
 def peek_config(spec: str, allow_pickle: bool = False) -> dict | None:
     """A local model's config.json, with every check load_model makes before it reads weights
     (the folder's files, safetensors headers, a converted folder's manifest); None where the
-    config is not at hand without loading (a .gguf file, a hub id). A bad spec fails here."""
+    config is not at hand without loading (a .gguf file, a hub id). A bad spec fails here. (A
+    converted folder's digests are checked where it loads: hashing gigabytes twice is slow.)"""
     named = resolve_model_spec(spec)
     if named.kind == "default":
-        return check_model_folder(default_model_dir(), allow_pickle=False)
+        return check_model_folder(default_model_dir(), allow_pickle=False, verify=False)
     if named.kind == "folder":
-        return check_model_folder(named.path, allow_pickle)
+        return check_model_folder(named.path, allow_pickle, verify=False)
     return None
 
 
@@ -342,7 +343,7 @@ def local_model_folder(spec: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def check_model_folder(folder: Path, allow_pickle: bool) -> dict:
+def check_model_folder(folder: Path, allow_pickle: bool, verify: bool = True) -> dict:
     """What load_model checks before reading a folder's weights: config.json (returned, as a
     dict), safetensors weights (pickled-only needs allow_pickle) and, for a cqil-written
     folder, its manifest (a tampered checkpoint is refused)."""
@@ -352,7 +353,8 @@ def check_model_folder(folder: Path, allow_pickle: bool) -> dict:
     check_weights_are_safe(folder, allow_pickle)
     for file in sorted(folder.glob("*.safetensors")):
         check_safetensors(file)
-    verify_folder(folder)
+    if verify:  # the sha256 of every file: once, where the weights are read
+        verify_folder(folder)
     return raw
 
 
