@@ -30,7 +30,7 @@ test-fast: install
 demo: install
 	@mkdir -p $(DEMO_OUT)
 	$(CQIL) analyze default --json $(DEMO_OUT)/analyze.json --plot $(DEMO_OUT)/similarity.png
-	$(CQIL) convert default --out $(DEMO_OUT)/smol-cqil --report $(DEMO_OUT)/analyze.json --force
+	$(CQIL) convert default --out $(DEMO_OUT)/smol-cqil --analysis $(DEMO_OUT)/analyze.json --force
 	$(CQIL) bench $(DEMO_OUT)/smol-cqil --baseline default --cqil-engine \
 		--json $(DEMO_OUT)/bench.json --plot $(DEMO_OUT)/tradeoff.png
 	@echo

@@ -145,5 +145,5 @@ def test_a_version_1_report_still_reads_its_kl_as_the_cost():
 def test_bad_window_is_an_error():
     model = tiny_model("mistral-one-kv")
     ids = torch.randint(0, VOCAB_SIZE, (2, 8))
-    with pytest.raises(CqilError, match="bad window"):
+    with pytest.raises(CqilError, match="bad --window"):
         analyze_model(_loaded(model), ids, AnalyzeOptions(window=9))

@@ -389,7 +389,7 @@ def test_eval_prompt_default_fits_the_smallest_window():
 
 def test_bench_on_two_ranks_reports_latency_bytes_and_memory_per_rank(converted, tiny_pair,
                                                                       eval_text, tmp_path):
-    """--devices 2: the baseline (tensor-parallel) and the converted folder each timed on two
+    """--ranks 2: the baseline (tensor-parallel) and the converted folder each timed on two
     local ranks; every rank read only its slices (bytes = its shard's) and reports its peak
     memory; the single-device measurements stay as they were."""
     from cqil_cli.inputs.ranks import safetensors_weight_bytes
@@ -397,7 +397,7 @@ def test_bench_on_two_ranks_reports_latency_bytes_and_memory_per_rank(converted,
     from cqil_cli.runtime.distributed_cqil import plan_layout, shard_nbytes
 
     report, out = bench_json([converted, "--baseline", tiny_pair[0], "--eval", eval_text,
-                              "--no-quality", "--devices", "2", *SMALL], tmp_path)
+                              "--no-quality", "--ranks", "2", *SMALL], tmp_path)
     section = report["distributed"]
     assert section["world_size"] == 2 and section["device"] == "cpu"
     assert [row["model"] for row in section["rows"]] == [str(tiny_pair[0]), str(converted)]

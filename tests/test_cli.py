@@ -39,8 +39,8 @@ def test_analyze_writes_report_and_heatmap(cqil, tiny_folder, text_file, tmp_pat
 
 @pytest.mark.parametrize("args,fragments", [
     (["analyze", "/no/such/model"], ["model not found"]),
-    (["analyze", "{tiny}", "--window", "1"], ["bad window"]),
-    (["analyze", "{tiny}", "--window", "99", "--calib", "{text}"], ["bad window", "between 2"]),
+    (["analyze", "{tiny}", "--window", "1"], ["bad --window"]),
+    (["analyze", "{tiny}", "--window", "99", "--calib", "{text}"], ["bad --window", "between 2"]),
     (["analyze", "{tiny}", "--json", "/no/such/dir/r.json"], ["cannot write", "does not exist"]),
     (["analyze", "{tiny}", "--calib", "{short}"], ["too little text", "tokens"]),
     (["analyze", "{tiny}", "--calib", "/no/such/text.txt"], ["text not found"]),
@@ -61,7 +61,7 @@ def test_bad_input_is_one_clear_line(cqil, args, fragments, llama_folder, text_f
     encdec = tmp_path / "t5"
     encdec.mkdir()
     (encdec / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
-    (encdec / "model.safetensors").write_bytes(b"")
+    (encdec / "model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # empty, valid
     values = {"tiny": llama_folder, "text": text_file, "short": short, "gguf": gguf,
               "pickled": pickled, "encdec": encdec}
     assert_clean_error(cqil(*[a.format(**values) for a in args]), *fragments)

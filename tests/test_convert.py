@@ -76,8 +76,8 @@ def test_loads_through_cqil_and_refuses_a_tampered_file(converted, tmp_path, cqi
         handle.write(b"\0" * 8)
     with pytest.raises(CqilError, match="changed or truncated"):
         load_model(str(copy))
-    (copy / "model.safetensors").write_bytes(b"")
-    assert_clean_error(cqil("analyze", copy), "changed or truncated")
+    (copy / "model.safetensors").write_bytes(b"")  # found before any weights are read
+    assert_clean_error(cqil("analyze", copy), "model.safetensors", "truncated")
 
 
 def test_non_empty_target_without_force_is_left_alone(llama_folder, tmp_path, cqil):
@@ -107,12 +107,12 @@ def test_interrupted_conversion_leaves_nothing(llama_folder, long_text, tmp_path
 def test_search_under_a_budget_and_impossible_budget(llama_folder, long_text, tmp_path):
     from cqil_cli.convert import pipeline as conv
 
-    opts = conv.ConvertOptions(out=tmp_path / "s", steps=4, devices=2, tune_steps=0,
+    opts = conv.ConvertOptions(out=tmp_path / "s", steps=4, group_size=2, tune_steps=0,
                                tune_minutes=None, calib=str(long_text), eval=str(long_text))
     manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
     assert len(manifest.steps) <= 4 and manifest.grouping["source"] == "search"
     assert manifest.grouping["measured_kl"] >= 0
-    opts = conv.ConvertOptions(out=tmp_path / "t", steps=2, devices=2, tune_steps=0,
+    opts = conv.ConvertOptions(out=tmp_path / "t", steps=2, group_size=2, tune_steps=0,
                                tune_minutes=None, calib=str(long_text), eval=str(long_text))
     with pytest.raises(CqilError, match="cannot be met.*fewest is 3"):
         conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
@@ -207,11 +207,11 @@ def test_skip_option_errors_come_before_any_work(tmp_path):
 
     for opts, message in [
         (conv.ConvertOptions(out=tmp_path / "a", strategy="skip", steps=1), "keeps at least 2"),
-        (conv.ConvertOptions(out=tmp_path / "b", strategy="skip", report=tmp_path / "r.json"), "--report"),
+        (conv.ConvertOptions(out=tmp_path / "b", strategy="skip", analysis=tmp_path / "r.json"), "--analysis"),
         (conv.ConvertOptions(out=tmp_path / "c", strategy="skip", groups="1-2"), "--groups"),
-        (conv.ConvertOptions(out=tmp_path / "d", seq_len=2), "--seq-len"),
-        (conv.ConvertOptions(out=tmp_path / "e", eval_samples=0), "--eval-windows"),
-        (conv.ConvertOptions(out=tmp_path / "f", tune_samples=0), "--tune-windows"),
+        (conv.ConvertOptions(out=tmp_path / "d", window_len=2), "--window-len"),
+        (conv.ConvertOptions(out=tmp_path / "e", eval_windows=0), "--eval-windows"),
+        (conv.ConvertOptions(out=tmp_path / "f", tune_windows=0), "--tune-windows"),
     ]:
         with pytest.raises(CqilError, match=message):
             conv.run_convert("no-such-model-is-loaded", opts, {}, conv.Callbacks())
@@ -223,7 +223,7 @@ def test_window_options_set_what_is_scored_and_tuned(llama_folder, long_text, tm
 
     out = tmp_path / "out"
     convert_in_process(llama_folder, "--out", out, "--groups", "1-2", "--tune-steps", "1",
-                       "--tune-stages", "e2e", "--lora-rank", "0", "--seq-len", "32",
+                       "--tune-stages", "e2e", "--lora-rank", "0", "--window-len", "32",
                        "--eval-windows", "3", "--tune-windows", "5", "--eval-ood", "none",
                        "--calib", long_text, "--eval", long_text, "--device", "cpu")
     manifest = read_manifest(out)
@@ -233,7 +233,7 @@ def test_window_options_set_what_is_scored_and_tuned(llama_folder, long_text, tm
 
 def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, long_text,
                                                                tmp_path, monkeypatch):
-    """--engine distributed: the search reads the alpha-beta model measured on --devices local
+    """--engine distributed: the search reads the alpha-beta model measured on --group-size local
     ranks, and the manifest records it with its prediction for the chosen steps."""
     from cqil_cli.search import parallel_probe
 
@@ -243,7 +243,7 @@ def test_engine_distributed_budgets_against_tensor_parallelism(llama_folder, lon
                                                         **{k: v for k, v in kw.items()
                                                            if k == "dtype"}))
     out = tmp_path / "out"
-    convert_in_process(llama_folder, "--out", out, "--engine", "distributed", "--devices", "2",
+    convert_in_process(llama_folder, "--out", out, "--engine", "distributed", "--group-size", "2",
                        "--steps", "3", "--tune-steps", "0", "--calib", long_text, "--eval",
                        long_text, "--device", "cpu")
     predicted = read_manifest(out).predicted

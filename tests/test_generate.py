@@ -2,7 +2,7 @@
 against transformers' generate(), on W = 2 local ranks against one device (Llama and Gemma 2),
 the JSON document, a world size the model cannot use, and a rank that dies mid-run.
 
-Each --devices 2 run starts two fresh interpreters (seconds each), so there are few of them.
+Each --ranks 2 run starts two fresh interpreters (seconds each), so there are few of them.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_two_ranks_equal_one_device_reading_their_slices(cqil, llama_folder, con
 
     folder = llama_folder if which == "plain" else converted_folder
     single = generate_json(cqil, folder, tmp_path, name="one.json")
-    document = generate_json(cqil, folder, tmp_path, "--devices", "2", "--device", "cpu",
+    document = generate_json(cqil, folder, tmp_path, "--ranks", "2", "--device", "cpu",
                              name="two.json")
     assert document["devices"] == 2 and document["engine"] == "cqil-distributed"
     assert document["tokens"] == single["tokens"]
@@ -194,13 +194,13 @@ def test_ranks_refuse_a_tampered_folder_and_pickled_weights(cqil, converted_fold
     with open(tampered / "model.safetensors", "r+b") as handle:  # tensor data, not the header
         handle.seek(-8, os.SEEK_END)
         handle.write(b"\0" * 8)
-    result = cqil("generate", tampered, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    result = cqil("generate", tampered, "--prompt", "hi", "--ranks", "2", "--device", "cpu")
     assert_clean_error(result, "changed or truncated")
 
     pickled = copy_folder(llama_folder, tmp_path / "pickled")
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    result = cqil("generate", pickled, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    result = cqil("generate", pickled, "--prompt", "hi", "--ranks", "2", "--device", "cpu")
     assert_clean_error(result, "only pickled weights")
 
 
@@ -208,29 +208,29 @@ def test_ranks_refuse_a_tampered_folder_and_pickled_weights(cqil, converted_fold
                                              ("converted", "fit this grouping: 2")])
 def test_unusable_world_size_is_one_line(cqil, llama_folder, converted_folder, which, fragment):
     folder = llama_folder if which == "plain" else converted_folder
-    result = cqil("generate", folder, "--prompt", "hi", "--devices", "3", "--device", "cpu")
+    result = cqil("generate", folder, "--prompt", "hi", "--ranks", "3", "--device", "cpu")
     assert_clean_error(result, "cannot run this model on 3 ranks", fragment)
 
 
 def test_other_model_cannot_use_ranks(cqil, gpt2_folder):
-    result = cqil("generate", gpt2_folder, "--prompt", "hi", "--devices", "2", "--device", "cpu")
+    result = cqil("generate", gpt2_folder, "--prompt", "hi", "--ranks", "2", "--device", "cpu")
     families = ", ".join(families_for("distributed"))  # the table's rows, in its order
-    assert_clean_error(result, f"--devices: '{gpt2_folder}' is 'gpt2'",
+    assert_clean_error(result, f"--ranks: '{gpt2_folder}' is 'gpt2'",
                        f"cqil's distributed engine runs the families {families} and folders "
                        "converted from them")
 
 
 def test_gemma_on_two_ranks_equals_one_device_reading_their_slices(cqil, gemma_folder, tmp_path):
-    """A converted Gemma 2 through --devices 2 (single layers tensor-parallel, each post-norm
+    """A converted Gemma 2 through --ranks 2 (single layers tensor-parallel, each post-norm
     after its all-reduce; pairs on lanes of one rank) gives the tokens of one device, each
     rank reading only its slices. (Every family on 2 and 4 ranks: tests/test_distributed.py;
-    `cqil bench --devices` shares this loading: inputs/ranks.py.)"""
+    `cqil bench --ranks` shares this loading: inputs/ranks.py.)"""
     from cqil_cli.runtime.configuration_cqil import CqilConfig
     from cqil_cli.runtime.distributed_cqil import plan_layout, shard_nbytes
 
     folder = gemma_folder
     single = generate_json(cqil, folder, tmp_path, name="one.json")
-    two = generate_json(cqil, folder, tmp_path, "--devices", "2", "--device", "cpu",
+    two = generate_json(cqil, folder, tmp_path, "--ranks", "2", "--device", "cpu",
                         name="two.json")
     assert two["engine"] == "cqil-distributed" and two["tokens"] == single["tokens"]
     config = CqilConfig.from_pretrained(folder)
@@ -264,7 +264,7 @@ def test_a_dead_rank_ends_every_rank(llama_folder):
     env = dict(os.environ, **{FAIL_AFTER_PREFILL_ENV: "1", "CQIL_TEST_MARKER": marker})
     done = subprocess.run(
         [sys.executable, "-m", "cqil_cli", "generate", str(llama_folder), "--prompt", "hello",
-         "--new-tokens", "8", "--devices", "2", "--device", "cpu"],
+         "--new-tokens", "8", "--ranks", "2", "--device", "cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -286,7 +286,8 @@ def _free_port() -> int:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_two_machines_simulated_on_localhost_equal_one_device(cqil, converted_folder, tmp_path):
     """Two torchrun launches (--nnodes 2, one rank each, c10d rendezvous on 127.0.0.1), as two
-    machines would run them, generate the same tokens as one process."""
+    machines would run them, without --ranks (the world size comes from the launcher),
+    generate the same tokens as one process."""
     single = generate_json(cqil, converted_folder, tmp_path, "--device", "cpu", name="one.json")
     marker = f"cqil-generate-test-{uuid.uuid4().hex}"
     env = dict(os.environ, CQIL_TEST_MARKER=marker)
@@ -296,8 +297,8 @@ def test_two_machines_simulated_on_localhost_equal_one_device(cqil, converted_fo
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
          f"127.0.0.1:{port}", "--rdzv-id", marker, "-m", "cqil_cli", "-q", "generate",
-         str(converted_folder), *prompt_args(), "--new-tokens", str(NEW_TOKENS), "--devices",
-         "2", "--device", "cpu", "--json", str(out)],
+         str(converted_folder), *prompt_args(), "--new-tokens", str(NEW_TOKENS),
+         "--device", "cpu", "--json", str(out)],  # no --ranks: W is the launcher's world size
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in (0, 1)]
     try:
@@ -326,7 +327,7 @@ def test_a_machine_that_never_joins_ends_the_other_within_the_join_timeout(conve
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint",
          f"127.0.0.1:{_free_port()}", "--rdzv-id", marker, "--rdzv-conf", "join_timeout=15",
-         "-m", "cqil_cli", "generate", str(converted_folder), "--prompt", "hi", "--devices", "2",
+         "-m", "cqil_cli", "generate", str(converted_folder), "--prompt", "hi", "--ranks", "2",
          "--device", "cpu"],
         cwd=REPO, env=dict(os.environ, CQIL_TEST_MARKER=marker), capture_output=True,
         text=True, timeout=120)
@@ -342,7 +343,7 @@ def test_sampling_on_two_ranks_draws_what_one_device_draws(cqil, llama_folder, t
     settings = ["--do-sample", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95",
                 "--seed", "3"]
     one = generate_json(cqil, llama_folder, tmp_path, *settings, name="one.json")
-    two = generate_json(cqil, llama_folder, tmp_path, *settings, "--devices", "2", "--device",
+    two = generate_json(cqil, llama_folder, tmp_path, *settings, "--ranks", "2", "--device",
                         "cpu", name="two.json")
     assert one["sampling"] == {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95,
                                "seed": 3}

@@ -120,7 +120,7 @@ def test_placement_bytes_follow_the_dtype():
 
 
 def test_convert_for_a_refused_world_size_still_writes_its_folder(llama_folder, tmp_path):
-    """`cqil convert --devices 4` of a 2-kv-head model: single layers cannot split over 4 ranks,
+    """`cqil convert --group-size 4` of a 2-kv-head model: single layers cannot split over 4 ranks,
     yet the conversion (a valid one-device folder) is written, its placement saying why."""
     import random
 
@@ -130,9 +130,9 @@ def test_convert_for_a_refused_world_size_still_writes_its_folder(llama_folder, 
     rng = random.Random(0)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(rng.choice(words) for _ in range(4000)))
-    opts = conv.ConvertOptions(out=tmp_path / "out", groups="1-2", devices=4, tune_steps=0,
+    opts = conv.ConvertOptions(out=tmp_path / "out", groups="1-2", group_size=4, tune_steps=0,
                                tune_minutes=None, calib=str(text), eval=str(text),
-                               eval_ood=None, seq_len=64, eval_samples=4)
+                               eval_ood=None, window_len=64, eval_windows=4)
     conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
     manifest = read_manifest(tmp_path / "out")
     assert manifest.devices == 4 and manifest.placement["ranks"] is None

@@ -71,7 +71,7 @@ def test_run_reports_time_and_peak_memory_of_each_command(tiny_folder, tmp_path)
          "--device", "cpu", "--text", str(text), "--work", str(tmp_path / "work"),
          "--json", str(report_path), "--seq-len", "8", "--new-tokens", "2",
          "--eval-tokens", "16", "--local-windows", "1",
-         "--convert-set", "seq_len=16,eval_samples=2,tune_samples=4"],
+         "--convert-set", "window_len=16,eval_windows=2,tune_windows=4"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(report_path.read_text())
@@ -85,8 +85,8 @@ def test_run_reports_time_and_peak_memory_of_each_command(tiny_folder, tmp_path)
         assert row["bound_bytes"] > scale.RESERVE_BYTES and row["within_bound"] is not None
         assert row["datasets_imported"] is False
         assert row["argv"][:2] == ["cqil", name]
-    assert rows["convert"]["convert_overrides"] == {"seq_len": 16, "eval_samples": 2,
-                                                    "tune_samples": 4}
+    assert rows["convert"]["convert_overrides"] == {"window_len": 16, "eval_windows": 2,
+                                                    "tune_windows": 4}
     assert (tmp_path / "work" / "converted" / "manifest.json").exists()
     assert json.loads((tmp_path / "work" / "bench.json").read_text())
     assert "| analyze |" in proc.stdout and "| bench |" in proc.stdout

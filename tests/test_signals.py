@@ -46,7 +46,7 @@ def test_signal_during_tuning_leaves_nothing(signum, code, line, llama_folder, c
     parent.mkdir()
     out = parent / "out"
     args = [sys.executable, "-m", "cqil_cli", "convert", str(llama_folder), "--out", str(out),
-            "--groups", "1-2", "--devices", "2", "--tune-minutes", "5",
+            "--groups", "1-2", "--group-size", "2", "--tune-minutes", "5",
             "--calib", str(convert_text), "--eval", str(convert_text), "--eval-ood", "none",
             "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from .. import __version__
 from ..core.devices import synchronize
 from ..core.documents import Schema
-from ..core.errors import CqilError
 from ..core.metrics import log_probs, next_token_nll, perplexity_of, token_kl
-from .options import AnalyzeOptions
+from .options import AnalyzeOptions, check_window
 from .probes import LayerProxy, cache_kwargs, find_decoder_layers, hidden_out, proxied_layers
 
 SCHEMA = Schema("cqil.analyze", 2, "a `cqil analyze --json` report", "run `cqil analyze` again",
@@ -97,12 +96,6 @@ def candidate_groups(num_layers: int, window: int) -> list[list[int]]:
     return [list(range(start, start + size))
             for size in range(2, window + 1)
             for start in range(0, num_layers - size + 1)]
-
-
-def check_window(window: int, num_layers: int) -> None:
-    if not 2 <= window <= num_layers:
-        raise CqilError(f"bad window {window}: it must be between 2 and the number of layers "
-                        f"({num_layers})")
 
 
 def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`cqil bench --devices W`: decode latency of every model on W ranks of cqil's distributed
+"""`cqil bench --ranks W`: decode latency of every model on W ranks of cqil's distributed
 engine, with each rank's weight bytes and peak memory (docs/bench.md, "On W ranks").
 
 Each model runs in its own launch of W local processes (core/launch.py), one after another, so

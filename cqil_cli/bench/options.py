@@ -6,53 +6,72 @@ import re
 from dataclasses import dataclass
 
 from ..core.errors import CqilError
+from ..core.options import check_ranges, option
+
+LATENCY, QUALITY, MODELS = "Latency test", "Quality test", "What to compare"
 
 
 @dataclass
 class BenchOptions:
-    """Every setting of a run; the report's `settings` are these fields (in this order)."""
+    """Every setting of a run; the report's `settings` are these fields (in this order). Each
+    field with option(...) is also its command-line option."""
 
-    prompt_len: int = 128
-    new_tokens: int = 32
-    batches: tuple[int, ...] = (1,)
-    repeats: int = 5
-    warmup: int = 1
-    eval_spec: str = "default:heldout"
-    eval_tokens: int = 8192
-    eval_window: int = 256
-    eval_prompt: int | None = None  # prompt tokens of a window, not scored (None: half)
+    prompt_len: int = option(128, "Prompt tokens of the latency test (windows of the --eval "
+                             "text).", min=1, section=LATENCY)
+    new_tokens: int = option(32, "Tokens generated per latency run (the first belongs to the "
+                             "prefill).", min=2, section=LATENCY)
+    batches: tuple[int, ...] = option((1,), "Batch sizes of the latency test, e.g. 1,4,8.",
+                                      flag="--batch", metavar="B[,B...]", kind=tuple,
+                                      section=LATENCY)
+    repeats: int = option(5, "Timed rounds; in each, every model runs once (round-robin).",
+                          min=1, section=LATENCY)
+    warmup: int = option(1, "Untimed runs per model and batch size first (reported apart).",
+                         min=0, section=LATENCY)
+    eval_spec: str = option("default:heldout", "Held-out text for the quality test (any text "
+                            "spec).", flag="--eval", metavar="TEXT", section=QUALITY)
+    eval_tokens: int = option(8192, "Tokens of teacher-forced evaluation.", min=2,
+                              section=QUALITY)
+    eval_window: int = option(256, "Tokens per evaluation window (convert's --window-len).",
+                              min=2, section=QUALITY)
+    eval_prompt: int | None = option(
+        None, "Leading tokens of each evaluation window that are the prompt, not scored "
+        "(default: half the window; 0 scores every token).", metavar="N", min=0, kind=int,
+        section=QUALITY)
     eval_batch: int = 2  # windows per teacher-forced forward pass (memory, not results)
-    greedy_prompts: int = 16
-    greedy_prompt_len: int = 32
-    greedy_tokens: int = 32
-    seed: int = 0
-    cqil_engine: bool = False  # also run plain checkpoints (and the baseline) on cqil's engine
-    compile: bool = False  # torch.compile cqil's decode step
-    latency: bool = True
-    quality: bool = True
-    devices: int = 1  # W > 1: also decode latency on W ranks of the distributed engine
+    greedy_prompts: int = option(16, "Prompts of the greedy-continuation test.", min=1,
+                                 section=QUALITY)
+    greedy_prompt_len: int = 32  # = --greedy-tokens on the command line
+    greedy_tokens: int = option(32, "Greedy tokens generated after each prompt (its length "
+                                "too).", min=1, section=QUALITY)
+    seed: int = option(0, "Which text windows are drawn.", section=QUALITY)
+    cqil_engine: bool = option(
+        False, "Also run plain checkpoints of the families cqil converts (and the baseline) on "
+        "cqil's engine, to separate the engine's gain from the grouping's.", section=MODELS)
+    compile: bool = option(False, "torch.compile cqil's decode step (warm-up then includes "
+                           "compilation).", section=LATENCY)
+    latency: bool = option(True, "Quality only.", flag="--no-latency", section=MODELS)
+    quality: bool = option(True, "Latency only.", flag="--no-quality", section=MODELS)
+    # W > 1: also decode latency on W ranks of the distributed engine (the JSON key stays
+    # `devices`, the report's schema)
+    devices: int = option(
+        1, "W > 1: also time the baseline and every MODEL on W local ranks of cqil's "
+        "distributed engine (the original under tensor parallelism), with each rank's weight "
+        "bytes and peak memory.", flag="--ranks", metavar="W", min=1, aliases=("--devices",),
+        section=MODELS)
+
+    def __post_init__(self) -> None:
+        self.batches = parse_batches(self.batches)
 
     def check(self) -> None:
-        if self.prompt_len < 1:
-            raise CqilError(f"bad --prompt-len {self.prompt_len}: it must be at least 1")
-        if self.new_tokens < 2:
-            raise CqilError(f"bad --new-tokens {self.new_tokens}: at least 2 are needed "
-                            "(the first token belongs to the prefill)")
-        if self.repeats < 1 or self.warmup < 0:
-            raise CqilError("--repeats must be at least 1 and --warmup at least 0")
-        if self.eval_window < 2:
-            raise CqilError(f"bad --eval-window {self.eval_window}: it must be at least 2")
+        check_ranges(self)
         if not 0 <= self.eval_prompt_tokens <= self.eval_window - 2:
             raise CqilError(f"bad --eval-prompt {self.eval_prompt_tokens}: between 0 and "
                             f"{self.eval_window - 2} for windows of {self.eval_window} tokens")
         if self.eval_tokens < self.eval_window:
             raise CqilError(f"bad --eval-tokens {self.eval_tokens}: it must be at least one "
                             f"window of {self.eval_window} tokens")
-        if self.greedy_prompts < 1 or self.greedy_prompt_len < 1 or self.greedy_tokens < 1:
-            raise CqilError("the greedy-continuation test needs at least 1 prompt of 1 token "
-                            "and 1 new token")
-        if self.devices < 1:
-            raise CqilError(f"bad --devices {self.devices}: at least 1")
+        if self.greedy_prompt_len < 1:
+            raise CqilError("the greedy-continuation test needs prompts of at least 1 token")
         if not self.latency and not self.quality and self.devices == 1:
             raise CqilError("nothing to measure: both latency and quality are switched off")
 

@@ -44,7 +44,7 @@ class BenchReport:
     baseline: dict
     engine_baseline: dict | None
     results: list[dict]
-    distributed: dict | None = None  # --devices W > 1: bench/distributed.py's object
+    distributed: dict | None = None  # --ranks W > 1: bench/distributed.py's object
 
     @property
     def rows(self) -> list[dict]:

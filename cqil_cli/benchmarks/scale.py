@@ -220,7 +220,7 @@ def command_lines(folder: Path, work: Path, args, num_layers: int) -> dict[str, 
                     "--seq-len", str(args.seq_len), "--window", str(args.window),
                     "--repeats", str(args.repeats), "--json", str(work / "analyze.json")],
         "convert": ["convert", str(folder), *device, "--out", str(work / "converted"),
-                    "--force", "--groups", _groups_of(num_layers), "--devices", "2",
+                    "--force", "--groups", _groups_of(num_layers), "--group-size", "2",
                     "--tune-steps", str(args.tune_steps), "--local-windows",
                     str(args.local_windows), "--calib", text,
                     "--eval", args.text or "default:heldout",
@@ -376,9 +376,9 @@ def _child(result_path: str, overrides: str, argv: list[str]) -> None:
 
 
 def _override_convert_options(overrides: dict) -> None:
-    """Benchmark-only: ConvertOptions fields without a CLI option (seq_len, eval_samples,
-    tune_samples, calib_samples) set for this process, so a large model on a slow CPU runs
-    convert on few short windows. Recorded in the report beside the command line."""
+    """Benchmark-only: ConvertOptions fields (window_len, eval_windows, tune_windows,
+    calib_samples, ...) set for this process, so a large model on a slow CPU runs convert on
+    few short windows. Recorded in the report beside the command line."""
     import dataclasses
 
     from ..cli import convert as cli_convert
@@ -388,7 +388,9 @@ def _override_convert_options(overrides: dict) -> None:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise SystemExit(f"--convert-set: no ConvertOptions field {', '.join(unknown)}")
-    cli_convert.ConvertOptions = lambda **kw: ConvertOptions(**{**kw, **overrides})
+    build = cli_convert.build
+    cli_convert.build = lambda cls, params, **fixed: dataclasses.replace(
+        build(cls, params, **fixed), **overrides)
 
 
 # ---------------------------------------------------------------- command line
@@ -435,8 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--tune-steps", type=int, default=2, help="convert --tune-steps")
     run.add_argument("--local-windows", type=int, default=4, help="convert --local-windows")
     run.add_argument("--convert-set", default="",
-                     help="ConvertOptions fields without a CLI option, e.g. "
-                     "seq_len=16,eval_samples=2,tune_samples=4 (benchmark only)")
+                     help="ConvertOptions fields, e.g. "
+                     "window_len=16,eval_windows=2,tune_windows=4 (benchmark only)")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
     args = parser.parse_args(argv)
     from ..core.errors import CqilError

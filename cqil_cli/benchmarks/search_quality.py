@@ -2,7 +2,7 @@
 
 For a depth of S sequential steps with pairs (P = 2), compare the untuned KL(original ‖ grouped)
 of cqil's searched grouping with that of every uniform grouping in the papers' notation
-(--start s --end s+2·(N−S) --parallel 2), all measured on the same calibration windows that the
+(--start s --end s+2·(N−S) --group-size 2), all measured on the same calibration windows that the
 search did not use.
 
     python -m cqil_cli.benchmarks.search_quality [--steps 24] [--samples 8] [--json PATH]

@@ -4,44 +4,41 @@ from __future__ import annotations
 
 import click
 
-from ..analyze.options import AnalyzeOptions
-from ..core.errors import CqilError
-from .options import State, check_writable, loading, model_options, use_all_cores, write_outputs
+from ..analyze.options import AnalyzeInputs, AnalyzeOptions
+from ..core.options import check_ranges
+from .declare import SectionedCommand, build, dataclass_options, global_flags
+from .options import (
+    OUTPUT,
+    WHERE,
+    State,
+    check_model_spec,
+    check_positions,
+    check_writable,
+    encoding_option,
+    json_option,
+    loading,
+    model_options,
+    plot_option,
+    use_all_cores,
+    use_encoding,
+    write_outputs,
+)
 
-DEFAULTS = AnalyzeOptions()
+MEASURE, TEXT = "What to measure", "Calibration text"
 
 
-@click.command()
+@click.command(cls=SectionedCommand, sections=(TEXT, MEASURE, WHERE, OUTPUT))
 @click.argument("model")
-@click.option("--calib", default="default", show_default=True, metavar="TEXT",
-              help="Calibration text spec.")
-@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Number N of calibration samples.")
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
-              help="Tokens L per sample; also the prompt length of the latency test.")
-@click.option("--window", default=None, type=int,
-              help="W: similarity for layer pairs up to W apart; sensitivity for every group of "
-                   "2..W adjacent layers (cost grows with W).  [default: 4, at most the number "
-                   "of layers]")
-@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1),
-              help="Samples per forward pass (memory, not results).")
-@click.option("--repeats", default=DEFAULTS.repeats, show_default=True, type=click.IntRange(min=1),
-              help="Latency repeats after one warm-up (median reported).")
-@click.option("--seed", default=0, show_default=True, help="Which calibration windows are drawn.")
-@click.option("--exact-kl", is_flag=True,
-              help="Sensitivity as each group's KL at the model's output (and its change of "
-                   "next-token loss): the rest of the model runs after every candidate, so the "
-                   "cost grows with the square of the number of layers. Default: each group's "
-                   "local error at its own output, linear in layers × W.")
-@click.option("--no-sensitivity", is_flag=True, help="Skip the per-group sensitivity.")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@dataclass_options(AnalyzeInputs, section=TEXT)
+@encoding_option(section=TEXT)
+@dataclass_options(AnalyzeOptions, section=MEASURE)
 @model_options
-@click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
-@click.option("--plot", "plot_path", metavar="PATH", help="Write the similarity heatmap (PNG).")
+@json_option("Write the JSON report here.")
+@plot_option("Write the similarity heatmap (PNG).")
+@global_flags
 @click.pass_obj
-def analyze(state: State, model, calib, samples, seq_len, window, batch_size, repeats, seed,
-            exact_kl, no_sensitivity, no_latency, device, dtype, trust_remote_code, allow_pickle,
-            json_path, plot_path):
+def analyze(state: State, model, device, dtype, trust_remote_code, allow_pickle, encoding,
+            json_path, plot_path, **params):
     """Profile MODEL: input similarity between layers, per-layer latency, group sensitivity.
 
     \b
@@ -56,25 +53,39 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
 
     See docs/analyze.md for how to read every figure and the heatmap.
     """
-    from ..analyze.profile import analyze_model, check_window, progress_steps
-    from ..inputs.models import load_model
-    from ..inputs.text import token_samples
+    from ..analyze.options import check_window
+    from ..analyze.profile import analyze_model, progress_steps
+    from ..inputs.models import load_model, resolve_device, torch_dtype
+    from ..inputs.specs import config_facts
+    from ..inputs.text import check_text_spec, token_samples
 
-    json_target = check_writable(json_path, "the JSON report")
-    plot_target = check_writable(plot_path, "the heatmap")
-    if window is not None and window < 2:
-        raise CqilError(f"bad window {window}: it must be at least 2")
+    window_given = click.get_current_context().get_parameter_source("window").name != "DEFAULT"
+    inputs, options = build(AnalyzeInputs, params), build(AnalyzeOptions, params)
+    check_ranges(inputs)
+    check_ranges(options)
+    json_target = check_writable(json_path, "the JSON report", ".json")
+    plot_target = check_writable(plot_path, "the heatmap", ".png")
+    use_encoding(encoding)
+    raw = check_model_spec(model, allow_pickle)
+    layers = config_facts(raw)[0] if raw else None
+    if layers and window_given:
+        check_window(options.window, layers)
+    check_positions(raw, inputs.seq_len, "--seq-len")
+    check_text_spec(inputs.calib)
+    resolve_device(device)
+    torch_dtype(dtype)
     use_all_cores()
     with loading(state, "loading model"):
         loaded = load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     num_layers = loaded.num_layers
-    window = min(DEFAULTS.window, num_layers) if window is None else window
-    options = AnalyzeOptions(window=window, batch_size=batch_size, repeats=repeats,
-                             sensitivity=not no_sensitivity, latency=not no_latency,
-                             exact_kl=exact_kl)
-    check_window(window, num_layers)
-    ids = token_samples(loaded.tokenizer, calib, samples, seq_len, seed)
+    if not window_given:
+        options.window = min(options.window, num_layers)
+    check_window(options.window, num_layers)
+    check_positions({"max_position_embeddings": getattr(
+        loaded.model.config, "max_position_embeddings", None)}, inputs.seq_len, "--seq-len")
+    samples = inputs.samples
+    ids = token_samples(loaded.tokenizer, inputs.calib, samples, inputs.seq_len, inputs.seed)
     with state.progress() as progress:
         task = progress.add_task("analyzing", total=progress_steps(samples, options, num_layers))
 
@@ -82,7 +93,8 @@ def analyze(state: State, model, calib, samples, seq_len, window, batch_size, re
             progress.update(task, advance=1, description=label)
 
         report = analyze_model(loaded, ids, options, advance)
-    report.calibration = {"spec": calib, "samples": samples, "seq_len": seq_len, "seed": seed}
+    report.calibration = {"spec": inputs.calib, "samples": samples, "seq_len": inputs.seq_len,
+                          "seed": inputs.seed}
     from .tables import analyze_tables
 
     analyze_tables(report, state.out)

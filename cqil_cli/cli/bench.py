@@ -8,72 +8,43 @@ from __future__ import annotations
 
 import click
 
-from ..bench.options import BenchOptions
+from ..bench.options import LATENCY, MODELS, QUALITY, BenchOptions
 from ..core.errors import CqilError
+from .declare import CqilOption, SectionedCommand, build, dataclass_options, global_flags
 from .options import (
+    OUTPUT,
+    WHERE,
     State,
+    check_model_spec,
+    check_positions,
     check_writable,
+    encoding_option,
+    json_option,
     loading,
     model_options,
+    plot_option,
     rank_device,
     use_all_cores,
+    use_encoding,
     write_outputs,
 )
 from .tables import bench_tables
 
-DEFAULTS = BenchOptions()
 
-
-@click.command()
+@click.command(cls=SectionedCommand, sections=(MODELS, LATENCY, QUALITY, WHERE, OUTPUT))
 @click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL...]")
-@click.option("--baseline", metavar="MODEL",
+@click.option("--baseline", metavar="MODEL", cls=CqilOption, section=MODELS,
               help="Compare against this model. Default: the base model named in a converted "
                    "folder's manifest (or config).")
+@dataclass_options(BenchOptions)
+@encoding_option(section=QUALITY)
 @model_options
-@click.option("--prompt-len", default=DEFAULTS.prompt_len, show_default=True, type=click.IntRange(min=1),
-              help="Prompt tokens of the latency test (windows of the --eval text).")
-@click.option("--new-tokens", default=DEFAULTS.new_tokens, show_default=True, type=click.IntRange(min=2),
-              help="Tokens generated per latency run (the first belongs to the prefill).")
-@click.option("--batch", "batch", default=",".join(map(str, DEFAULTS.batches)), show_default=True, metavar="B[,B...]",
-              help="Batch sizes of the latency test, e.g. 1,4,8.")
-@click.option("--repeats", default=DEFAULTS.repeats, show_default=True, type=click.IntRange(min=1),
-              help="Timed rounds; in each, every model runs once (round-robin).")
-@click.option("--warmup", default=DEFAULTS.warmup, show_default=True, type=click.IntRange(min=0),
-              help="Untimed runs per model and batch size first (reported apart).")
-@click.option("--eval", "eval_spec", default=DEFAULTS.eval_spec, show_default=True,
-              metavar="TEXT", help="Held-out text for the quality test (any text spec).")
-@click.option("--eval-tokens", default=DEFAULTS.eval_tokens, show_default=True, type=click.IntRange(min=2),
-              help="Tokens of teacher-forced evaluation.")
-@click.option("--eval-window", default=DEFAULTS.eval_window, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per evaluation window.")
-@click.option("--eval-prompt", type=click.IntRange(min=0), metavar="N",
-              help="Leading tokens of each evaluation window that are the prompt, not scored "
-                   "(default: half the window; 0 scores every token).")
-@click.option("--greedy-prompts", default=DEFAULTS.greedy_prompts, show_default=True, type=click.IntRange(min=1),
-              help="Prompts of the greedy-continuation test.")
-@click.option("--greedy-tokens", default=DEFAULTS.greedy_tokens, show_default=True, type=click.IntRange(min=1),
-              help="Greedy tokens generated after each prompt (its length too).")
-@click.option("--cqil-engine", is_flag=True,
-              help="Also run plain checkpoints of the families cqil converts (and the "
-                   "baseline) on cqil's engine, to separate the engine's gain from the "
-                   "grouping's.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile cqil's decode step (warm-up then includes compilation).")
-@click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
-              help="W > 1: also time the baseline and every MODEL on W local ranks of cqil's "
-                   "distributed engine (the original under tensor parallelism), with each "
-                   "rank's weight bytes and peak memory.")
-@click.option("--no-quality", is_flag=True, help="Latency only.")
-@click.option("--no-latency", is_flag=True, help="Quality only.")
-@click.option("--seed", default=DEFAULTS.seed, show_default=True, help="Which text windows are drawn.")
-@click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
-@click.option("--plot", "plot_path", metavar="PATH",
-              help="Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
+@json_option("Write the JSON report here.")
+@plot_option("Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
+@global_flags
 @click.pass_obj
 def bench(state: State, models, baseline, device, dtype, trust_remote_code, allow_pickle,
-          prompt_len, new_tokens, batch, repeats, warmup, eval_spec, eval_tokens, eval_window,
-          eval_prompt, greedy_prompts, greedy_tokens, cqil_engine, compile_, devices, no_quality,
-          no_latency, seed, json_path, plot_path):
+          encoding, json_path, plot_path, **params):
     """Latency and quality of MODEL(s) side by side with a baseline.
 
     \b
@@ -87,24 +58,27 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
     See docs/bench.md for how every number is measured, the JSON schema and the chart.
     """
     from ..bench.baseline import resolve_baseline
-    from ..bench.options import parse_batches
     from ..bench.plan import plan_entries
     from ..bench.run import progress_steps, run_bench
     from ..inputs.models import load_model, resolve_device, torch_dtype
+    from ..inputs.text import check_text_spec
 
-    json_target = check_writable(json_path, "the JSON report")
-    plot_target = check_writable(plot_path, "the chart")
-    options = BenchOptions(
-        prompt_len=prompt_len, new_tokens=new_tokens, batches=parse_batches(batch),
-        repeats=repeats, warmup=warmup, eval_spec=eval_spec, eval_tokens=eval_tokens,
-        eval_window=eval_window, eval_prompt=eval_prompt, greedy_prompts=greedy_prompts,
-        greedy_prompt_len=greedy_tokens, greedy_tokens=greedy_tokens, seed=seed,
-        cqil_engine=cqil_engine, compile=compile_, latency=not no_latency,
-        quality=not no_quality, devices=devices)
+    options = build(BenchOptions, params)
+    options.greedy_prompt_len = options.greedy_tokens
     options.check()
+    json_target = check_writable(json_path, "the JSON report", ".json")
+    plot_target = check_writable(plot_path, "the chart", ".png")
+    devices = options.devices
     if plot_target and not (options.latency and options.quality):
         raise CqilError("--plot draws latency against perplexity: it needs both measurements "
                         "(drop --no-latency / --no-quality)")
+    use_encoding(encoding)
+    for spec in [*models, *([baseline] if baseline else [])]:
+        raw = check_model_spec(spec, allow_pickle)
+        check_positions(raw, options.prompt_len + options.new_tokens,
+                        "--prompt-len + --new-tokens")
+        check_positions(raw, options.eval_window, "--eval-window")
+    check_text_spec(options.eval_spec)
     device = resolve_device(device)  # a device that is not there fails here, before loading
     torch_dtype(dtype)
     models = list(models)

@@ -6,10 +6,16 @@ import os
 
 import click
 
-from ..core.errors import CqilError
+from ..generate.options import RUN, SAMPLE, GenerateOptions
+from .declare import CqilOption, SectionedCommand, build, dataclass_options, global_flags
 from .options import (
+    OUTPUT,
+    WHERE,
     State,
+    check_model_spec,
+    check_positions,
     check_writable,
+    json_option,
     loading,
     model_options,
     rank_device,
@@ -18,54 +24,40 @@ from .options import (
 )
 
 
-@click.command()
+@click.command(cls=SectionedCommand, sections=(RUN, SAMPLE, WHERE, OUTPUT))
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, metavar="TEXT",
+              cls=CqilOption, section=RUN,
               help="A prompt; repeat for several (one left-padded batch).")
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Tokens to generate per prompt (fewer when it ends with end-of-sequence).")
-@click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
-              help="W: run on W local ranks (cqil's distributed engine); started here, or be "
-                   "one rank when torchrun started this process.")
-@click.option("--do-sample", is_flag=True,
-              help="Draw each token from the model's distribution instead of taking the most "
-                   "likely one (greedy, the default).")
-@click.option("--temperature", default=1.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
-              help="With --do-sample: divide the logits by this first.")
-@click.option("--top-k", type=click.IntRange(min=1), metavar="K",
-              help="With --do-sample: draw among the K most likely tokens only.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), metavar="P",
-              help="With --do-sample: draw among the most likely tokens whose probability "
-                   "reaches P (nucleus sampling).")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="With --do-sample: the generator's seed (every rank draws the same tokens).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Write the tokens, texts and timings (schema cqil.generate/1).")
+@dataclass_options(GenerateOptions)
+@json_option("Write the tokens, texts and timings (schema cqil.generate/1).")
 @model_options
+@global_flags
 @click.pass_obj
-def generate(state: State, model, prompts, new_tokens, devices, do_sample, temperature, top_k,
-             top_p, seed, json_path, device, dtype, trust_remote_code, allow_pickle):
+def generate(state: State, model, prompts, json_path, device, dtype, trust_remote_code,
+             allow_pickle, **params):
     """Continuations of each --prompt by MODEL (a converted folder or any causal LM).
 
     \b
     Greedy by default; --do-sample draws (temperature, top-k, top-p, seed).
     One device by default: cqil's engine for a converted folder or a model of a family cqil
     converts (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3), transformers' generate() for any
-    other. --devices W runs such a model or folder on W local processes (gloo on CPU, NCCL with W GPUs), split as the grouping
-    allows; the tokens are those of one device. Under torchrun (several machines) each
-    process is one rank. See docs/generate.md.
+    other. --ranks W runs such a model or folder on W local processes (gloo on CPU, NCCL
+    with W GPUs), split as the grouping allows; the tokens are those of one device. Under
+    torchrun (several machines) each process is one rank and W is the launcher's world size.
+    See docs/generate.md.
     """
+    options = build(GenerateOptions, params)
+    options.check()
+    json_target = check_writable(json_path, "JSON", ".json")
+    check_positions(check_model_spec(model, allow_pickle), options.new_tokens + 1,
+                    "--new-tokens (+ the prompt)")
     from ..generate.run import Sampling
 
-    json_target = check_writable(json_path, "JSON")
-    if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
-        raise CqilError("--temperature, --top-k and --top-p need --do-sample")
-    sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+    sampling = Sampling(options.do_sample, options.temperature, options.top_k, options.top_p,
+                        options.seed)
     prompts = list(prompts)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if devices == 1 and world > 1:
-        raise CqilError(f"torchrun started {world} ranks: pass --devices {world}")
+    new_tokens, devices = options.new_tokens, options.world_size
     if devices > 1:
         result = _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
                                   trust_remote_code, allow_pickle, sampling)
@@ -96,10 +88,7 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
         state.err.print(f"note: {note}", markup=False, highlight=False)
     request = GenerateRequest(model, prompts, new_tokens, rank_device(device, devices), dtype,
                               trust_remote_code, allow_pickle, sampling)
-    if is_rank():  # torchrun started this process: be one rank of its group
-        world = int(os.environ["WORLD_SIZE"])
-        if world != devices:
-            raise CqilError(f"--devices {devices} but torchrun started {world} ranks")
+    if is_rank():  # torchrun started this process: be one rank of its group (W is its size)
         document = generate_rank(request)
         return None if document is None else GenerateResult.from_json(document)
     with loading(state, f"generating on {devices} ranks"):

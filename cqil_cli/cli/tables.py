@@ -152,7 +152,7 @@ def bench_tables(report: BenchReport, console: Console) -> None:
 
 
 def distributed_table(section: dict) -> Table:
-    """`bench --devices W`: decode and prefill on W ranks, each rank's share of the weights and
+    """`bench --ranks W`: decode and prefill on W ranks, each rank's share of the weights and
     its peak resident memory."""
     t = Table(title=f"on {section['world_size']} ranks ({section['device']}, {section['dtype']}):"
                     f" batch {section['batch']}, prompt {section['prompt_tokens']}, "

@@ -1,6 +1,6 @@
 """Which steps a conversion keeps: the grouping of cqil, the kept layers of skip and prune.
 
-cqil   by hand (--groups, or the papers' --start/--end/--parallel), or searched under a latency
+cqil   by hand (--groups, or the papers' --start/--end/--group-size), or searched under a latency
        budget (search/partitions.py) on analyze's group sensitivity and the latency model, the
        few best partitions re-measured whole on calibration text (docs/convert.md);
 skip   Unified Layer Skipping's rule (convert/strategies.py) for --speedup, or evenly spaced
@@ -19,7 +19,7 @@ from typing import Callable
 from ..analyze.options import AnalyzeOptions
 from ..core.documents import read_json
 from ..core.errors import CqilError
-from .options import ConvertOptions
+from .options import SENSITIVITY_SAMPLE_TOKENS, ConvertOptions, check_analysis_file
 
 
 @dataclass
@@ -30,28 +30,22 @@ class Callbacks:
     tune_start: Callable[[int | None, float | None], None] = lambda steps, minutes: None
 
 
-def load_report(path: Path, num_layers: int, devices: int):
-    """The AnalyzeReport of --report, checked against the model and --devices."""
+def load_report(path: Path, num_layers: int, group_size: int):
+    """The AnalyzeReport of --analysis, checked against the model and --group-size."""
     from ..analyze.profile import AnalyzeReport
 
-    report = AnalyzeReport.from_json(read_json(path, "the --report"), f"--report {path}")
-    if report.num_layers != num_layers:
-        raise CqilError(f"--report {path} describes {report.num_layers} layers; the "
-                        f"model has {num_layers}")
-    if report.window < devices or not report.groups:
-        raise CqilError(f"--report {path} has sensitivity for groups up to "
-                        f"{report.window} layers; --devices {devices} needs "
-                        f"`cqil analyze --window {devices}`")
-    return report
+    check_analysis_file(path, num_layers, group_size)
+    return AnalyzeReport.from_json(read_json(path, "the --analysis"), f"--analysis {path}")
 
 
 def _measure_report(loaded, opts: ConvertOptions, options: AnalyzeOptions, label: str,
                     cb: Callbacks):
-    """Run analyze's measurements on calibration windows (128 tokens each)."""
+    """Run analyze's measurements on calibration windows (analyze's --seq-len default)."""
     from ..analyze.profile import analyze_model, progress_steps
     from ..inputs.text import token_samples_up_to
 
-    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, opts.calib_samples, 128, opts.seed)
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, opts.calib_samples,
+                              SENSITIVITY_SAMPLE_TOKENS, opts.seed)
     tick = cb.progress(label, progress_steps(len(ids), options, loaded.num_layers))
     return analyze_model(loaded, ids, options, lambda _label: tick())
 
@@ -63,40 +57,40 @@ def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, 
     from ..search.partitions import best_partitions, fastest_latency
 
     n = loaded.num_layers
-    if opts.report is not None:
-        report = load_report(opts.report, n, opts.devices)
-        cb.status(f"sensitivity from {opts.report}")
+    if opts.analysis is not None:
+        report = load_report(opts.analysis, n, opts.group_size)
+        cb.status(f"sensitivity from {opts.analysis}")
     else:
-        report = _measure_report(loaded, opts, AnalyzeOptions(window=max(2, opts.devices),
+        report = _measure_report(loaded, opts, AnalyzeOptions(window=max(2, opts.group_size),
                                                               latency=False), "sensitivity", cb)
-    cost = report.group_costs(opts.devices)
+    cost = report.group_costs(opts.group_size)
     if opts.steps is not None:
         if not 1 <= opts.steps <= n:
             raise CqilError(f"bad --steps {opts.steps}: between 1 and {n}")
-        step_latency = {s: 1.0 for s in range(1, opts.devices + 1)}
+        step_latency = {s: 1.0 for s in range(1, opts.group_size + 1)}
         allowance = float(opts.steps)
     else:
-        step_latency = {s: latency.step_ms[s] for s in range(1, opts.devices + 1)
+        step_latency = {s: latency.step_ms[s] for s in range(1, opts.group_size + 1)
                         if s in latency.step_ms}
         allowance = fraction * latency.original_ms - latency.outside_ms
         if allowance <= 0:
             raise CqilError(f"the budget {fraction:.3f} is below the time outside the layers "
                             f"({latency.outside_ms / latency.original_ms:.3f} of the original)")
     try:
-        candidates = best_partitions(n, opts.devices, step_latency, cost, allowance,
+        candidates = best_partitions(n, opts.group_size, step_latency, cost, allowance,
                                      keep=opts.candidates)
     except CqilError as exc:
         if opts.steps is not None:
             raise CqilError(f"--steps {opts.steps} cannot be met with groups of at most "
-                            f"{opts.devices} layers: the fewest is "
-                            f"{-(-n // opts.devices)}") from exc
-        sizes = [s for s in range(1, opts.devices + 1) if s in latency.step_ms]
+                            f"{opts.group_size} layers: the fewest is "
+                            f"{-(-n // opts.group_size)}") from exc
+        sizes = [s for s in range(1, opts.group_size + 1) if s in latency.step_ms]
         fastest = latency.outside_ms + fastest_latency(n, sizes, latency.step_ms)
         raise CqilError(f"the budget {fraction:.3f} cannot be met with groups of at most "
-                        f"{opts.devices} layers: the best reachable is "
+                        f"{opts.group_size} layers: the best reachable is "
                         f"{fastest / latency.original_ms:.3f} of the original decode latency"
                         ) from exc
-    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, 4, opts.seq_len, opts.seed + 1)
+    ids = token_samples_up_to(loaded.tokenizer, opts.calib_text, 4, opts.window_len, opts.seed + 1)
     tick = cb.progress("re-measuring the best groupings", len(candidates))
     measured = []
     for p in candidates:
@@ -109,7 +103,7 @@ def search_steps(loaded, opts: ConvertOptions, fraction: float | None, latency, 
         "candidates": [{"groups": p.spec(), "predicted_cost_sum": p.cost, "measured_kl": k,
                         "steps": p.num_steps} for k, p in measured],
         "measured_kl": kl,
-        "sensitivity_source": str(opts.report) if opts.report else "computed",
+        "sensitivity_source": str(opts.analysis) if opts.analysis else "computed",
         "sensitivity_measure": report.sensitivity_measure,
     }
     return best.groups(), details
@@ -126,9 +120,9 @@ def cqil_steps(loaded, opts: ConvertOptions, fraction, latency, cb: Callbacks):
         except ValueError as exc:
             raise CqilError(f"bad --groups: {exc}") from exc
         return groups, {"source": "manual"}
-    if opts.start is not None or opts.end is not None or opts.group_size is not None:
-        if None in (opts.start, opts.end, opts.group_size):
-            raise CqilError("--start, --end and --parallel go together")
+    if opts.start is not None or opts.end is not None:
+        if None in (opts.start, opts.end):
+            raise CqilError("--start and --end go together")
         return uniform_groups(opts.start, opts.end, opts.group_size, n), {"source": "manual"}
     groups, details = search_steps(loaded, opts, fraction, latency, cb)
     return groups, {"source": "search", **details}
@@ -150,9 +144,9 @@ def kept_count(opts: ConvertOptions, fraction: float | None, latency, n: int) ->
 
 
 def block_influence(loaded, opts: ConvertOptions, cb: Callbacks) -> list[float]:
-    """Each layer's 1 − cos(input, output), from --report or measured on calibration text."""
-    if opts.report is not None:
-        return load_report(opts.report, loaded.num_layers, 1).block_influence
+    """Each layer's 1 − cos(input, output), from --analysis or measured on calibration text."""
+    if opts.analysis is not None:
+        return load_report(opts.analysis, loaded.num_layers, 1).block_influence
     options = AnalyzeOptions(window=2, latency=False, sensitivity=False)
     return _measure_report(loaded, opts, options, "block influence", cb).block_influence
 
@@ -186,13 +180,13 @@ def measure_latency(loaded, opts: ConvertOptions, cb: Callbacks):
 
     --engine fused (the default): measured on this device with cqil's one-device engine
     (search/latency_model.py), budgets relative to the original there. --engine distributed:
-    the alpha-beta model of the distributed engine measured on --devices local ranks
+    the alpha-beta model of the distributed engine measured on --group-size local ranks
     (search/parallel_probe.py), so that a budget is a fraction of the original's
     tensor-parallel latency on those ranks (search/parallel_latency.py: search_latency).
     """
     from ..search.latency_model import measure_latency_model
 
-    max_group = opts.devices if opts.strategy == "cqil" else 1
+    max_group = opts.group_size if opts.strategy == "cqil" else 1
     if opts.engine != "distributed":
         tick = cb.progress("measuring latency", 3 * max_group)
         return measure_latency_model(loaded.model, max_group, on_progress=tick), None
@@ -201,9 +195,9 @@ def measure_latency(loaded, opts: ConvertOptions, cb: Callbacks):
     from ..search.parallel_probe import measure_parallel_model
 
     config = CqilConfig.from_base_config(loaded.model.config, None)
-    cb.status(f"measuring the distributed engine on {opts.devices} local ranks")
-    parallel = measure_parallel_model(config, opts.devices, dtype=_dtype_name(loaded.model))
-    return search_latency(parallel, loaded.num_layers, opts.devices, opts.bypass,
+    cb.status(f"measuring the distributed engine on {opts.group_size} local ranks")
+    parallel = measure_parallel_model(config, opts.group_size, dtype=_dtype_name(loaded.model))
+    return search_latency(parallel, loaded.num_layers, opts.group_size, opts.bypass,
                           max_group_size=max_group), parallel
 
 
@@ -215,7 +209,7 @@ def predicted_record(latency, parallel, steps: list[list[int]], bypass: int, dev
                      num_layers: int) -> dict:
     """The manifest's `predicted`: the chosen steps' decode latency against the original's on
     the engine the budget used (docs/convert.md, "manifest"), and with --engine distributed the
-    alpha-beta model's record on --devices ranks."""
+    alpha-beta model's record on --group-size ranks."""
     predicted_ms = latency.predict_ms(steps)
     ratio = predicted_ms / latency.original_ms
     record = {"latency_ratio": ratio, "decode_ms_per_token": predicted_ms,

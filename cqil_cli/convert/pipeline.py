@@ -81,13 +81,37 @@ class Scorer:
         return self.held_out(model), self.out_of_domain(model)
 
 
+def check_before_loading(model_spec: str, opts: ConvertOptions, load_kwargs: dict) -> None:
+    """Everything that can be checked before the model loads, in seconds: the options, the
+    output folder, the model spec and its files, the grouping and lengths against config.json
+    (a local model), the --analysis report, the text specs, the device and dtype."""
+    from ..inputs.models import peek_config, resolve_device, torch_dtype
+    from ..inputs.specs import config_facts
+    from ..inputs.text import check_text_spec
+
+    opts.check()
+    raw = peek_config(model_spec, load_kwargs.get("allow_pickle", False))
+    if raw is not None:
+        if raw.get("model_type") == "cqil":
+            raise CqilError(f"{model_spec} is already converted; convert its base model")
+        layers, positions = config_facts(raw)
+        if layers:
+            opts.check_model(layers, positions)
+    for spec in (opts.calib, opts.eval, opts.eval_ood):
+        check_text_spec(spec)
+    resolve_device(load_kwargs.get("device", "cpu"))
+    torch_dtype(load_kwargs.get("dtype", "float32"))
+
+
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
-                cb: Callbacks) -> Manifest:
+                cb: Callbacks, checked: bool = False) -> Manifest:
+    """The conversion (the module docstring); `checked`: check_before_loading has run."""
     from ..calibrate.self_text import calibration_windows
     from ..inputs.models import load_model, require_engine
     from ..inputs.text import token_samples_up_to
 
-    opts.check()
+    if not checked:
+        check_before_loading(model_spec, opts, load_kwargs)
     fraction = opts.budget_fraction()
     started = time.perf_counter()
     cb.status(f"loading {model_spec}")
@@ -95,17 +119,19 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     require_engine(loaded, "reference", f"'{loaded.spec}'")
     if loaded.model_type == "cqil":
         raise CqilError(f"{model_spec} is already converted; convert its base model")
+    opts.check_model(loaded.num_layers,
+                     getattr(loaded.model.config, "max_position_embeddings", None))
 
     def windows(spec, count, seed, least):
-        return token_samples_up_to(loaded.tokenizer, spec, count, opts.seq_len, seed,
+        return token_samples_up_to(loaded.tokenizer, spec, count, opts.window_len, seed,
                                    min_samples=least)
 
-    eval_ids = windows(opts.eval, opts.eval_samples, opts.seed, 2)
+    eval_ids = windows(opts.eval, opts.eval_windows, opts.seed, 2)
     if opts.calib != opts.calib_text:
         cb.status(f"sampling calibration windows from the model ({opts.calib})")
     calib_ids = calibration_windows(loaded.model, loaded.tokenizer, opts.calib,
-                                    opts.tune_samples, opts.seq_len, opts.seed, 4)
-    ood_ids = windows(opts.eval_ood, opts.eval_samples, opts.seed, 2) if opts.eval_ood else None
+                                    opts.tune_windows, opts.window_len, opts.seed, 4)
+    ood_ids = windows(opts.eval_ood, opts.eval_windows, opts.seed, 2) if opts.eval_ood else None
     p = opts.prompt_tokens
     quality_of = Scorer(eval_ids, ood_ids, p)
 
@@ -145,7 +171,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
                  "ood": {"eval": opts.eval_ood, "ppl_original": original[1],
                          "ppl_untuned": untuned[1], "ppl_tuned": tuned[1]}},
         calibration={"spec": opts.calib, "fingerprint": fingerprint(calib_ids),
-                     "samples": int(calib_ids.shape[0]), "seq_len": opts.seq_len,
+                     "samples": int(calib_ids.shape[0]), "seq_len": opts.window_len,
                      "seed": opts.seed},
         tuning=tuning,
         grouping=conversion.selection,
@@ -177,8 +203,8 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
     if opts.strategy == "cqil":
         steps, selection = cqil_steps(loaded, opts, fraction, latency, cb)
         widest = max(len(g) for g in steps)
-        if widest > opts.devices:
-            raise CqilError(f"a group of {widest} layers needs --devices {widest} or more")
+        if widest > opts.group_size:
+            raise CqilError(f"a group of {widest} layers needs --group-size {widest} or more")
     elif opts.strategy == "skip":
         kept, selection = skip_kept_layers_of(opts, fraction, latency, n)
     else:
@@ -192,7 +218,7 @@ def _build(loaded, opts: ConvertOptions, fraction, latency, calib_ids, cb: Callb
         loaded.model = None  # the teacher is the converted model's own weights, run in sequence
         grouped = any(len(g) > 1 for g in steps)
         return Conversion(
-            model, steps, selection, plain=False, devices=opts.devices, bypass=opts.bypass,
+            model, steps, selection, plain=False, devices=opts.group_size, bypass=opts.bypass,
             tune=(lambda tune, on_step, originals=(): tune_groups(
                 model, calib_ids, tune, on_step=on_step, originals=originals))
             if grouped else None,

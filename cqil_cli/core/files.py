@@ -18,6 +18,34 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Temporaries of outputs being written now: what a forced exit (cli/watchdog.py, a SIGTERM the
+# main thread could not act on in time) removes before it ends the process.
+IN_PROGRESS: set[Path] = set()
+
+
+def remove_in_progress() -> None:
+    """Remove every temporary of IN_PROGRESS (best effort: the process is about to end)."""
+    for path in list(IN_PROGRESS):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        IN_PROGRESS.discard(path)
+
+
+def check_folder_writable(folder: Path, what: str) -> None:
+    """A one-line CqilError unless an output can be created in `folder` (tried for real: a
+    temporary folder made and removed, since permission bits say little to root or on /proc)."""
+    from .errors import CqilError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CqilError(f"cannot write {what}: folder {folder} does not exist")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cqil-write-check-", dir=folder))
+    except OSError as exc:
+        raise CqilError(f"cannot write {what}: {exc.strerror or exc} in {folder}") from exc
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -54,6 +82,7 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    IN_PROGRESS.add(root)
     try:
         folder = root / "new"
         folder.mkdir()
@@ -66,6 +95,7 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         os.replace(folder, target)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        IN_PROGRESS.discard(root)
 
 
 def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -73,6 +103,7 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
+    IN_PROGRESS.add(Path(tmp))
     try:
         write(Path(tmp))
         usual_permissions(Path(tmp))
@@ -80,6 +111,8 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        IN_PROGRESS.discard(Path(tmp))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

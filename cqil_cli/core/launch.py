@@ -1,5 +1,5 @@
 """W local ranks started by torch's own launcher (torch.distributed.launcher.api.elastic_launch,
-what torchrun runs), so that `--devices W` on generate, bench and convert needs no torchrun
+what torchrun runs), so that `--ranks W` on generate and bench (and convert --engine distributed) needs no torchrun
 (docs/generate.md).
 
 launch_local(entry, payload, W) runs entry(payload) on W ranks and returns rank 0's result.

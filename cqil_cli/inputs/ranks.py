@@ -1,5 +1,5 @@
 """A model spec on W ranks of cqil's distributed engine: what one rank loads (docs/generate.md,
-"What each rank reads"), shared by `cqil generate --devices` and `cqil bench --devices`.
+"What each rank reads"), shared by `cqil generate --ranks` and `cqil bench --ranks`.
 
   load_rank_part(spec, rank, W, ...)   this rank's shard: from a local safetensors folder only its
                                        slices (safetensors_reader + load_shard), else the whole
@@ -42,7 +42,7 @@ def require_rank_model(model, spec: str) -> None:
     a config, a config.json dict or a LoadedModel."""
     from .models import require_engine
 
-    require_engine(model, "distributed", f"--devices: '{spec}'")
+    require_engine(model, "distributed", f"--ranks: '{spec}'")
 
 
 def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False) -> str | None:
@@ -56,7 +56,7 @@ def check_world_size(spec: str, world_size: int, trust_remote_code: bool = False
     from .models import local_model_folder, read_config
 
     if world_size < 1:
-        raise CqilError(f"--devices must be at least 1, got {world_size}")
+        raise CqilError(f"--ranks must be at least 1, got {world_size}")
     folder = local_model_folder(spec)
     if folder is None:
         return None

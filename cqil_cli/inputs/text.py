@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import json
 import re
 import tarfile
 from dataclasses import dataclass
@@ -30,8 +29,13 @@ import tomllib
 
 from ..core.errors import CqilError
 from .assets import fetch_pypi_file
+from .text_files import (
+    current_encoding,
+    file_documents,
+    folder_documents,
+    hub_documents,
+)
 
-TEXT_FIELDS = ("text", "content", "document")
 SELF_SHARE = 0.25  # the share of self-sampled windows `SPEC+self` asks for
 _SELF_SUFFIX = re.compile(r"(.*)\+self(?:=([0-9]*\.?[0-9]+))?")
 
@@ -77,10 +81,10 @@ def load_text(spec: str) -> TextSet:
         raise CqilError(f"'{spec}' asks for the model's own sampled text ('+self'), which "
                         "needs the model: use it where the model samples it, not here")
     if spec.startswith("hub:"):
-        return TextSet(spec, tuple(_hub_documents(spec[4:])))
+        return TextSet(spec, tuple(hub_documents(spec[4:])))
     path = Path(spec).expanduser()
     if path.exists():
-        docs = _folder_documents(path) if path.is_dir() else _file_documents(path)
+        docs = folder_documents(path) if path.is_dir() else file_documents(path)
         return TextSet(spec, tuple(docs))
     name, _, split = spec.partition(":")
     recipe_file = recipes_dir() / f"{name}.toml"
@@ -89,6 +93,17 @@ def load_text(spec: str) -> TextSet:
         return TextSet(spec, text.documents, text.sources, text.shares)
     raise CqilError(f"text not found: '{spec}' is not a file, a folder, a recipe "
                     f"({', '.join(recipe_names())}) or hub:NAME")
+
+
+def check_text_spec(spec: str | None) -> None:
+    """What can be checked of a text spec before any model loads: a file or folder is read
+    and checked (text, encoding, format), a recipe found; hub: specs are checked where they are
+    loaded (that needs the network). `TEXT+self` is checked without its share of sampled text."""
+    if spec is None:
+        return
+    text = split_self_share(spec)[0]
+    if not text.startswith("hub:"):
+        load_text(text)
 
 
 # ---------------------------------------------------------------- recipes
@@ -305,96 +320,6 @@ def strip_rst(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-# ---------------------------------------------------------------- local files and the hub
-
-
-def _file_documents(path: Path) -> list[str]:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".txt", ".md", ".text", ""):
-            return [path.read_text(encoding="utf-8", errors="replace")]
-        if suffix == ".jsonl":
-            return _jsonl_documents(path)
-        if suffix == ".parquet":
-            return _parquet_documents(path)
-    except OSError as exc:
-        raise CqilError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    raise CqilError(f"{path}: unsupported text file (use .txt, .jsonl or .parquet)")
-
-
-def _jsonl_documents(path: Path) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise CqilError(f"{path}:{number}: not valid JSON") from exc
-            docs.append(_text_of(row, f"{path}:{number}"))
-    return docs
-
-
-def _text_of(row, where: str) -> str:
-    if isinstance(row, dict):
-        for key in TEXT_FIELDS:
-            if isinstance(row.get(key), str):
-                return row[key]
-    raise CqilError(f"{where}: no text field (expected one of {', '.join(TEXT_FIELDS)})")
-
-
-def _parquet_documents(path: Path) -> list[str]:
-    import pyarrow.parquet as pq  # comes with datasets
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:
-        raise CqilError(f"{path}: unreadable parquet file") from exc
-    return _column_documents(table.column_names, table.to_pydict(), str(path))
-
-
-def _column_documents(columns, data: dict, where: str) -> list[str]:
-    for key in TEXT_FIELDS:
-        if key in columns:
-            return [t for t in data[key] if isinstance(t, str)]
-    raise CqilError(f"{where}: no text column (expected one of {', '.join(TEXT_FIELDS)})")
-
-
-def _folder_documents(folder: Path) -> list[str]:
-    if (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(folder))
-        except Exception as exc:
-            raise CqilError(f"{folder}: unreadable datasets folder") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return _column_documents(ds.column_names, ds.to_dict(), str(folder))
-    docs = []
-    for file in sorted(folder.rglob("*")):
-        if file.is_file() and file.suffix.lower() in (".txt", ".jsonl", ".parquet"):
-            docs.extend(_file_documents(file))
-    if not docs:
-        raise CqilError(f"{folder}: no .txt, .jsonl or .parquet files inside")
-    return docs
-
-
-def _hub_documents(rest: str) -> list[str]:
-    import datasets
-
-    name, config, split = (rest.split(":") + [None, None])[:3]
-    if not name:
-        raise CqilError("hub text spec needs a name: hub:NAME[:CONFIG[:SPLIT]]")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as exc:
-        raise CqilError(f"could not load dataset '{name}' from the Hub (offline?): "
-                        f"{str(exc).splitlines()[0][:200]}") from exc
-    return _column_documents(ds.column_names, ds.to_dict(), f"hub:{rest}")
-
-
 # ---------------------------------------------------------------- tokens
 
 
@@ -413,7 +338,7 @@ def token_stream(tokenizer, text: TextSet):
     return torch.tensor(ids, dtype=torch.long)
 
 
-_STREAMS: dict[tuple[int, str], tuple] = {}
+_STREAMS: dict[tuple[int, str, str], tuple] = {}
 
 
 def cached_stream(tokenizer, spec: str):
@@ -423,7 +348,7 @@ def cached_stream(tokenizer, spec: str):
 
 def _tokenised(tokenizer, spec: str):
     """(TextSet, the whole token stream, {source: its own stream} when the text has shares)."""
-    key = (id(tokenizer), spec)
+    key = (id(tokenizer), spec, current_encoding())
     if key not in _STREAMS:
         text = load_text(spec)
         if not text.shares:

@@ -124,9 +124,9 @@ def uniform_groups(start: int, end: int, size: int, num_layers: int) -> list[lis
         raise CqilError(f"bad range --start {start} --end {end}: need 0 ≤ start < end ≤ "
                         f"{num_layers}")
     if size < 1:
-        raise CqilError(f"bad --parallel {size}: it must be at least 1")
+        raise CqilError(f"bad --group-size {size}: it must be at least 1")
     if (end - start) % size:
-        raise CqilError(f"--end − --start = {end - start} is not a multiple of --parallel {size}")
+        raise CqilError(f"--end − --start = {end - start} is not a multiple of --group-size {size}")
     steps = [[i] for i in range(start)]
     steps += [list(range(i, i + size)) for i in range(start, end, size)]
     steps += [[i] for i in range(end, num_layers)]

@@ -1,0 +1,115 @@
+"""What a model spec names, decided without loading anything: `default`, a local folder, a
+.gguf file or a Hugging Face Hub id; a path that does not exist is "not found", never a Hub
+lookup. Also the checks of a folder's files that need no weights read: safetensors headers
+(a truncated or corrupt file is named), and the facts of a config.json that the commands check
+their options against (layers, positions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import CqilError
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on a header's size
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # "default", "folder", "gguf" or "hub"
+    text: str  # as the user wrote it
+    path: Path | None  # the folder or file (None: default, hub)
+
+
+def is_path_like(spec: str) -> bool:
+    """Whether a spec is meant as a path: it starts with /, ., ~, ends with /, has a
+    backslash, more than one / or a file suffix, or its first part is a local folder
+    (`mymodels/llama` beside a `mymodels/` folder)."""
+    if spec.startswith(("/", ".", "~")) or spec.endswith(("/", os.sep)) or "\\" in spec:
+        return True
+    parts = spec.split("/")
+    if len(parts) != 2 or not all(parts):
+        return True
+    return Path(parts[0]).is_dir() or Path(parts[1]).suffix.lower() in (
+        ".gguf", ".safetensors", ".bin", ".json", ".pt", ".pth")
+
+
+def resolve_model_spec(spec: str) -> ModelSpec:
+    """The ModelSpec of what the user wrote, or a one-line "model not found"."""
+    spec = str(spec)
+    if spec == "default":
+        return ModelSpec("default", spec, None)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise CqilError(f"model file not found: {spec}")
+        return ModelSpec("gguf", spec, path)
+    if path.exists():
+        if not path.is_dir():
+            raise CqilError(f"{spec}: a model spec must be a folder, a .gguf file, a hub id "
+                            "or 'default'")
+        return ModelSpec("folder", spec, path)
+    if is_path_like(spec):
+        missing = _first_missing(path)
+        raise CqilError(f"model not found: no folder {spec}" +
+                        (f" ({missing} does not exist)" if missing and str(missing) != spec
+                         else "") + "; a model is a folder, a .gguf file, a hub id (ORG/NAME) "
+                        "or 'default'")
+    if spec.count("/") == 1:
+        return ModelSpec("hub", spec, None)
+    raise CqilError(f"model not found: '{spec}' is not a folder, a .gguf file, a hub id "
+                    "(ORG/NAME) or 'default'")
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The first part of a path that does not exist."""
+    parts = path.parts
+    for i in range(1, len(parts) + 1):
+        candidate = Path(*parts[:i])
+        if not candidate.exists():
+            return candidate
+    return None
+
+
+def check_safetensors(file: Path) -> None:
+    """A one-line CqilError naming the file when a safetensors file is truncated or corrupt:
+    its header is read and every tensor's bytes must lie inside the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CqilError(f"{file}: not a safetensors file ({size} bytes; truncated?): "
+                                "download or write it again")
+            length = struct.unpack("<Q", head)[0]
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise CqilError(f"{file}: corrupt safetensors file (its header claims {length:,} "
+                                f"bytes, the file has {size:,}): download or write it again")
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        raise CqilError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CqilError(f"{file}: corrupt safetensors file (unreadable header): download or "
+                        "write it again") from exc
+    if not isinstance(header, dict):
+        raise CqilError(f"{file}: corrupt safetensors file (unreadable header)")
+    try:
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"],
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise CqilError(f"{file}: corrupt safetensors file (bad tensor entries)") from exc
+    if 8 + length + end > size:
+        raise CqilError(f"{file}: truncated safetensors file ({size:,} bytes of "
+                        f"{8 + length + end:,}): download or write it again")
+
+
+def config_facts(raw: dict) -> tuple[int | None, int | None]:
+    """(layers, positions) of a config.json (a multimodal config's text_config counts)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    layers = raw.get("num_hidden_layers") or text.get("num_hidden_layers")
+    positions = raw.get("max_position_embeddings") or text.get("max_position_embeddings")
+    return (int(layers) if layers else None, int(positions) if positions else None)
