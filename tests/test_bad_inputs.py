@@ -284,7 +284,7 @@ STUCK = textwrap.dedent("""
     def stuck():
         with staged_folder(Path(os.environ["STUCK_OUT"])):
             print("stuck: started", file=sys.stderr, flush=True)
-            hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10 ** 10)  # one native call, minutes
+            hashlib.pbkdf2_hmac("sha256", b"x", b"y", 2 ** 31 - 1)  # one native call, minutes
 
     sys.argv = ["cqil", "stuck"]
     app.main()

@@ -6,38 +6,23 @@ import click
 
 from ..analyze.options import AnalyzeInputs, AnalyzeOptions
 from ..core.options import check_ranges
+from . import options as shared
 from .declare import SectionedCommand, build, dataclass_options, global_flags
-from .options import (
-    OUTPUT,
-    WHERE,
-    State,
-    check_model_spec,
-    check_positions,
-    check_writable,
-    encoding_option,
-    json_option,
-    loading,
-    model_options,
-    plot_option,
-    use_all_cores,
-    use_encoding,
-    write_outputs,
-)
 
 MEASURE, TEXT = "What to measure", "Calibration text"
 
 
-@click.command(cls=SectionedCommand, sections=(TEXT, MEASURE, WHERE, OUTPUT))
+@click.command(cls=SectionedCommand, sections=(TEXT, MEASURE, shared.WHERE, shared.OUTPUT))
 @click.argument("model")
 @dataclass_options(AnalyzeInputs, section=TEXT)
-@encoding_option(section=TEXT)
+@shared.encoding_option(section=TEXT)
 @dataclass_options(AnalyzeOptions, section=MEASURE)
-@model_options
-@json_option("Write the JSON report here.")
-@plot_option("Write the similarity heatmap (PNG).")
+@shared.model_options
+@shared.json_option("Write the JSON report here.")
+@shared.plot_option("Write the similarity heatmap (PNG).")
 @global_flags
 @click.pass_obj
-def analyze(state: State, model, device, dtype, trust_remote_code, allow_pickle, encoding,
+def analyze(state: shared.State, model, device, dtype, trust_remote_code, allow_pickle, encoding,
             json_path, plot_path, **params):
     """Profile MODEL: input similarity between layers, per-layer latency, group sensitivity.
 
@@ -63,26 +48,26 @@ def analyze(state: State, model, device, dtype, trust_remote_code, allow_pickle,
     inputs, options = build(AnalyzeInputs, params), build(AnalyzeOptions, params)
     check_ranges(inputs)
     check_ranges(options)
-    json_target = check_writable(json_path, "the JSON report", ".json")
-    plot_target = check_writable(plot_path, "the heatmap", ".png")
-    use_encoding(encoding)
-    raw = check_model_spec(model, allow_pickle)
+    json_target = shared.check_writable(json_path, "the JSON report", ".json")
+    plot_target = shared.check_writable(plot_path, "the heatmap", ".png")
+    shared.use_encoding(encoding)
+    raw = shared.check_model_spec(model, allow_pickle)
     layers = config_facts(raw)[0] if raw else None
     if layers and window_given:
         check_window(options.window, layers)
-    check_positions(raw, inputs.seq_len, "--seq-len")
+    shared.check_positions(raw, inputs.seq_len, "--seq-len")
     check_text_spec(inputs.calib)
     resolve_device(device)
     torch_dtype(dtype)
-    use_all_cores()
-    with loading(state, "loading model"):
+    shared.use_all_cores()
+    with shared.loading(state, "loading model"):
         loaded = load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     num_layers = loaded.num_layers
     if not window_given:
         options.window = min(options.window, num_layers)
     check_window(options.window, num_layers)
-    check_positions({"max_position_embeddings": getattr(
+    shared.check_positions({"max_position_embeddings": getattr(
         loaded.model.config, "max_position_embeddings", None)}, inputs.seq_len, "--seq-len")
     samples = inputs.samples
     ids = token_samples(loaded.tokenizer, inputs.calib, samples, inputs.seq_len, inputs.seed)
@@ -100,4 +85,4 @@ def analyze(state: State, model, device, dtype, trust_remote_code, allow_pickle,
     analyze_tables(report, state.out)
     from .plots import similarity_heatmap
 
-    write_outputs(state, report, json_target, plot_target, similarity_heatmap, "heatmap")
+    shared.write_outputs(state, report, json_target, plot_target, similarity_heatmap, "heatmap")

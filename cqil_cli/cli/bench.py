@@ -10,40 +10,24 @@ import click
 
 from ..bench.options import LATENCY, MODELS, QUALITY, BenchOptions
 from ..core.errors import CqilError
+from . import options as shared
 from .declare import CqilOption, SectionedCommand, build, dataclass_options, global_flags
-from .options import (
-    OUTPUT,
-    WHERE,
-    State,
-    check_model_spec,
-    check_positions,
-    check_writable,
-    encoding_option,
-    json_option,
-    loading,
-    model_options,
-    plot_option,
-    rank_device,
-    use_all_cores,
-    use_encoding,
-    write_outputs,
-)
 from .tables import bench_tables
 
 
-@click.command(cls=SectionedCommand, sections=(MODELS, LATENCY, QUALITY, WHERE, OUTPUT))
+@click.command(cls=SectionedCommand, sections=(MODELS, LATENCY, QUALITY, shared.WHERE, shared.OUTPUT))
 @click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL...]")
 @click.option("--baseline", metavar="MODEL", cls=CqilOption, section=MODELS,
               help="Compare against this model. Default: the base model named in a converted "
                    "folder's manifest (or config).")
 @dataclass_options(BenchOptions)
-@encoding_option(section=QUALITY)
-@model_options
-@json_option("Write the JSON report here.")
-@plot_option("Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
+@shared.encoding_option(section=QUALITY)
+@shared.model_options
+@shared.json_option("Write the JSON report here.")
+@shared.plot_option("Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
 @global_flags
 @click.pass_obj
-def bench(state: State, models, baseline, device, dtype, trust_remote_code, allow_pickle,
+def bench(state: shared.State, models, baseline, device, dtype, trust_remote_code, allow_pickle,
           encoding, json_path, plot_path, **params):
     """Latency and quality of MODEL(s) side by side with a baseline.
 
@@ -66,18 +50,18 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
     options = build(BenchOptions, params)
     options.greedy_prompt_len = options.greedy_tokens
     options.check()
-    json_target = check_writable(json_path, "the JSON report", ".json")
-    plot_target = check_writable(plot_path, "the chart", ".png")
+    json_target = shared.check_writable(json_path, "the JSON report", ".json")
+    plot_target = shared.check_writable(plot_path, "the chart", ".png")
     devices = options.devices
     if plot_target and not (options.latency and options.quality):
         raise CqilError("--plot draws latency against perplexity: it needs both measurements "
                         "(drop --no-latency / --no-quality)")
-    use_encoding(encoding)
+    shared.use_encoding(encoding)
     for spec in [*models, *([baseline] if baseline else [])]:
-        raw = check_model_spec(spec, allow_pickle)
-        check_positions(raw, options.prompt_len + options.new_tokens,
+        raw = shared.check_model_spec(spec, allow_pickle)
+        shared.check_positions(raw, options.prompt_len + options.new_tokens,
                         "--prompt-len + --new-tokens")
-        check_positions(raw, options.eval_window, "--eval-window")
+        shared.check_positions(raw, options.eval_window, "--eval-window")
     check_text_spec(options.eval_spec)
     device = resolve_device(device)  # a device that is not there fails here, before loading
     torch_dtype(dtype)
@@ -87,15 +71,15 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
     if devices > 1:
         from ..inputs.ranks import check_world_size
 
-        ranks_on = rank_device(device, devices)
+        ranks_on = shared.rank_device(device, devices)
         for spec in [baseline_spec, *models]:
             note = check_world_size(spec, devices, trust_remote_code)
             if note:
                 state.err.print(f"note: {note}", markup=False, highlight=False)
-    use_all_cores()
+    shared.use_all_cores()
 
     def load(spec: str):
-        with loading(state, f"loading {spec}"):
+        with shared.loading(state, f"loading {spec}"):
             return load_model(spec, device=device, dtype=dtype,
                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
@@ -116,4 +100,4 @@ def bench(state: State, models, baseline, device, dtype, trust_remote_code, allo
                             "differ from the manifest's sha256)", style="yellow")
     from .plots import tradeoff_chart
 
-    write_outputs(state, report, json_target, plot_target, tradeoff_chart, "chart")
+    shared.write_outputs(state, report, json_target, plot_target, tradeoff_chart, "chart")

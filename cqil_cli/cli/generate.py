@@ -7,34 +7,21 @@ import os
 import click
 
 from ..generate.options import RUN, SAMPLE, GenerateOptions
+from . import options as shared
 from .declare import CqilOption, SectionedCommand, build, dataclass_options, global_flags
-from .options import (
-    OUTPUT,
-    WHERE,
-    State,
-    check_model_spec,
-    check_positions,
-    check_writable,
-    json_option,
-    loading,
-    model_options,
-    rank_device,
-    use_all_cores,
-    write_outputs,
-)
 
 
-@click.command(cls=SectionedCommand, sections=(RUN, SAMPLE, WHERE, OUTPUT))
+@click.command(cls=SectionedCommand, sections=(RUN, SAMPLE, shared.WHERE, shared.OUTPUT))
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, metavar="TEXT",
               cls=CqilOption, section=RUN,
               help="A prompt; repeat for several (one left-padded batch).")
 @dataclass_options(GenerateOptions)
-@json_option("Write the tokens, texts and timings (schema cqil.generate/1).")
-@model_options
+@shared.json_option("Write the tokens, texts and timings (schema cqil.generate/1).")
+@shared.model_options
 @global_flags
 @click.pass_obj
-def generate(state: State, model, prompts, json_path, device, dtype, trust_remote_code,
+def generate(state: shared.State, model, prompts, json_path, device, dtype, trust_remote_code,
              allow_pickle, **params):
     """Continuations of each --prompt by MODEL (a converted folder or any causal LM).
 
@@ -49,8 +36,8 @@ def generate(state: State, model, prompts, json_path, device, dtype, trust_remot
     """
     options = build(GenerateOptions, params)
     options.check()
-    json_target = check_writable(json_path, "JSON", ".json")
-    check_positions(check_model_spec(model, allow_pickle), options.new_tokens + 1,
+    json_target = shared.check_writable(json_path, "JSON", ".json")
+    shared.check_positions(shared.check_model_spec(model, allow_pickle), options.new_tokens + 1,
                     "--new-tokens (+ the prompt)")
     from ..generate.run import Sampling
 
@@ -67,13 +54,13 @@ def generate(state: State, model, prompts, json_path, device, dtype, trust_remot
         from ..generate.run import generate_single
         from ..inputs.models import load_model
 
-        use_all_cores()
-        with loading(state, f"loading {model}"):
+        shared.use_all_cores()
+        with shared.loading(state, f"loading {model}"):
             loaded = load_model(model, device=device, dtype=dtype,
                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         result = generate_single(loaded, prompts, new_tokens, sampling)
     _show(state, result)
-    write_outputs(state, result, json_target, None, None, "")
+    shared.write_outputs(state, result, json_target, None, None, "")
 
 
 def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
@@ -86,17 +73,17 @@ def _run_distributed(state, model, prompts, new_tokens, devices, device, dtype,
     note = check_world_size(model, devices, trust_remote_code)
     if note and int(os.environ.get("RANK", "0")) == 0:
         state.err.print(f"note: {note}", markup=False, highlight=False)
-    request = GenerateRequest(model, prompts, new_tokens, rank_device(device, devices), dtype,
+    request = GenerateRequest(model, prompts, new_tokens, shared.rank_device(device, devices), dtype,
                               trust_remote_code, allow_pickle, sampling)
     if is_rank():  # torchrun started this process: be one rank of its group (W is its size)
         document = generate_rank(request)
         return None if document is None else GenerateResult.from_json(document)
-    with loading(state, f"generating on {devices} ranks"):
+    with shared.loading(state, f"generating on {devices} ranks"):
         return GenerateResult.from_json(launch_local(generate_rank, request, devices,
                                                      "cqil-generate"))
 
 
-def _show(state: State, result) -> None:
+def _show(state: shared.State, result) -> None:
     """The continuations on stdout (the command's output: shown with --quiet too), the timing
     line on stderr."""
     several = len(result.texts) > 1

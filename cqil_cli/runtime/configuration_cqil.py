@@ -121,13 +121,13 @@ class CqilConfig(PreTrainedConfig):
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     fused_projections: bool = False
-    input_norms: bool = True
-    norm_fp32_gain: bool = False
-    qk_norm_whole: bool = False
-    embedding_multiplier: float | None = None
+    embedding_multiplier: float | None = None  # Granite's four
     residual_multiplier: float | None = None
     attention_multiplier: float | None = None
     logits_scaling: float | None = None
+    input_norms: bool = True  # OLMo 2's three
+    norm_fp32_gain: bool = False
+    qk_norm_whole: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
     layer_types: list[str] | None = None
