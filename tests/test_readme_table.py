@@ -92,10 +92,11 @@ def test_table_from_a_synthetic_report(reports):
         ["", "16", "skip", "cqil", "30.00", "0.600 ×", "0.375 ×", "80.00 (+122.2 %)",
          "300.00 (+900.0 %)"],
     ]
-    assert "`a.json` (2026-12-04, torch 2.13.0, 2 threads): latency: batch 1, 128-token " \
-           "prompt, 32 new tokens, 5 rounds; perplexity on `default:heldout` (4096 scored " \
-           "tokens)" in block
-    assert "`b.json`" in block and "latency" not in block.split("`b.json`")[1]
+    assert "- `a.json`: AMD EPYC, 2 CPU cores (cpu, float32), 2026-12-04, torch 2.13.0, 2 " \
+           "threads; latency: batch 1, 128-token prompt, 32 new tokens, 5 rounds; perplexity " \
+           "on `default:heldout` (4096 scored tokens)\n" in block
+    assert "- `b.json`: AMD EPYC, 2 CPU cores (cpu, float32), 2026-12-04, torch 2.13.0, 2 " \
+           "threads; perplexity on `default:ood` (4096 scored tokens)\n" in block
     assert "python -m cqil_cli.benchmarks.readme_table a.json b.json --write README.md" in block
 
 

@@ -79,8 +79,8 @@ def merge(devices: dict[str, Device], report: BenchReport, source: str) -> None:
     if settings.get("quality"):
         scored = settings["eval_windows"] * (settings["eval_window"] - settings["eval_prompt"])
         what.append(f"perplexity on `{spec}` ({scored} scored tokens)")
-    dev.notes.append(f"`{source}` ({when}, torch {report.device.get('torch', '?')}, "
-                     f"{report.device.get('threads', '?')} threads): {'; '.join(what)}")
+    dev.notes.append(f"`{source}`: {label}, {when}, torch {report.device.get('torch', '?')}, "
+                     f"{report.device.get('threads', '?')} threads; {'; '.join(what)}")
     base_quality = report.baseline.get("quality")
     if base_quality and spec not in dev.ppl_base:
         dev.ppl_base[spec] = base_quality["ppl"]
@@ -150,7 +150,7 @@ def render(paths: list[Path], sources: list[str] | None = None,
                      fmt_ratio(row["same_engine"]), fmt_ratio(row["generate"])]
             cells += [fmt_ppl(quality.get(s), dev.ppl_base.get(s), original) for s in specs]
             lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {d.label}: " + "; ".join(d.notes) for d in devices.values()]
+    notes = [f"- {note}" for d in devices.values() for note in d.notes]
     command = "python -m cqil_cli.benchmarks.readme_table " + " ".join(sources) + \
         "".join(f" --write {t}" for t in targets)
     return "\n".join([
