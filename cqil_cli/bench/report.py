@@ -102,7 +102,7 @@ def device_info(device: str, dtype: str) -> dict:
     """The report's `device`: name, type, dtype, versions, threads and a description."""
     dev = torch.device(device)
     info = {"name": str(dev), "type": dev.type, "dtype": dtype, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu_model": cpu_model()}
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         info["description"] = torch.cuda.get_device_name(index)
@@ -116,6 +116,19 @@ def device_info(device: str, dtype: str) -> dict:
     except ImportError:
         pass
     return info
+
+
+def cpu_model() -> str | None:
+    """The host CPU's model name (`lscpu`'s, from /proc/cpuinfo), else platform.processor();
+    None when neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def entry_json(entry: Entry) -> dict:
