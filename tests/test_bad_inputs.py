@@ -209,6 +209,20 @@ def test_bad_input_fails_fast_in_one_line(args, fragment, inputs, no_weights_rea
     assert tree(tmp_path) == before  # no output, no temporary
 
 
+def test_an_org_name_spec_offline_is_not_found_at_once(cqil, tmp_path, monkeypatch):
+    """`mymodels/llama` without a `mymodels/` folder has a hub id's form: on a machine that
+    cannot reach the Hub and has no cached copy, one line at once (not half a minute of
+    retries)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    result = cqil("analyze", "mymodels/llama")
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1, result.err
+    assert "model not found: no folder mymodels/llama" in lines[0] and "offline" in lines[0]
+    assert time.monotonic() - started < WALL_S
+
+
 def test_deprecated_spellings_warn_in_one_line_and_still_work(inputs, no_weights_read,
                                                                tmp_path):
     cases = [

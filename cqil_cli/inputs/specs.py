@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..core.errors import CqilError
 
@@ -60,9 +62,36 @@ def resolve_model_spec(spec: str) -> ModelSpec:
                          else "") + "; a model is a folder, a .gguf file, a hub id (ORG/NAME) "
                         "or 'default'")
     if spec.count("/") == 1:
+        if not hub_cached(spec) and not hub_reachable():
+            raise CqilError(f"model not found: no folder {spec}, and as a Hugging Face Hub id it "
+                            "is neither in the local cache nor reachable (offline); a model is a "
+                            "folder, a .gguf file, a hub id (ORG/NAME) or 'default'")
         return ModelSpec("hub", spec, None)
     raise CqilError(f"model not found: '{spec}' is not a folder, a .gguf file, a hub id "
                     "(ORG/NAME) or 'default'")
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds the config.json of `repo_id` (it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library refuses: not cached
+        return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub can be asked at all: not HF_HUB_OFFLINE, and its host's name resolves
+    (an offline machine answers at once; asking the Hub itself retries for half a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def _first_missing(path: Path) -> Path | None:
