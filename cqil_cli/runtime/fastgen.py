@@ -20,7 +20,7 @@ on a 135M model that overhead is larger than the arithmetic. Here:
     (all its inputs live in preallocated buffers updated in place), which removes the
     per-kernel launch cost that dominates a small model's decode step on a GPU.
 
-A plain transformers model of a supported family (configuration_cqil.SUPPORTED_BASE_TYPES) is
+A plain transformers model of a supported family (a row of family_table_cqil.py) is
 first converted to a CqilForCausalLM with every layer its own step ("our engine with no
 groups"); the conversion copies weights.
 Greedy tokens equal those of generate() on the same model (tested).
