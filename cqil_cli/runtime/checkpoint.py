@@ -23,12 +23,13 @@ from .edges_cqil import make_rotaries
 from .family_table_cqil import require_engine
 from .fused_cqil import file_mappings, release_file_pages
 from .modeling_cqil import CqilForCausalLM, contiguous_state_dict
+from .quant_cqil import check_quantized
 
 RUNTIME_DIR = Path(__file__).parent
 # The self-contained files a converted folder carries (torch + transformers only), so that
 # trust_remote_code=True works where cqil is not installed.
 RUNTIME_FILES = ("family_table_cqil.py", "configuration_cqil.py", "modeling_cqil.py", "families_cqil.py",
-                 "edges_cqil.py", "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py")
+                 "edges_cqil.py", "fused_cqil.py", "sharding_cqil.py", "distributed_cqil.py", "quant_cqil.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_cqil.CqilConfig",
     "AutoModelForCausalLM": "modeling_cqil.CqilForCausalLM",
@@ -189,6 +190,7 @@ def load_converted(path, dtype: torch.dtype | str | None = None, device: str = "
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, trust_remote_code=False)
     if not isinstance(model, CqilForCausalLM):
         raise ValueError(f"{path} is not a cqil-converted checkpoint (loaded {type(model).__name__})")
+    check_quantized(model, str(path))
     if engine is not None:
         model.set_engine(engine)
     return model.to(device).eval()

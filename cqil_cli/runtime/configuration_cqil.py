@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .family_table_cqil import MODEL_TYPES, require_engine
+from .quant_cqil import WeightScheme
 
 SUPPORTED_BASE_TYPES = MODEL_TYPES  # the table's base model_types (its older name)
 ENGINES = ("fused", "reference")
@@ -66,6 +67,8 @@ class CqilConfig(PreTrainedConfig):
     skip_layers (`list[int]`): layers the prompt runs through but decoded tokens skip
         (Unified Layer Skipping); each must be its own step, and layer 0 always runs.
     engine (`str`): "fused" (default, inference) or "reference".
+    weights (`dict`): None (dense linears), or how the linears are quantized
+        (quant_cqil.WeightScheme.to_json(): format int8 | int4, group_size, head, method).
     attention_bias / attention_out_bias / mlp_bias / qk_norm: which optional tensors the
         layers have (q/k/v bias, o_proj bias, MLP biases, per-head q/k RMSNorm of qwen3 and
         gemma3).
@@ -136,6 +139,7 @@ class CqilConfig(PreTrainedConfig):
     bypass_distance: int = 0
     skip_layers: list[int] | None = None
     engine: str = "fused"
+    weights: dict | None = None  # quant_cqil.WeightScheme.to_json(): int8 / int4 linears
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -168,6 +172,8 @@ class CqilConfig(PreTrainedConfig):
                 raise ValueError(f"layer type '{t}' is not supported (only {FULL}, {SLIDING})")
             if t == SLIDING and self.sliding_window is None:
                 raise ValueError("a sliding_attention layer needs sliding_window to be set")
+        if self.weights is not None:
+            WeightScheme.from_json(self.weights)  # a ValueError for an unknown format
         self.skip_layers = sorted({int(i) for i in (self.skip_layers or [])})
         grouped = {i for step in self.groups if len(step) > 1 for i in step}
         for i in self.skip_layers:

@@ -36,8 +36,9 @@ import torch
 from ..core.devices import synchronize
 from .configuration_cqil import FULL, SLIDING
 from .edges_cqil import final_logits, next_tokens, rope_by_type, rotaries_of, scale_embeddings
-from .fused_cqil import FusedLinear, pack_members, rope_tables
+from .fused_cqil import FusedLinear, linear_dtype, pack_members, rope_tables
 from .modeling_cqil import CqilForCausalLM, step_inputs
+from .quant_cqil import is_quantized
 
 _TABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
@@ -151,7 +152,12 @@ class FastGenerator:
         """lm_head in the faster layout, without a second copy: in fp32 on CPU the parameter
         itself is re-laid out as [d, V] storage (pack_members; a tied embedding is the same
         parameter, and its lookups read the strided rows), prepacked where bf16 is."""
-        w = self.model.lm_head.weight
+        head = self.model.lm_head
+        if is_quantized(head):  # its kernel caches itself, and is rebuilt when a buffer changes
+            self._lm_w = head.kernel()
+            self._lm_key = id(self._lm_w)
+            return self._lm_w
+        w = head.weight
         if self._lm_key != (w.data_ptr(), w._version, w.dtype):
             with torch.no_grad():
                 if not FusedLinear.packs(w):
@@ -222,8 +228,8 @@ class FastGenerator:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         model, cfg = self.model, self.config
-        device = model.lm_head.weight.device
-        dtype = model.lm_head.weight.dtype
+        device = model.model.embed_tokens.weight.device
+        dtype = linear_dtype(model.lm_head)
         input_ids = input_ids.to(device)
         B, T = input_ids.shape
         if attention_mask is None:

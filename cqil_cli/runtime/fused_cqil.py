@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from .families_cqil import attention, norm_in_fp32
+from .quant_cqil import QuantKernel, is_quantized
 
 
 def _store_in_out(weight_dtype: torch.dtype, device: torch.device, n_in: int, n_out: int) -> bool:
@@ -203,13 +204,24 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     return cos.unsqueeze(2), signed.unsqueeze(2)
 
 
-def _member_weights(layer) -> tuple[list, list, list, list]:
-    """A layer's matrices, each a list of parameters [rows_i, in] whose rows concatenate:
-    q/k/v (Phi-3: qkv_proj), o_proj, gate/up (Phi-3: gate_up_proj), down_proj."""
+def _member_modules(layer) -> tuple[list, list, list, list]:
+    """A layer's linear modules, each a list whose output rows concatenate: q/k/v (Phi-3:
+    qkv_proj), o_proj, gate/up (Phi-3: gate_up_proj), down_proj."""
     att, mlp = layer.self_attn, layer.mlp
-    qkv = [att.qkv_proj.weight] if att.fused else [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
-    gu = [mlp.gate_up_proj.weight] if mlp.fused else [mlp.gate_proj.weight, mlp.up_proj.weight]
-    return qkv, [att.o_proj.weight], gu, [mlp.down_proj.weight]
+    qkv = [att.qkv_proj] if att.fused else [att.q_proj, att.k_proj, att.v_proj]
+    gu = [mlp.gate_up_proj] if mlp.fused else [mlp.gate_proj, mlp.up_proj]
+    return qkv, [att.o_proj], gu, [mlp.down_proj]
+
+
+def _member_weights(layer) -> tuple[list, list, list, list]:
+    """A layer's matrices, each a list of parameters [rows_i, in] whose rows concatenate
+    (_member_modules' weights)."""
+    return tuple([m.weight for m in mods] for mods in _member_modules(layer))
+
+
+def linear_dtype(linear) -> torch.dtype:
+    """The floating dtype a linear layer computes in (dense or quant_cqil.QuantLinear)."""
+    return linear.dtype if is_quantized(linear) else linear.weight.dtype
 
 
 def _cat_bias(pairs) -> torch.Tensor | None:
@@ -223,7 +235,8 @@ def pack_step(layers) -> None:
     model built for it (runtime/checkpoint.py) is filled in that layout directly, instead of
     being copied into it on first use (a second copy of every layer, briefly, and heap
     fragmentation after). A no-op where the engine prepacks (CPU bf16 with oneDNN)."""
-    if FusedLinear.packs(layers[0].self_attn.o_proj.weight):
+    o_proj = layers[0].self_attn.o_proj
+    if is_quantized(o_proj) or FusedLinear.packs(o_proj.weight):
         return
     weights = [_member_weights(ly) for ly in layers]
     for kind in range(4):  # qkv, o, gate/up, down: as FusedStep's MemberLinears pack them
@@ -235,8 +248,17 @@ class MemberLinear:
 
     Dense: one bmm over the step's packed weights [P, in, out] (pack_members: the parameters
     are views of that buffer, so nothing is copied). Prepacked bf16: P FusedLinear calls.
+    Quantized (of_kernels): P quant_cqil.QuantKernel calls, each over a member's stacked rows.
     P == 1: `single`, a FusedLinear over the same storage ([N, in] -> [N, out], `add` fused).
     """
+
+    @classmethod
+    def of_kernels(cls, kernels: list) -> MemberLinear:
+        """Members that are callables x [N, in] -> [N, out] (with `add`), biases included."""
+        self = cls.__new__(cls)
+        self.bias, self.w, self.each = None, None, kernels
+        self.single = kernels[0] if len(kernels) == 1 else None
+        return self
 
     def __init__(self, blocks: list[list[torch.Tensor]], biases: list, prepacked: bool):
         self.bias = None if biases[0] is None else torch.stack(biases)[:, None]  # [P, 1, out]
@@ -292,7 +314,7 @@ class FusedStep:
         self.post_norms = bool(getattr(config, "post_norms", False))
         self.fp32_gains = self.post_norms or norm_in_fp32(config)
         self.r = L[0].residual_multiplier
-        dtype = att[0].o_proj.weight.dtype
+        dtype = linear_dtype(att[0].o_proj)
         f32 = torch.float32
 
         def gains(norms, scales=None) -> torch.Tensor | None:  # [P, 1, d]
@@ -302,15 +324,21 @@ class FusedStep:
             g = g if scales is None else g * scales
             return (g if self.fp32_gains else g.to(dtype))[:, None, :].contiguous()
 
-        prepacked = FusedLinear.packs(att[0].o_proj.weight)
-        self.batched = not prepacked  # one bmm over the members; False: P calls (prepacked bf16)
-        weights = [_member_weights(ly) for ly in L]
-        qkv_bias = [_cat_bias(a.qkv_weights()) for a in att]
-        gu_bias = [_cat_bias(ly.mlp.gate_up_weights()) for ly in L]
-        self.qkv = MemberLinear([w[0] for w in weights], qkv_bias, prepacked)
-        self.o = MemberLinear([w[1] for w in weights], [a.o_proj.bias for a in att], prepacked)
-        self.gu = MemberLinear([w[2] for w in weights], gu_bias, prepacked)
-        self.down = MemberLinear([w[3] for w in weights], [ly.mlp.down_proj.bias for ly in L], prepacked)
+        quantized = is_quantized(att[0].o_proj)
+        prepacked = not quantized and FusedLinear.packs(att[0].o_proj.weight)
+        self.batched = not (prepacked or quantized)  # one bmm over the members; False: P calls
+        if quantized:  # one kernel per member and matrix, over its stacked q/k/v (gate/up) rows
+            modules = [_member_modules(ly) for ly in L]
+            self.qkv, self.o, self.gu, self.down = (
+                MemberLinear.of_kernels([QuantKernel(m[kind]) for m in modules]) for kind in range(4))
+        else:
+            weights = [_member_weights(ly) for ly in L]
+            qkv_bias = [_cat_bias(a.qkv_weights()) for a in att]
+            gu_bias = [_cat_bias(ly.mlp.gate_up_weights()) for ly in L]
+            self.qkv = MemberLinear([w[0] for w in weights], qkv_bias, prepacked)
+            self.o = MemberLinear([w[1] for w in weights], [a.o_proj.bias for a in att], prepacked)
+            self.gu = MemberLinear([w[2] for w in weights], gu_bias, prepacked)
+            self.down = MemberLinear([w[3] for w in weights], [ly.mlp.down_proj.bias for ly in L], prepacked)
         self.n1 = gains([ly.attn_norm for ly in L])
         self.n2 = gains([ly.mlp_norm for ly in L])
         self.qk_norm_w = self.q_norm_w = self.k_norm_w = None
@@ -447,4 +475,4 @@ class FusedStep:
         return (x2 + ((a + m) * self.gamma).sum(0)).view(B, T, d)  # x + sum_j gamma_j (a_j + m_j)
 
 
-__all__ = ["FusedLinear", "FusedStep", "MemberLinear", "pack_members", "pack_step", "rope_tables"]
+__all__ = ["FusedLinear", "FusedStep", "MemberLinear", "linear_dtype", "pack_members", "pack_step", "rope_tables"]
