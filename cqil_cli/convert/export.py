@@ -20,7 +20,8 @@ def placement(model, strategy: str, devices: int, layer_names: list[int] | None 
     if strategy == "cqil":
         return engine_placement(model, devices)
     names = layer_names if layer_names is not None else list(range(len(model.model.layers)))
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    stored = {t.data_ptr(): t for t in model.state_dict().values()}  # tied: counted once
+    nbytes = sum(t.numel() * t.element_size() for t in stored.values())  # quantized codes too
     return {"ranks": [{"rank": 0, "layers": list(names), "bytes": nbytes}],
             "embedding_and_head": 0}
 

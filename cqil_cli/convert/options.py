@@ -35,7 +35,12 @@ LOCAL_STARTS = ("least-squares", "none")
 ENGINES = ("fused", "distributed")  # what a --budget is measured on (docs/convert.md)
 SENSITIVITY_SAMPLE_TOKENS = 128  # convert's own sensitivity windows: analyze's --seq-len default
 
-WHAT, GROUP, TUNE, OUTPUT = "What to convert", "How to group", "How to tune", "Output"
+WEIGHT_FORMATS = ("int8", "int4")  # runtime/quant_cqil.py FORMATS (torch-free here)
+WEIGHT_METHODS = ("gptq", "rtn")  # calibrate/quantize.py METHODS
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel runs (others: the reference)
+
+WHAT, GROUP, TUNE, WEIGHTS, OUTPUT = ("What to convert", "How to group", "How to tune",
+                                      "Weights", "Output")
 
 
 @dataclass
@@ -140,6 +145,22 @@ class ConvertOptions:
     local_windows: int = option(
         LocalOptions.samples, "Calibration windows the local stage caches, at most; under "
         "--tune-minutes as many as fit in 3/4 of its time.", min=1, section=TUNE)
+    weights: str | None = option(
+        None, "Store the linear layers' weights quantized: int8 (per output channel) or int4 "
+        "(groups of --weight-group-size input columns); the head in int8, the embedding and "
+        "norms as they are. Default: the model's dtype. MODEL may be a converted folder: its "
+        "steps and tuning are kept, only the weights change.", choices=WEIGHT_FORMATS,
+        section=WEIGHTS, kind=str)
+    weight_group_size: int = option(
+        32, "int4: input columns per scale and zero (32, 64, 128 or 256 run the fast CPU "
+        "kernel; it must divide every layer's input width).", metavar="G", min=2,
+        section=WEIGHTS)
+    weight_method: str = option(
+        "gptq", "How the codes are chosen: gptq (each column's rounding error spread over the "
+        "columns not yet rounded, using the calibration windows' statistics) or rtn (round to "
+        "nearest).", choices=WEIGHT_METHODS, section=WEIGHTS)
+    weight_windows: int = option(
+        64, "Calibration windows GPTQ reads, at most.", metavar="N", min=1, section=WEIGHTS)
     force: bool = option(False, "Replace a non-empty --out folder.", section=OUTPUT)
     calib_samples: int = 8  # sensitivity samples when no --analysis is given
     candidates: int = 4  # best partitions re-measured whole
@@ -211,16 +232,21 @@ class ConvertOptions:
             raise CqilError(f"bad --eval-prompt {self.prompt_tokens}: between 0 and "
                             f"{self.window_len - 2} (windows are {self.window_len} tokens)")
         self.check_tuning()
+        if self.weights == "int4" and self.weight_group_size % 2:
+            raise CqilError(f"bad --weight-group-size {self.weight_group_size}: int4 needs an even "
+                            f"group size ({', '.join(map(str, INT4_GROUP_SIZES))} run fastest)")
         self.budget_fraction()
         check_output_dir(self.out, self.force)
         if self.analysis is not None and not self.analysis.is_file():
             raise CqilError(f"--analysis {self.analysis}: file not found (write one with "
                             "`cqil analyze MODEL --json PATH`)")
 
-    def check_model(self, num_layers: int, max_positions: int | None) -> None:
-        """The checks that need only the model's config (config.json: its layer count and
-        positions), done before its weights load: the grouping, --steps, the windows' length,
-        the --analysis report's shape."""
+    def check_model(self, num_layers: int, max_positions: int | None,
+                    widths: tuple[int, ...] = ()) -> None:
+        """The checks that need only the model's config (config.json: its layer count,
+        positions and the linear layers' input widths), done before its weights load: the
+        grouping, --steps, the windows' length, int4's group size, the --analysis report's
+        shape."""
         if self.groups is not None:
             try:
                 steps = parse_group_spec(self.groups, num_layers)
@@ -243,6 +269,12 @@ class ConvertOptions:
         if self.strategy == "cqil" and self.group_size > num_layers:
             raise CqilError(f"bad --group-size {self.group_size}: at most {num_layers} (the "
                             "model's layers)")
+        if self.weights == "int4" and widths:
+            misfit = sorted({w for w in widths if w % self.weight_group_size})
+            if misfit:
+                raise CqilError(f"--weight-group-size {self.weight_group_size} does not divide the "
+                                f"model's layer input width {misfit[0]}: pick a divisor of "
+                                f"{', '.join(map(str, sorted(set(widths))))}")
         if max_positions and self.window_len > max_positions:
             raise CqilError(f"bad --window-len {self.window_len}: at most {max_positions} (the "
                             "model's positions, max_position_embeddings)")

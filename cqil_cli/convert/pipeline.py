@@ -86,21 +86,37 @@ def check_before_loading(model_spec: str, opts: ConvertOptions, load_kwargs: dic
     output folder, the model spec and its files, the grouping and lengths against config.json
     (a local model), the --analysis report, the text specs, the device and dtype."""
     from ..inputs.models import peek_config, resolve_device, torch_dtype
-    from ..inputs.specs import config_facts
+    from ..inputs.specs import config_facts, linear_input_widths
     from ..inputs.text import check_text_spec
 
     opts.check()
     raw = peek_config(model_spec, load_kwargs.get("allow_pickle", False))
     if raw is not None:
         if raw.get("model_type") == "cqil":
-            raise CqilError(f"{model_spec} is already converted; convert its base model")
+            check_converted_input(model_spec, raw, opts)
         layers, positions = config_facts(raw)
         if layers:
-            opts.check_model(layers, positions)
+            opts.check_model(layers, positions, linear_input_widths(raw))
     for spec in (opts.calib, opts.eval, opts.eval_ood):
         check_text_spec(spec)
     resolve_device(load_kwargs.get("device", "cpu"))
     torch_dtype(load_kwargs.get("dtype", "float32"))
+
+
+def check_converted_input(model_spec: str, raw: dict, opts: ConvertOptions) -> None:
+    """A converted folder is an input only to quantize it (--weights), as it is."""
+    if not opts.weights:
+        raise CqilError(f"{model_spec} is already converted; convert its base model (or pass "
+                        "--weights int8|int4 to quantize it as it is)")
+    if raw.get("weights"):
+        raise CqilError(f"{model_spec} is already quantized ({raw['weights'].get('format')}); "
+                        "convert its dense folder")
+    given = [flag for flag, value in (("--budget", opts.budget), ("--speedup", opts.speedup),
+                                      ("--steps", opts.steps), ("--groups", opts.groups),
+                                      ("--start", opts.start)) if value is not None]
+    if given or opts.strategy != "cqil":
+        raise CqilError(f"{model_spec} is already converted: {', '.join(given) or '--strategy'} "
+                        "cannot change it; --weights quantizes it as it is")
 
 
 def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
@@ -108,6 +124,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     """The conversion (the module docstring); `checked`: check_before_loading has run."""
     from ..calibrate.self_text import calibration_windows
     from ..inputs.models import load_model, require_engine
+    from ..inputs.specs import linear_input_widths
     from ..inputs.text import token_samples_up_to
 
     if not checked:
@@ -118,9 +135,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     loaded = load_model(model_spec, **load_kwargs)
     require_engine(loaded, "reference", f"'{loaded.spec}'")
     if loaded.model_type == "cqil":
-        raise CqilError(f"{model_spec} is already converted; convert its base model")
+        check_converted_input(model_spec, loaded.model.config.to_dict(), opts)
     opts.check_model(loaded.num_layers,
-                     getattr(loaded.model.config, "max_position_embeddings", None))
+                     getattr(loaded.model.config, "max_position_embeddings", None),
+                     linear_input_widths(loaded.model.config.to_dict()))
 
     def windows(spec, count, seed, least):
         return token_samples_up_to(loaded.tokenizer, spec, count, opts.window_len, seed,
@@ -134,6 +152,10 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     ood_ids = windows(opts.eval_ood, opts.eval_windows, opts.seed, 2) if opts.eval_ood else None
     p = opts.prompt_tokens
     quality_of = Scorer(eval_ids, ood_ids, p)
+    if loaded.model_type == "cqil":  # quantize a converted folder as it is
+        from .weights import requantize_folder
+
+        return requantize_folder(loaded, opts, quality_of, calib_ids, cb, started)
 
     num_layers = loaded.num_layers  # the base model may be freed once converted
     latency, parallel = measure_latency(loaded, opts, cb)
@@ -148,6 +170,17 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
     if conversion.release is not None:
         conversion.release()
     conversion.tune = conversion.blocks = conversion.release = None  # what tuning needed
+    weights = None
+    if opts.weights:
+        from .weights import as_cqil_runtime, weights_stage
+
+        if conversion.plain:  # prune: a plain model cannot hold quantized layers
+            model = conversion.model = as_cqil_runtime(model)
+            conversion.plain = False
+            release_freed_memory()
+        dense = tuned
+        tuned, weights = weights_stage(model, opts, calib_ids, quality_of, cb)
+        weights.update(ppl_before=dense[0], ppl_ood_before=dense[1])
 
     manifest = Manifest(
         cqil_version=__version__,
@@ -176,6 +209,7 @@ def run_convert(model_spec: str, opts: ConvertOptions, load_kwargs: dict,
         tuning=tuning,
         grouping=conversion.selection,
         seconds=round(time.perf_counter() - started, 1),
+        weights=weights,
         **conversion.extra,
     )
     return write_output(model, loaded.tokenizer, opts.out, manifest, plain=conversion.plain)

@@ -161,6 +161,18 @@ def check_quantized_header(file: Path, header: dict, weights: dict) -> None:
                                 "or was edited")
 
 
+def linear_input_widths(raw: dict) -> tuple[int, ...]:
+    """The input widths of a decoder layer's linears per config.json: hidden size (q/k/v,
+    gate/up), heads x head dim (o_proj), intermediate size (down); () when unknown."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    try:
+        hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or hidden // heads)
+        return hidden, heads * head_dim, int(text["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        return ()
+
+
 def config_facts(raw: dict) -> tuple[int | None, int | None]:
     """(layers, positions) of a config.json (a multimodal config's text_config counts)."""
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}

@@ -52,6 +52,7 @@ class Manifest:
     skipped_layers: list[int] | None = None  # skip: layers decoding does not run
     removed_layers: list[int] | None = None  # prune: layers the checkpoint no longer has
     prompt: str | None = None  # skip: how the prompt runs
+    weights: dict | None = None  # --weights: format, group size, method, bytes, perplexity before
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
 
     def to_json(self) -> dict:
