@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quant import SCHEMES, quantized
 from tiny_models import offline_tokenizer, padded_batch, randomise_bypass, rel, tiny_model
 from transformers import DynamicCache
 
-from cqil_cli.runtime.checkpoint import build_cqil_model, save_converted
+from cqil_cli.runtime.checkpoint import build_cqil_model, load_converted, save_converted
 from cqil_cli.runtime.configuration_cqil import CqilConfig
 from cqil_cli.runtime.distributed_cqil import (
     DistributedCqil,
@@ -38,7 +39,9 @@ from cqil_cli.runtime.distributed_cqil import (
     shard_from_model,
     shard_nbytes,
 )
+from cqil_cli.runtime.families_cqil import qkv_row_slices
 from cqil_cli.runtime.family_table_cqil import EXAMPLES, FAMILIES, families_for
+from cqil_cli.runtime.quant_cqil import QuantLinear, WeightScheme, quantized_linears
 
 REL_TOL = 1e-5  # fp32, max |difference| / max |reference|
 NEW_TOKENS = 16
@@ -64,6 +67,7 @@ class Case:
     fail_on_rank: int | None = None  # that rank raises before its first collective
     folder: str | None = None  # the case saved there: its ranks load their shards from it
     vocab_parallel: bool = True  # False: embedding and lm_head replicated on every rank
+    quant: str | None = None  # int8 | int4: the folder is quantized; its ranks generate from it
 
     @property
     def baseline(self) -> bool:
@@ -76,7 +80,8 @@ class Case:
             ",".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in self.groups)
         skip = f"-skip{list(self.skip_layers)}" if self.skip_layers else ""
         head = "" if self.vocab_parallel else "-replicated-head"
-        return f"W{self.world}-{self.kind}{extra}-{groups}-D{self.bypass}{skip}{head}"
+        quant = f"-{self.quant}" if self.quant else ""
+        return f"W{self.world}-{self.kind}{extra}-{groups}-D{self.bypass}{skip}{head}{quant}"
 
 
 def pairs(n):  # [[0, 1], [2, 3], ...] (+ [n-1] when n is odd)
@@ -182,6 +187,9 @@ def rank_main(rank: int, world: int, port: int, cases: list[Case], out_dir: str)
         for case in cases:
             if case.fail_on_rank == rank:
                 raise RuntimeError(f"planned failure on rank {rank}")
+            if case.quant is not None:
+                results[case.name] = generate_quantized(case.folder, rank, world, ids, mask)
+                continue
             if case.folder is not None:
                 results[case.name] = load_and_compare(case, rank, world, ids, mask)
                 continue
@@ -216,6 +224,19 @@ def load_and_compare(case: Case, rank: int, world: int, ids, mask) -> dict:
     in_memory = DistributedCqil.from_model(build(case)[1])(ids, mask)
     return {"read_bytes": sum(sizes), "load_rank_same": same, "loaded": loaded,
             "in_memory": in_memory}
+
+
+def generate_quantized(folder: str, rank: int, world: int, ids, mask) -> dict:
+    """Greedy tokens and logits of this rank's shard of a quantized folder (load_rank: its
+    slices of the codes and scales), the kernel mode of each of its quantized linears, and the
+    prompt's logits with every linear on the reference path (dequantize, F.linear)."""
+    engine = DistributedCqil(load_rank(folder, rank, world))
+    gen = engine.generate(ids, mask, NEW_TOKENS, output_logits=True)
+    modes = {m.kernel().mode for m in quantized_linears(engine.shard)}
+    for linear in quantized_linears(engine.shard):
+        linear.use_kernel = False
+    dequantized = engine(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    return {"tokens": gen.tokens, "logits": gen.logits, "modes": modes, "dequantized": dequantized}
 
 
 def free_port() -> int:
@@ -564,3 +585,199 @@ def test_phi3_fused_slices_take_each_ranks_q_k_v_and_gate_up_rows():
     for (got, _), (want, _) in zip(mine.mlp.gate_up_weights(), whole.mlp.gate_up_weights(),
                                    strict=True):
         assert torch.equal(got, want[48:])
+
+
+# --------------------------------------------------------------------------- quantized folders
+
+# (kind, groups, D): Llama with groups on lanes of one rank and layer 0 tensor-parallel; Phi-3's
+# fused qkv_proj / gate_up_proj, every layer tensor-parallel (its grouping also fits 1 rank).
+QUANT_MODELS = [("llama-gqa", "1-2,3-4", 1), ("phi3-partial", "none", 0)]
+QUANT_CASES = [Case(2, kind, groups, d, quant=fmt) for kind, groups, d in QUANT_MODELS
+               for fmt in SCHEMES]
+# The kernels round activations and outputs to bf16: a row-parallel layer's partial sums are
+# rounded apart (1.3e-2 measured on Phi-3, every layer split). The reference path is fp32.
+QUANT_TOL = 3e-2
+
+
+@pytest.fixture(scope="module")
+def quant_runs(tmp_path_factory):
+    """Each quantized case saved as a folder; 2 gloo ranks generate from it (one job) while this
+    process computes the single-process fused engine's tokens on the same folder and, where the
+    grouping fits one rank, the engine's on W = 1 (no process group)."""
+    root = tmp_path_factory.mktemp("quantized")
+    ids, mask = padded_batch()
+    cases = []
+    for c in QUANT_CASES:
+        model = quantized(c.kind, c.groups, c.bypass, SCHEMES[c.quant])
+        folder = save_converted(model, offline_tokenizer(), root / c.name)
+        cases.append(Case(c.world, c.kind, c.groups, c.bypass, folder=str(folder), quant=c.quant))
+    (root / "ranks").mkdir()
+    job = Job(2, cases, root / "ranks")
+    try:
+        refs, single = {}, {}
+        for c in cases:
+            ref = load_converted(c.folder)
+            assert ref.config.engine == "fused" and quantized_linears(ref)
+            refs[c.name] = decode(ref, False, ids, mask, lambda x: x.argmax(-1))
+            ref.set_engine("reference")
+            with torch.no_grad():
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                refs[c.name] += (ref(ids, attention_mask=mask, position_ids=positions).logits,)
+            if 1 in fitting_world_sizes(ref.config):
+                single[c.name] = generate_quantized(c.folder, 0, 1, ids, mask)
+        yield cases, job.results(), refs, single
+    finally:
+        job.stop()
+
+
+def tie_aware_agreement(got: dict, want_tokens, want_logits) -> tuple[int, float]:
+    """Compare a generation with the reference's, row by row: tokens equal until a row's first
+    difference, which must be a tie of the reference within QUANT_TOL (its top two logits that
+    close: the int8 head's kernel returns bf16 logits, so exact ties are common in a tiny random
+    model), logits within QUANT_TOL while the inputs agree. Returns (steps compared, worst
+    relative logits difference)."""
+    compared, worst = 0, 0.0
+    for b in range(want_tokens.shape[0]):
+        for s in range(want_tokens.shape[1]):
+            g, w = got["logits"][s][b, -1], want_logits[s][b, -1]
+            worst = max(worst, rel(g, w))
+            compared += 1
+            if got["tokens"][b, s] != want_tokens[b, s]:
+                top = w.topk(2).values
+                margin = float((top[0] - top[1]) / w.abs().max())
+                assert margin < QUANT_TOL, f"row {b} step {s}: tokens differ, margin {margin:.2e}"
+                break
+    return compared, worst
+
+
+def test_quantized_folders_give_the_tokens_of_one_process(quant_runs):
+    """int8 and int4 folders on 2 gloo ranks (each rank reading its slices of the codes and
+    scales), and on 1 where the grouping fits: the greedy tokens of the single-process fused
+    engine on the same folder (every token where it has no near-tie: both Llama cases; see
+    tie_aware_agreement), logits within the kernels' bf16 rounding, every quantized matmul on
+    the fast path, and every rank the same tokens and logits. On the reference path (fp32)
+    the ranks' prompt logits equal the reference engine's within REL_TOL: the slices are exact."""
+    cases, ranks, refs, single = quant_runs
+    assert {c.name for c in cases if c.name in single} == {
+        c.name for c in cases if c.kind == "phi3-partial"}
+    for case in cases:
+        want_tokens, want_logits, want_dequantized = refs[case.name]
+        runs = [("W2", ranks[0][case.name])] + ([("W1", single[case.name])] if case.name in single else [])
+        for world, got in runs:
+            compared, worst = tie_aware_agreement(got, want_tokens, want_logits)
+            print(f"{case.name} {world}: {compared} of {want_tokens.numel()} tokens compared, "
+                  f"logits within {worst:.1e}")
+            assert worst < QUANT_TOL, f"{case.name} {world}: logits {worst:.2e}"
+            if case.kind == "llama-gqa" or world == "W1":
+                assert torch.equal(got["tokens"], want_tokens), f"{case.name} {world}: tokens differ"
+            assert got["modes"] == {case.quant} | {"int8"}, f"{case.name} {world}: {got['modes']}"
+            assert rel(got["dequantized"], want_dequantized) < REL_TOL, f"{case.name} {world}"
+        first, second = ranks[0][case.name], ranks[1][case.name]
+        assert torch.equal(first["tokens"], second["tokens"]), f"{case.name}: rank 1's tokens"
+        assert all(torch.equal(a, b) for a, b in zip(first["logits"], second["logits"], strict=True))
+
+
+def _whole_slice(w: torch.Tensor, module: str, sl, config) -> torch.Tensor:
+    """The part of a whole layer's [out, in] matrix `module` that rank slice `sl` holds
+    (computed from the slice's heads and columns, independently of tensor_slices)."""
+    if sl.tp_size == 1:
+        return w
+    hd, width = config.head_dim, config.intermediate_size
+    heads = (sl.heads.start * hd, sl.heads.stop * hd)
+    kv = (sl.kv_heads.start * hd, sl.kv_heads.stop * hd)
+    cols = (sl.columns.start, sl.columns.stop)
+    spans = qkv_row_slices(config.num_attention_heads, config.num_key_value_heads, hd)
+    rows = {"q_proj": [heads], "k_proj": [kv], "v_proj": [kv], "gate_proj": [cols],
+            "up_proj": [cols], "gate_up_proj": [cols, (width + cols[0], width + cols[1])],
+            "qkv_proj": [(spans[n][0] + a, spans[n][0] + b)
+                         for n, (a, b) in (("q", heads), ("k", kv), ("v", kv))]}
+    if module in rows:
+        return torch.cat([w[a:b] for a, b in rows[module]])
+    a, b = heads if module == "o_proj" else cols
+    return w[:, a:b]
+
+
+@pytest.mark.parametrize("kind, groups, distance", QUANT_MODELS)
+@pytest.mark.parametrize("fmt", list(SCHEMES))
+def test_quantized_shards_dequantize_to_the_whole_models_slices(kind, groups, distance, fmt):
+    """Each rank's QuantLinears (layers and lm_head) dequantize exactly to their slices of the
+    whole model's dequantized weights; int4's MLP columns split 64 + 32 (whole groups of 32),
+    int8's 48 + 48. A single rank's shard is the whole model's."""
+    model = quantized(kind, groups, distance, SCHEMES[fmt])
+    config = model.config
+    for world in fitting_world_sizes(config):
+        layout = plan_layout(config, world)
+        if world == 2:
+            split = [range(0, 64), range(64, 96)] if fmt == "int4" else [range(0, 48), range(48, 96)]
+            assert layout.columns(2) == split
+        for r in range(world):
+            shard = shard_from_model(model, layout, r)
+            mine = dict(shard.named_modules())
+            linears = {name: m for name, m in mine.items() if isinstance(m, QuantLinear)}
+            per_layer = len(quantized_linears(model.model.layers[0]))  # 7; Phi-3's fused: 4
+            assert len(linears) == 1 + per_layer * len(shard.slices)  # + the lm_head
+            assert isinstance(shard.lm_head, QuantLinear) and shard.lm_head.format == "int8"
+            for name, m in linears.items():
+                whole = model.get_submodule(name if name == "lm_head" else f"model.{name}")
+                assert (m.format, m.group_size) == (whole.format, whole.group_size), name
+                w = whole.dequantize()
+                if name == "lm_head":
+                    want = w[shard.vocab_rows.start:shard.vocab_rows.stop]
+                else:
+                    layer, module = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+                    sl = next(s for s in shard.slices if s.layer == layer)
+                    want = _whole_slice(w, module, sl, config)
+                assert torch.equal(m.dequantize(), want), f"W={world} rank {r}: {name}"
+
+
+@pytest.mark.parametrize("fmt", list(SCHEMES))
+def test_quantized_ranks_read_only_their_slices(tmp_path, fmt):
+    """From a saved int8 / int4 folder each of 2 ranks reads its slices of the codes, scales and
+    zeros only: exactly shard_nbytes (codes in their int8 / uint8), under the folder's bytes;
+    the shard equals its slice of the model in memory bit for bit, and a bf16 load keeps the
+    codes' dtypes."""
+    model = quantized("llama-gqa", "none", 0, SCHEMES[fmt])
+    folder = save_converted(model, offline_tokenizer(), tmp_path / fmt)
+    whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    layout = plan_layout(model.config, 2)
+    for r in range(2):
+        read, sizes = safetensors_reader(folder), []
+
+        def counted(sl, read=read, sizes=sizes):
+            tensor = read(sl)
+            sizes.append(tensor.nbytes)
+            return tensor
+
+        shard = load_shard(model.config, layout, r, counted)
+        assert sum(sizes) == shard_nbytes(model.config, layout, r, torch.float32) < 0.6 * whole
+        got, want = shard.state_dict(), shard_from_model(model, layout, r).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert got["layers.0.mlp.down_proj.qweight"].dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+        half = load_rank(folder, r, 2, dtype=torch.bfloat16)
+        assert half.layers["0"].mlp.down_proj.qweight.dtype == got["layers.0.mlp.down_proj.qweight"].dtype
+        assert half.layers["0"].mlp.down_proj.scales.dtype == torch.bfloat16
+
+
+def test_int4_split_that_cannot_align_is_refused_in_one_line():
+    """int4 (group size 32) on 4 kv heads of 16 columns each: 3 ranks would split o_proj's input
+    columns at 48, 4 ranks give each fewer MLP columns than a group; plan_layout names the group
+    size, the columns and the world sizes that fit, in one line."""
+    model = quantized("llama-bias", "none", 0, SCHEMES["int4"])
+    assert fitting_world_sizes(model.config) == [1, 2]
+    for world, what in ((3, r"o_proj's input columns split at column 48, not a multiple of the "
+                             r"int4 group size 32"),
+                        (4, r"int4 group size 32 of the MLP's 96 input columns")):
+        with pytest.raises(ValueError, match=what + r".*fit this grouping: 1, 2$") as err:
+            plan_layout(model.config, world)
+        assert "\n" not in str(err.value)
+
+
+def test_int4_columns_split_in_whole_groups_when_heads_split_unevenly():
+    """3 kv heads on 2 ranks (2 + 1): the MLP columns balance the bytes as for dense weights,
+    in whole groups of the int4 group size (16 here); a dense layout is unchanged."""
+    _, model = build(Case(2, "llama-gqa", overrides=KV3))  # hidden 48, 6 heads of 8, MLP 96
+    dense = plan_layout(model.config, 2).columns(2)
+    model.config.weights = WeightScheme("int4", group_size=16).to_json()
+    aligned = plan_layout(model.config, 2).columns(2)
+    assert dense == [range(0, 40), range(40, 96)]  # rank 0 holds 4 of the 6 heads
+    assert aligned == [range(0, 32), range(32, 96)]  # 40 columns are 2.5 groups: 2

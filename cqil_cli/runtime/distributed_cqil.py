@@ -50,6 +50,10 @@ collectives.
 The KV cache is per rank (RankKVCache): one entry per step with this rank's kv heads of its
 layer in that step, preallocated for the whole generation (max_length) and written in place.
 
+Quantized folders (config weights, quant_cqil.py): each rank holds its slices of the codes and
+scales (sharding_cqil.py), and every quantized matmul runs the fast path (QuantKernel: torch's
+CPU int8 / int4 kernels, activations rounded to bf16), as the single-process fused engine does.
+
 Unified Layer Skipping (config skip_layers) follows modeling_cqil: a forward on an empty cache
 runs every step, later forwards pass the skipped layers over.
 
@@ -80,6 +84,7 @@ from .edges_cqil import (  # noqa: F401  (sampling: importable from here too)
     sampling_scores,
     scale_embeddings,
 )
+from .quant_cqil import quantized_linears
 from .sharding_cqil import (
     CqilShard,
     DistributedLayout,
@@ -235,6 +240,8 @@ class DistributedCqil:
         self.shard, self.config, self.layout = shard, shard.config, shard.layout
         self.rank, self.world_size = shard.rank, shard.layout.world_size
         self.device = shard.embed_tokens.weight.device
+        for linear in quantized_linears(shard):  # the layers' code calls the modules: the fast path
+            linear.use_kernel = True
         joined = dist.is_initialized() and dist.get_world_size() == self.world_size
         if self.world_size > 1 and not joined:
             raise ValueError(f"the layout is for {self.world_size} ranks: initialise "

@@ -151,7 +151,8 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int | None = None) ->
 class QuantLinear(nn.Module):
     """A weight-only quantized nn.Linear (the format in the module docstring).
 
-    forward is the reference (dequantize, F.linear); kernel() the fast path for the engines.
+    forward is the reference (dequantize, F.linear); kernel() the fast path for the engines
+    (forward runs it instead when use_kernel is set: the distributed engine sets it).
     Buffers, not parameters: the codes are not trained (calibrate/ trains a dense copy and
     quantizes it again).
     """
@@ -179,6 +180,9 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: QuantKernel | None = None
         self._kernel_key: tuple | None = None
+        # True: forward is kernel()'s (the distributed engine's shards, whose layer code calls
+        # the modules); False: the reference
+        self.use_kernel = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int | None = None,
@@ -219,6 +223,8 @@ class QuantLinear(nn.Module):
                    if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel:
+            return self.kernel()(x)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def kernel(self) -> QuantKernel:
@@ -333,10 +339,13 @@ def is_quantized(linear) -> bool:
 def swap_linears(model: nn.Module, scheme: WeightScheme, stored: dict | None = None) -> None:
     """Replace the decoder layers' nn.Linear modules (and lm_head, when scheme.head) by
     QuantLinear: quantized from their weights (round to nearest, or `stored`: qualified name ->
-    the tensors GPTQ chose), or, on the meta device, empty shells that loading fills."""
+    the tensors GPTQ chose), or, on the meta device, empty shells that loading fills. The layers:
+    model.model.layers or model.layers, a list, or a ModuleDict keyed by layer index (a
+    distributed shard's, sharding_cqil.CqilShard)."""
     layers = model.model.layers if hasattr(model, "model") else model.layers
+    indexed = layers.items() if isinstance(layers, nn.ModuleDict) else enumerate(layers)
     targets = [(f"model.layers.{i}.{name}", layer, name, scheme.format)
-               for i, layer in enumerate(layers) for name, m in layer.named_modules()
+               for i, layer in indexed for name, m in layer.named_modules()
                if isinstance(m, nn.Linear)]
     if scheme.head and isinstance(getattr(model, "lm_head", None), nn.Linear):
         targets.append(("lm_head", model, "lm_head", scheme.head))

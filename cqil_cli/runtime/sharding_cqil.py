@@ -27,6 +27,16 @@ its gate | up), which is the fused layout of its own slice.
 A row-parallel bias (o_proj, down_proj) is held by the first rank of each lane only, so that the
 engine's sums count it once.
 
+Quantized folders (config `weights`, quant_cqil.py): the shard's linears are QuantLinear, built
+as CqilForCausalLM builds them (swap_linears), and a rank reads only its slices of the stored
+tensors. Column-parallel: qweight, scales and zeros by output rows, as the weight. Row-parallel:
+int8 qweight by input columns with its per-row scales whole; int4's packed qweight by byte
+columns [a/2, b/2) and its scales and zeros by groups [a/G, b/G), so every rank's input columns
+must start at a multiple of the group size G: the MLP columns are split in units of G
+(`column_align`: 96 columns, G = 32, on 2 ranks: 64 + 32), and a layout whose o_proj split (by
+heads) is not aligned is refused before anything loads. The lm_head (int8) is split by rows; the
+embedding stays dense.
+
   plan_layout(config, W)          the layout (a ValueError names the world sizes that fit)
   CqilShard.tensor_slices()       which slice of which checkpoint tensor a rank holds
   load_shard(..., read)           the shard, from wherever read(TensorSlice) gets tensors
@@ -49,6 +59,7 @@ from torch import nn
 
 from .configuration_cqil import CqilConfig
 from .families_cqil import CqilDecoderLayer, make_norm, qkv_row_slices
+from .quant_cqil import QuantLinear, WeightScheme, check_quantized, is_quantized, swap_linears
 
 # ----------------------------------------------------------------------------- layout
 
@@ -89,6 +100,7 @@ class DistributedLayout:
     head_dim: int
     vocab_size: int
     vocab_parallel: bool = True
+    column_align: int = 1  # MLP column splits at multiples of it (int4 weights: the group size)
 
     def lane_size(self, step: int) -> int:
         return self.world_size // len(self.groups[step])
@@ -116,22 +128,27 @@ class DistributedLayout:
         each rank's slice of the layer has the same weight elements: rank i holds
         2*hd*d*(heads_i + kv_i) attention elements (q and o rows, k and v rows) and 3*d per MLP
         column (gate, up, down), so it gets (total/t - attention_i) / 3d columns, rounded at
-        the cumulative boundaries (each rank keeps at least one)."""
-        t, n = lane_size, self.intermediate_size
+        the cumulative boundaries (each rank keeps at least one).
+
+        With column_align g > 1 (int4 weights: down_proj's scales cover g input columns each)
+        the same split in units of g columns: every boundary a multiple of g (96 columns, g = 32,
+        on 2 ranks: 64 + 32)."""
+        t, g = lane_size, self.column_align
+        n = self.intermediate_size // g  # units of g columns
         per_kv, unit = self.num_heads // self.num_kv_heads, 2 * self.head_dim * self.hidden_size
         attention = [unit * len(_part(self.num_kv_heads, t, i)) * (per_kv + 1) for i in range(t)]
-        even = [_part(n, t, i) for i in range(t)]
-        if len(set(attention)) == 1:
-            return even
-        per_column = 3 * self.hidden_size
-        target = (sum(attention) + per_column * n) / t
-        bounds, total = [0], 0.0
-        for i in range(t - 1):
-            total += (target - attention[i]) / per_column
-            bounds.append(round(total))
-        bounds.append(n)
-        runs = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return runs if all(len(r) >= 1 for r in runs) else even
+        runs = even = [_part(n, t, i) for i in range(t)]
+        if len(set(attention)) > 1:
+            per_unit = 3 * self.hidden_size * g
+            target = (sum(attention) + per_unit * n) / t
+            bounds, total = [0], 0.0
+            for i in range(t - 1):
+                total += (target - attention[i]) / per_unit
+                bounds.append(round(total))
+            bounds.append(n)
+            runs = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            runs = runs if all(len(r) >= 1 for r in runs) else even
+        return [range(r.start * g, self.intermediate_size if r.stop == n else r.stop * g) for r in runs]
 
     def vocab_rows(self, rank: int) -> range:
         """The rows of the embedding and lm_head rank `rank` holds (all of them when
@@ -162,10 +179,19 @@ def _part(n: int, parts: int, i: int) -> range:
     return range(start, start + q + (1 if i < r else 0))
 
 
+def _column_align(config: CqilConfig) -> int:
+    """The multiple every rank's input columns of a row-parallel linear must start at: int4's
+    group size (a rank holds whole groups of scales and zeros), else 1."""
+    scheme = WeightScheme.from_json(getattr(config, "weights", None))
+    return scheme.group_size if scheme is not None and scheme.format == "int4" else 1
+
+
 def _misfit(config: CqilConfig, world_size: int) -> str | None:
     """Why W ranks cannot run this grouping (None: they can). Every family CqilConfig accepts
-    runs; only the grouping and the head and column counts matter."""
+    runs; only the grouping, the head and column counts and, for int4 weights, the alignment of
+    the row-parallel splits to the group size matter."""
     G, intermediate = config.num_key_value_heads, config.intermediate_size
+    align, hd = _column_align(config), config.head_dim
     for step in config.groups:
         if world_size % len(step):
             return (f"group {step} has {len(step)} layers and a group's size must divide the "
@@ -175,13 +201,24 @@ def _misfit(config: CqilConfig, world_size: int) -> str | None:
             what = "a single layer" if len(step) == 1 else f"each member of group {step}"
             return (f"{what} would run tensor-parallel on a lane of {t} ranks but has only {G} "
                     f"kv heads and {intermediate} MLP columns (at least one of each per rank)")
+        if align == 1:
+            continue
+        if t > intermediate // align:
+            return (f"a lane of {t} ranks needs a group of int4 group size {align} of the MLP's "
+                    f"{intermediate} input columns per rank (down_proj has {intermediate // align})")
+        per_kv = config.num_attention_heads // G
+        for i in range(1, t):
+            start = _part(G, t, i).start * per_kv * hd  # o_proj's input columns split by heads
+            if start % align:
+                return (f"on a lane of {t} ranks o_proj's input columns split at column {start}, "
+                        f"not a multiple of the int4 group size {align}")
     return None
 
 
 def fitting_world_sizes(config: CqilConfig) -> list[int]:
     """Every world size W that can run this grouping (group sizes divide W; a lane of W/P ranks
     needs a kv head and an MLP column per rank: W <= smallest group size x min(kv heads, MLP
-    width))."""
+    width); int4 weights: the lanes' row-parallel splits aligned to the group size)."""
     limit = min(len(s) for s in config.groups) * min(config.num_key_value_heads,
                                                       config.intermediate_size)
     return [w for w in range(1, limit + 1) if _misfit(config, w) is None]
@@ -194,8 +231,10 @@ def plan_layout(config: CqilConfig, world_size: int,
     vocab_parallel: split the embedding and lm_head by vocabulary rows (False: replicate them).
 
     Raises ValueError when a group size does not divide W or a lane has more ranks than its
-    layer has kv heads (or MLP columns), naming the world sizes that work. Heads and columns
-    that do not divide evenly are split into near-equal runs (the first ranks get one more).
+    layer has kv heads (or MLP columns), or, for int4 weights, a lane's o_proj split (by heads)
+    is not at a multiple of the group size, naming the world sizes that work. Heads and columns
+    that do not divide evenly are split into near-equal runs (the first ranks get one more; int4
+    MLP columns in runs of whole groups).
     """
     if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
         raise ValueError(f"the world size must be a positive integer, got {world_size!r}")
@@ -211,7 +250,8 @@ def plan_layout(config: CqilConfig, world_size: int,
     return DistributedLayout(world_size, tuple(tuple(s) for s in config.groups),
                              config.num_attention_heads, config.num_key_value_heads,
                              config.intermediate_size, config.hidden_size, config.head_dim,
-                             config.vocab_size, vocab_parallel and world_size > 1)
+                             config.vocab_size, vocab_parallel and world_size > 1,
+                             _column_align(config))
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -303,19 +343,23 @@ class CqilShard(nn.Module):
             self.layers[str(sl.layer)] = layer
         self.norm = make_norm(config, d)  # the family's final norm (Gemma: 1 + weight)
         self.lm_head = nn.Linear(d, rows, bias=False)
+        if config.weights:  # quantized: QuantLinear, as CqilForCausalLM builds them
+            swap_linears(self, WeightScheme.from_json(config.weights))
 
     def tensor_slices(self) -> dict[str, TensorSlice]:
         """state-dict name -> the slice of the checkpoint tensor it holds (which slice, not where
-        the tensor comes from: see load_shard). A tied lm_head is left out (it is embed_tokens)."""
+        the tensor comes from: see load_shard). A tied lm_head is left out (it is embed_tokens).
+        A QuantLinear's qweight, scales and zeros are sliced as the module docstring says."""
         hd = self.config.head_dim
         out = {}
         for name in self.state_dict():
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # the embedding's tensor (load_shard ties them): read and counted once
             if not name.startswith("layers."):
-                source = name if name == "lm_head.weight" else f"model.{name}"
+                head = name.startswith("lm_head.")  # weight, or qweight and scales (by rows)
+                source = name if head else f"model.{name}"
                 rows = self.vocab_rows
-                if name in ("lm_head.weight", "embed_tokens.weight") and self.layout.vocab_parallel:
+                if (head or name == "embed_tokens.weight") and self.layout.vocab_parallel:
                     out[name] = TensorSlice(source, 0, rows.start, rows.stop)
                 else:
                     out[name] = TensorSlice(source)
@@ -326,10 +370,13 @@ class CqilShard(nn.Module):
             part = _SPLIT_ROWS.get(module)
             if getattr(self.config, "qk_norm_whole", False):  # OLMo 2: a gain per q/k channel
                 part = _WHOLE_QK_NORMS.get(module, part)
-            dim = 0
-            if part is None and kind == "weight":
+            dim, per = 0, 1  # per: input columns per element of the stored tensor along dim 1
+            if part is None and kind in ("weight", "qweight", "scales", "zeros"):
                 part, dim = _SPLIT_INPUTS.get(module), 1
-            if part is None or sl.tp_size == 1:  # whole: norms, gamma, beta, row-parallel bias
+                if part is not None and kind != "weight":
+                    per = _columns_per_element(self.get_submodule(f"layers.{layer}.{module}"), kind)
+            # whole: norms, gamma, beta, row-parallel bias, int8 row-parallel scales (per row)
+            if part is None or sl.tp_size == 1 or per is None:
                 out[name] = TensorSlice(f"model.{name}")
                 continue
             if part in ("qkv", "gate_up"):  # Phi-3's fused rows: several runs
@@ -338,8 +385,23 @@ class CqilShard(nn.Module):
                 continue
             span = getattr(sl, part)
             scale = 1 if part == "columns" else hd  # heads are hd rows / columns each
-            out[name] = TensorSlice(f"model.{name}", dim, span.start * scale, span.stop * scale)
+            start, stop = span.start * scale, span.stop * scale
+            if start % per or stop % per:  # plan_layout refuses such layouts; a hand-made one
+                raise ValueError(f"{name}: input columns {start}..{stop} are not whole int4 groups "
+                                 f"of {per} (the group size)")
+            out[name] = TensorSlice(f"model.{name}", dim, start // per, stop // per)
         return out
+
+
+def _columns_per_element(linear: nn.Module, kind: str) -> int | None:
+    """Input columns per element along dim 1 of a row-parallel QuantLinear's stored tensor
+    `kind`: int8 qweight 1 (its scales, one per output row: None, whole); int4 qweight 2 (two
+    codes a byte), scales and zeros the group size."""
+    if not isinstance(linear, QuantLinear):
+        raise ValueError(f"{kind} belongs to a quantized linear; this shard's is {type(linear).__name__}")
+    if linear.bits == 8:
+        return 1 if kind == "qweight" else None
+    return 2 if kind == "qweight" else linear.group_size
 
 
 def load_shard(config: CqilConfig, layout: DistributedLayout, rank: int,
@@ -347,44 +409,54 @@ def load_shard(config: CqilConfig, layout: DistributedLayout, rank: int,
                dtype: torch.dtype | None = None) -> CqilShard:
     """Build rank `rank`'s CqilShard, reading each tensor with `read(slice)` (the slice only).
 
-    The shard owns its tensors (copies), in `dtype` (default: as read) on `device`.
+    The shard owns its tensors (copies), in `dtype` (default: as read; quantized codes keep
+    theirs) on `device`. Quantized: scales that are not finite and positive, or codes of the
+    wrong dtype, are refused in one line (quant_cqil.check_quantized).
     """
     with torch.device("meta"):
         shard = CqilShard(config, layout, rank)
     state = {}
     for name, sl in shard.tensor_slices().items():
         t = read(sl)
-        state[name] = t.to(device=device, dtype=dtype or t.dtype, copy=True).contiguous()
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        state[name] = t.to(device=device, dtype=cast, copy=True).contiguous()
     missing, unexpected = shard.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not is_quantized(shard.lm_head):
         shard.lm_head.weight = shard.embed_tokens.weight
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"shard state mismatch: missing {missing}, unexpected {unexpected}")
+    if config.weights:
+        check_quantized(shard, f"rank {rank}'s shard")
     return shard.eval().requires_grad_(False)
 
 
 def shard_nbytes(config: CqilConfig, layout: DistributedLayout, rank: int,
                  dtypes: torch.dtype | Mapping[str, torch.dtype]) -> int:
     """Bytes of rank `rank`'s shard as load_shard reads it: each of tensor_slices()' slices,
-    elements x the element size of its checkpoint tensor (dtypes: one dtype for all, or
-    checkpoint name -> dtype). Pure: builds the shard on the meta device only."""
+    elements x the element size of its checkpoint tensor (dtypes: one dtype for all floating
+    tensors, quantized codes counted in their own int8 / uint8, or checkpoint name -> dtype).
+    Pure: builds the shard on the meta device only."""
     with torch.device("meta"):
         shard = CqilShard(config, layout, rank)
     state = shard.state_dict()
-    return sum(state[name].numel() * (dtypes if isinstance(dtypes, torch.dtype)
-                                      else dtypes[sl.name]).itemsize
-               for name, sl in shard.tensor_slices().items())
+
+    def size(name: str, source: str) -> int:
+        if isinstance(dtypes, torch.dtype):
+            return dtypes.itemsize if state[name].is_floating_point() else state[name].element_size()
+        return dtypes[source].itemsize
+
+    return sum(state[name].numel() * size(name, sl.name) for name, sl in shard.tensor_slices().items())
 
 
 def safetensors_reader(folder: str | Path) -> Callable[[TensorSlice], torch.Tensor]:
     """A `read` for load_shard over the *.safetensors files of a converted folder.
 
     Each call reads its slice only (safe_open(...).get_slice(name)[rows, columns], one read per
-    run of a fused tensor's slice, concatenated): no rank reads the whole model. Tensor -> file
-    comes from model.safetensors.index.json when the checkpoint is sharded, else from every
-    file's header. Files are opened (memory-mapped)
-    once, on first use, and stay open while the reader lives.
+    run of a fused tensor's slice, concatenated; quantized codes, int8 or uint8, likewise): no
+    rank reads the whole model. Tensor -> file comes from model.safetensors.index.json when the
+    checkpoint is sharded, else from every file's header. Files are opened (memory-mapped) once,
+    on first use, and stay open while the reader lives.
     """
     from safetensors import safe_open  # a dependency of transformers
 

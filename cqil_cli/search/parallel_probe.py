@@ -357,11 +357,17 @@ def _random_engine(config, W: int, rank: int, group_size: int, depth: int, reque
     with torch.device("meta"):
         shard = CqilShard(c, layout, rank)
     generator = torch.Generator().manual_seed(rank)
-    state = {name: (torch.randn(t.shape, generator=generator) * 0.02 if t.dim() > 1
-                    else torch.ones(t.shape)).to(device=device, dtype=dtype)
-             for name, t in shard.state_dict().items()}
+
+    def random(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():  # a quantized folder's codes (int8, or int4 packed in uint8)
+            low, high = (-127, 128) if t.dtype == torch.int8 else (0, 256)
+            return torch.randint(low, high, t.shape, generator=generator, dtype=t.dtype).to(device)
+        return (torch.randn(t.shape, generator=generator) * 0.02 if t.dim() > 1
+                else torch.ones(t.shape)).to(device=device, dtype=dtype)
+
+    state = {name: random(t) for name, t in shard.state_dict().items()}
     shard.load_state_dict(state, strict=False, assign=True)
-    if c.tie_word_embeddings:
+    if c.tie_word_embeddings and isinstance(shard.lm_head, torch.nn.Linear):
         shard.lm_head.weight = shard.embed_tokens.weight
     return DistributedCqil(shard.eval().requires_grad_(False))
 
