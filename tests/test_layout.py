@@ -16,9 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cqil_cli"
 RANKS = {"core": 0, "runtime": 1, "inputs": 2, "analyze": 3, "search": 3, "calibrate": 3,
          "convert": 4, "bench": 4,
          "generate": 4, "cli": 5, "benchmarks": 6}
-SELF_CONTAINED = ("family_table_cqil.py", "configuration_cqil.py", "modeling_cqil.py",
-                  "families_cqil.py", "edges_cqil.py", "fused_cqil.py", "sharding_cqil.py",
-                  "distributed_cqil.py")
+# The files copied next to converted weights (checkpoint.RUNTIME_FILES), read from its source so
+# that this test imports nothing of the package.
+SELF_CONTAINED = next(ast.literal_eval(node.value) for node in ast.walk(ast.parse(
+    (PACKAGE / "runtime" / "checkpoint.py").read_text())) if isinstance(node, ast.Assign)
+    and any(getattr(t, "id", None) == "RUNTIME_FILES" for t in node.targets))
 # (family_table_cqil.py imports the standard library only: tests/test_family_table.py)
 
 

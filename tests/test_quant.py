@@ -118,11 +118,12 @@ def test_fused_engine_equals_the_reference_on_quantized_weights(kind, fmt):
     model = quantized(kind, "1-2", 1, SCHEMES[fmt])
     ids = torch.randint(3, V, (2, 9))
     with torch.no_grad():
-        model.set_engine("reference")
-        ref = model(ids).logits
-        model.set_engine("fused")
-        fused = model(ids).logits
-    assert rel(fused, ref) < 5e-2  # bf16 activations at every linear of 5-7 layers
+        for rows in (ids[:, :1], ids):  # the decode shape (one row per sequence), then a prompt
+            model.set_engine("fused")
+            fused = model(rows).logits
+            model.set_engine("reference")
+            ref = model(rows).logits  # (the last: the full prompt's, compared with dense below)
+            assert rel(fused, ref) < 5e-2  # bf16 activations at every linear of 5-7 layers
     dense = build_cqil_model(tiny_model(kind, 0, stop_at_eos=False), "1-2", 1)
     dense.load_state_dict(model.state_dict(), strict=False)  # gamma, beta, norms
     named = dict(dense.named_modules())

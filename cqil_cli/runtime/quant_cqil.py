@@ -313,10 +313,10 @@ class QuantKernel:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.mode == "int8":
-            y = torch._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.qweight, self.scales).to(x.dtype)
+            y = torch._weight_int8pack_mm(x2.to(SCALE_DTYPE).contiguous(), self.qweight, self.scales).to(x.dtype)
         elif self.mode == "int4":
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(SCALE_DTYPE), self.packed, self.group_size,
-                                                  self.scale_zero).to(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(SCALE_DTYPE).contiguous(), self.packed,
+                                                  self.group_size, self.scale_zero).to(x.dtype)
         else:
             w = dequantize_codes(self.qweight if self.bits == 8 else unpack_int4(self.qweight), self.bits,
                                  self.scales, self.zeros, self.group_size, x.dtype)
