@@ -291,6 +291,34 @@ def test_converted_folder_runs_on_cqils_engine_against_its_base(converted, tiny_
     assert row["ratio_to_baseline_same_engine"]["decode"] > 0
 
 
+def test_formats_side_by_side_in_one_run(converted, tiny_pair, eval_text, tmp_path):
+    """--dtype float32,bfloat16 times every MODEL in both; a quantized folder's row says its
+    format and counts its codes and scales; the chart takes every format."""
+    from cqil_cli.calibrate.quantize import quantize_model
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.checkpoint import save_converted
+    from cqil_cli.runtime.manifest import read_manifest, write_manifest
+    from cqil_cli.runtime.quant_cqil import WeightScheme
+
+    loaded = load_model(str(converted))
+    quantize_model(loaded.model, WeightScheme("int8"))
+    q8 = tmp_path / "q8"
+    save_converted(loaded.model, loaded.tokenizer, q8)
+    write_manifest(q8, read_manifest(converted))
+    plot = tmp_path / "front.png"
+    report, out = bench_json([converted, q8, "--eval", eval_text, "--dtype", "float32,bfloat16",
+                              "--plot", plot, *SMALL], tmp_path)
+    rows = report["results"]
+    assert [(r["dtype"], r["weights"]) for r in rows] == [
+        ("float32", None), ("float32", "int8"), ("bfloat16", None), ("bfloat16", "int8")]
+    assert [r["label"] for r in rows] == [f"{converted} [fp32]", f"{q8} [fp32]",
+                                          f"{converted} [bf16]", f"{q8} [bf16]"]
+    assert report["baseline"]["dtype"] == "float32" and report["baseline"]["weights"] is None
+    assert rows[1]["weights_mb"] < 0.6 * rows[0]["weights_mb"]  # int8 codes + scales vs fp32
+    assert all(r["ratio_to_baseline"]["decode"] > 0 for r in rows)
+    assert "int8" in out and "bf16" in out and plot.stat().st_size > 0
+
+
 def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, tmp_path):
     a = tiny_pair[0]
     report, _ = bench_json([a, "--baseline", a, "--eval", eval_text, "--cqil-engine",
@@ -307,6 +335,8 @@ def test_greedy_on_cqils_engine_equals_transformers(tiny_pair, eval_text, tmp_pa
     (["--device", "cuda:7"], "not available"),
     (["--baseline", "{odd}"], "tokenizers"),
     (["--json", "/no/such/dir/r.json"], "does not exist"),
+    (["--dtype", "float32,float32"], "named twice"),
+    (["--dtype", "float32,int3"], "unknown dtype"),
 ])
 def test_bad_input_is_one_clear_line(extra, fragment, tiny_pair, eval_text, cqil):
     """Through main, as the console script runs it (conftest's `cqil`): exit 2, one line."""

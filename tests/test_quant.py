@@ -198,3 +198,17 @@ def test_damaged_scales_are_refused_in_one_line(tmp_path, damage):
     lines = [ln for ln in run.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert "down_proj.scales" in lines[0]
+
+
+def test_latency_model_times_the_variants_in_the_weights_format():
+    """convert --weights: the search's latency model times quantized variants (a budget is a
+    fraction of the quantized original's latency) and leaves the dense base as it was."""
+    from cqil_cli.search.latency_model import measure_latency_model
+
+    base = tiny_model("llama-gqa")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = measure_latency_model(base, 2, prompt_len=6, new_tokens=2, repeats=1, weights=INT4)
+    assert model.weights == "int4" and model.to_json()["weights"] == "int4"
+    assert all(v > 0 for v in model.step_ms.values()) and model.original_ms > 0
+    assert not any(isinstance(m, QuantLinear) for m in base.modules())
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

@@ -3,7 +3,8 @@
 Entries that name the same spec share one loaded model but are timed separately (so
 `MODEL --baseline MODEL` shows the noise floor); with --cqil-engine every plain model of a
 family cqil's fast path runs (runtime/family_table_cqil.py), and the baseline, gets a twin
-entry on cqil's engine.
+entry on cqil's engine. With several dtypes (`--dtype float32,bfloat16`) every MODEL is loaded
+and timed in each (the baseline in the first), its label suffixed with the dtype.
 """
 
 from __future__ import annotations
@@ -53,19 +54,24 @@ class BenchPlan:
         return [self.baseline, *extra, *self.entries]
 
 
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
-                 options: BenchOptions, load: Callable[[str], LoadedModel]) -> BenchPlan:
-    """Load every distinct spec once (load(spec)) and build the timed entries.
+                 options: BenchOptions, load: Callable[[str, str | None], LoadedModel],
+                 dtypes: tuple[str | None, ...] = (None,)) -> BenchPlan:
+    """Load every distinct (spec, dtype) once (load(spec, dtype)) and build the timed entries:
+    the baseline in dtypes[0], every MODEL in each dtype (None: load's default).
 
     Tokenizers are compared with the baseline's; a model that cannot run on cqil's engine
     with --cqil-engine is a CqilError.
     """
-    cache: dict[str, LoadedModel] = {}
+    cache: dict[tuple, LoadedModel] = {}
 
-    def get(spec: str) -> LoadedModel:
-        if spec not in cache:
-            cache[spec] = load(spec)
-        return cache[spec]
+    def get(spec: str, dtype: str | None) -> LoadedModel:
+        if (spec, dtype) not in cache:
+            cache[spec, dtype] = load(spec, dtype)
+        return cache[spec, dtype]
 
     runners: dict[tuple, TransformersRunner] = {}
 
@@ -76,7 +82,7 @@ def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
             runners[shared] = make_runner(loaded, engine, options.compile)
         return Entry(key, spec, role, engine, loaded, runners[shared], label, shared)
 
-    base_loaded = get(baseline_spec)
+    base_loaded = get(baseline_spec, dtypes[0])
     base_engine = engine_of(base_loaded)
     baseline = entry("baseline", baseline_spec, "baseline", base_engine, base_loaded,
                      f"{baseline_spec} (baseline)")
@@ -86,14 +92,17 @@ def plan_entries(models: list[str], baseline_spec: str, baseline_source: str,
         engine_baseline = entry("baseline@cqil", baseline_spec, "engine_baseline", "cqil",
                                 base_loaded, f"{baseline_spec} (baseline, cqil engine)")
     entries: list[Entry] = []
-    for i, spec in enumerate(models):
-        loaded = get(spec)
-        check_same_tokenizer(base_loaded.tokenizer, loaded.tokenizer, baseline_spec, spec)
-        engine = engine_of(loaded)
-        label = spec if models.count(spec) == 1 else f"{spec} #{i + 1}"
-        entries.append(entry(f"model[{i}]", spec, "model", engine, loaded, label))
-        if options.cqil_engine and engine != "cqil":
-            require_engine(loaded, "fastgen", f"--cqil-engine: '{spec}'")
-            entries.append(entry(f"model[{i}]@cqil", spec, "model", "cqil", loaded,
-                                 f"{label} (cqil engine)"))
+    for dtype in dtypes:
+        suffix = f" [{DTYPE_SHORT.get(dtype, dtype)}]" if len(dtypes) > 1 else ""
+        tag = f"@{dtype}" if len(dtypes) > 1 else ""
+        for i, spec in enumerate(models):
+            loaded = get(spec, dtype)
+            check_same_tokenizer(base_loaded.tokenizer, loaded.tokenizer, baseline_spec, spec)
+            engine = engine_of(loaded)
+            label = (spec if models.count(spec) == 1 else f"{spec} #{i + 1}") + suffix
+            entries.append(entry(f"model[{i}]{tag}", spec, "model", engine, loaded, label))
+            if options.cqil_engine and engine != "cqil":
+                require_engine(loaded, "fastgen", f"--cqil-engine: '{spec}'")
+                entries.append(entry(f"model[{i}]{tag}@cqil", spec, "model", "cqil", loaded,
+                                     f"{label} (cqil engine)"))
     return BenchPlan(entries, baseline, engine_baseline, baseline_source)

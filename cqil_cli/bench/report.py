@@ -140,9 +140,13 @@ def entry_json(entry: Entry) -> dict:
     skipped = list(getattr(config, "skip_layers", None) or []) if converted else []
     model = entry.runner.model
     params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # parameters and buffers (a quantized folder's codes and scales are buffers), each once
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    weights = getattr(config, "weights", None) if converted else None
     return {
         "model": entry.spec,
+        "label": entry.label,
         "name": loaded.name,
         "engine": entry.engine,
         "model_type": loaded.model_type,
@@ -154,6 +158,9 @@ def entry_json(entry: Entry) -> dict:
         "groups": [g for g in groups if len(g) > 1] if groups else [],
         "skip_layers": skipped,
         "params": params,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        # int8 | int4: the linears' stored format (convert --weights), None: they are in dtype
+        "weights": weights["format"] if weights else None,
         "weights_mb": weight_bytes / MB,
         "latency": entry.latency[0] if entry.latency else None,
         "latency_by_batch": entry.latency,

@@ -22,7 +22,9 @@ from .tables import bench_tables
                    "folder's manifest (or config).")
 @dataclass_options(BenchOptions)
 @shared.encoding_option(section=QUALITY)
-@shared.model_options
+@shared.model_options(dtype_help="float32, bfloat16 or float16; several, comma-separated "
+                      "(float32,bfloat16), time and evaluate every MODEL in each (the baseline "
+                      "in the first). A quantized folder's linears stay int8/int4 in each.")
 @shared.json_option("Write the JSON report here.")
 @shared.plot_option("Write the trade-off chart (PNG): decode latency ratio vs perplexity.")
 @global_flags
@@ -64,7 +66,13 @@ def bench(state: shared.State, models, baseline, device, dtype, trust_remote_cod
         shared.check_positions(raw, options.eval_window, "--eval-window")
     check_text_spec(options.eval_spec)
     device = resolve_device(device)  # a device that is not there fails here, before loading
-    torch_dtype(dtype)
+    dtypes = tuple(d.strip() for d in dtype.split(","))
+    for d in dtypes:
+        torch_dtype(d)
+    if len(set(dtypes)) != len(dtypes):
+        raise CqilError(f"--dtype {dtype}: a dtype is named twice")
+    if len(dtypes) > 1 and devices > 1:
+        raise CqilError("--devices times one dtype: give --dtype a single value")
     models = list(models)
     baseline_spec, source = resolve_baseline(models, baseline)
     ranks_on = "cpu"
@@ -78,12 +86,12 @@ def bench(state: shared.State, models, baseline, device, dtype, trust_remote_cod
                 state.err.print(f"note: {note}", markup=False, highlight=False)
     shared.use_all_cores()
 
-    def load(spec: str):
-        with shared.loading(state, f"loading {spec}"):
+    def load(spec: str, dtype: str):
+        with shared.loading(state, f"loading {spec}" + (f" ({dtype})" if len(dtypes) > 1 else "")):
             return load_model(spec, device=device, dtype=dtype,
                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
-    plan = plan_entries(models, baseline_spec, source, options, load)
+    plan = plan_entries(models, baseline_spec, source, options, load, dtypes)
     with state.progress() as progress:
         task = progress.add_task("benchmarking", total=progress_steps(plan, options))
 

@@ -42,7 +42,8 @@ WHERE = "Where to run"
 OUTPUT = "Output"
 
 
-def model_options(func=None, *, section: str = WHERE):
+def model_options(func=None, *, section: str = WHERE,
+                  dtype_help: str = "float32, bfloat16 or float16."):
     """--device, --dtype, --trust-remote-code, --allow-pickle: how to load a model."""
     def decorate(func):
         for decorator in reversed([
@@ -50,7 +51,7 @@ def model_options(func=None, *, section: str = WHERE):
                          section=section,
                          help="cpu, cuda, cuda:N, mps, or auto (cuda when present)."),
             click.option("--dtype", default="float32", show_default=True, cls=CqilOption,
-                         section=section, help="float32, bfloat16 or float16."),
+                         section=section, help=dtype_help),
             click.option("--trust-remote-code", is_flag=True, cls=CqilOption, section=section,
                          help="Allow a model folder's own Python code to run."),
             click.option("--allow-pickle", is_flag=True, cls=CqilOption, section=section,

@@ -61,19 +61,27 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def tradeoff_chart(report: BenchReport, path: Path) -> None:
     """`cqil bench --plot`: decode latency ratio to the baseline (x) against perplexity (y).
 
-    One labelled point per model (the baseline at x = 1), marker by engine, colour by the
-    conversion strategy its manifest records; the points of one strategy are joined in order of
+    One labelled point per model (the baseline at x = 1; its weights' format in the label when
+    the run holds several), marker by engine, colour by the conversion strategy its manifest
+    records; the points of one strategy are joined in order of
     latency (that strategy's trade-off), and a dashed grey step line traces the front of all of
     them. Dotted lines at the baseline's ratio and perplexity split the plane: lower left is
     faster and better.
     """
+    from .tables import weights_format
+
     plt = _pyplot()
     base = report.baseline
-    rows = [(base, f"{base['model']} (baseline)")]
+    rows = [(base, base.get("label") or f"{base['model']} (baseline)")]
     if report.engine_baseline:
         eng = report.engine_baseline
-        rows.append((eng, f"{eng['model']} (baseline, cqil engine)"))
-    rows += [(r, r["model"]) for r in report.results]
+        rows.append((eng, eng.get("label") or f"{eng['model']} (baseline, cqil engine)"))
+    rows += [(r, r.get("label") or r["model"]) for r in report.results]
+    # each point names its weights' format when the run compares several (fp32, bf16, int8...)
+    formats = {weights_format(r) for r, _ in rows}
+    if len(formats) > 1:
+        rows = [(r, label if weights_format(r) in label else f"{label} · {weights_format(r)}")
+                for r, label in rows]
     markers = {"transformers": "o", "cqil": "s"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     strategy_colors = {"cqil": colors[0], "skip": colors[1], "prune": colors[2]}

@@ -74,6 +74,14 @@ def _times(value) -> str:
     return "—" if value is None else f"×{value:.3f}"
 
 
+def weights_format(row: dict) -> str:
+    """A bench row's weights: int8 / int4 (convert --weights) or the dtype they are in."""
+    from ..bench.plan import DTYPE_SHORT
+
+    dtype = row.get("dtype")
+    return row.get("weights") or DTYPE_SHORT.get(dtype, dtype or "")
+
+
 def bench_tables(report: BenchReport, console: Console) -> None:
     """One row per entry (baseline first), latency at the first batch size, ratios to it
     (docs/bench.md, "The table").
@@ -91,6 +99,8 @@ def bench_tables(report: BenchReport, console: Console) -> None:
     quality_cols = ["ppl", "KL", "top-1", "greedy"]
 
     def label(i: int, row: dict) -> str:
+        if row.get("label"):  # reports before 0.x had none
+            return row["label"]
         if i == 0 or row is report.engine_baseline:
             return f"{row['model']} (baseline)"
         return row["model"]
@@ -109,11 +119,11 @@ def bench_tables(report: BenchReport, console: Console) -> None:
 
     def table(heading: str, columns: list[str], cells) -> Table:
         t = Table(title=heading)
-        for name in ["model", "engine", "steps"] + columns:
+        for name in ["model", "engine", "weights", "steps"] + columns:
             t.add_column(name, justify="left" if name in ("model", "engine") else "right")
         for i, row in enumerate(rows):
-            t.add_row(label(i, row), row["engine"], f"{row['num_steps']}/{row['num_layers']}",
-                      *cells(row))
+            t.add_row(label(i, row), row["engine"], weights_format(row),
+                      f"{row['num_steps']}/{row['num_layers']}", *cells(row))
         return t
 
     parts = []

@@ -179,17 +179,20 @@ def measure_latency(loaded, opts: ConvertOptions, cb: Callbacks):
     """(LatencyModel the budget search reads, ParallelLatencyModel or None).
 
     --engine fused (the default): measured on this device with cqil's one-device engine
-    (search/latency_model.py), budgets relative to the original there. --engine distributed:
+    (search/latency_model.py), budgets relative to the original there (with --weights, the
+    original quantized in that format: convert/weights.py scheme_of). --engine distributed:
     the alpha-beta model of the distributed engine measured on --group-size local ranks
     (search/parallel_probe.py), so that a budget is a fraction of the original's
     tensor-parallel latency on those ranks (search/parallel_latency.py: search_latency).
     """
     from ..search.latency_model import measure_latency_model
+    from .weights import scheme_of
 
     max_group = opts.group_size if opts.strategy == "cqil" else 1
     if opts.engine != "distributed":
         tick = cb.progress("measuring latency", 3 * max_group)
-        return measure_latency_model(loaded.model, max_group, on_progress=tick), None
+        weights = scheme_of(opts) if opts.weights else None
+        return measure_latency_model(loaded.model, max_group, on_progress=tick, weights=weights), None
     from ..runtime.configuration_cqil import CqilConfig
     from ..search.parallel_latency import search_latency
     from ..search.parallel_probe import measure_parallel_model

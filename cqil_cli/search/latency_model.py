@@ -7,7 +7,10 @@ final norm, LM head, the loop), t(1) one sequential layer, t(s) one fused group 
   - T(1): the model with every layer single  ->  t(1) = (T(1) − O) / N;
   - T(s): the model with as many groups of s as fit  ->  t(s) = (T(s) − O − singles·t(1)) / k.
 Budgets and predicted ratios are relative to T(1): the original model on the same engine and
-device, so they measure what the grouping gains, not what the engine gains.
+device, so they measure what the grouping gains, not what the engine gains. With a weight
+scheme (convert --weights) every variant's linears are quantized as the output's will be
+(round to nearest: a decode step's time does not depend on the codes), so a budget is a
+fraction of the quantized original's latency, whose steps cost less against the same edges.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class LatencyModel:
     num_layers: int
     device: str
     dtype: str
+    weights: str | None = None  # int8 | int4: the linears' format the variants were timed in
 
     def predict_ms(self, groups: list[list[int]]) -> float:
         return self.outside_ms + sum(self.step_ms[len(g)] for g in groups)
@@ -61,13 +65,16 @@ def decode_ms(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> flo
 
 @torch.no_grad()
 def _outside_ms(model, prompt: torch.Tensor, repeats: int = 50) -> float:
+    from ..runtime.quant_cqil import is_quantized
+
     inner = model.model
+    head = model.lm_head.kernel() if is_quantized(model.lm_head) else model.lm_head  # fastgen's
     token = prompt[:, -1:]
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
         h = inner.norm(inner.embed_tokens(token))
-        model.lm_head(h[:, -1]).argmax(-1)
+        head(h[:, -1]).argmax(-1)
         synchronize(h.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]) * 1e3
@@ -83,11 +90,22 @@ def _contiguous_again(base_model) -> None:
                 p.data = p.data.contiguous()
 
 
+def _quantized_variant(model, weights) -> None:
+    """The variant's linears in the scheme's format, round to nearest (see module doc); its
+    head becomes its own quantized copy, the base's stays as it is."""
+    from ..runtime.quant_cqil import swap_linears
+
+    swap_linears(model, weights)
+    model.config.weights = weights.to_json()
+    model.cqil_refresh_fused()
+
+
 def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128,
                           new_tokens: int = 24, repeats: int = 3,
-                          on_progress=None) -> LatencyModel:
+                          on_progress=None, weights=None) -> LatencyModel:
     """Measure O, t(1)..t(max_group_size) on the base model's device and dtype (see module
-    doc); max_group_size is the largest group the search may form."""
+    doc); max_group_size is the largest group the search may form; weights: a
+    quant_cqil.WeightScheme to time the variants in (None: the base's dtype)."""
     from ..runtime.checkpoint import build_cqil_model
 
     param = next(base_model.parameters())
@@ -115,6 +133,8 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
         for s, groups in variants.items():
             model = build_cqil_model(base_model, groups, 0, share_outside_layers=True,
                                      packed=True)
+            if weights is not None:
+                _quantized_variant(model, weights)
             totals[s].append(decode_ms(model, prompt, new_tokens, 1))
             if outside is None:
                 outside = _outside_ms(model, prompt)
@@ -134,4 +154,5 @@ def measure_latency_model(base_model, max_group_size: int, prompt_len: int = 128
         singles = len(groups) - k
         step[s] = max(t1, (total[s] - outside - singles * t1) / k)
     return LatencyModel(outside, step, total[1], n, str(param.device),
-                        str(param.dtype).replace("torch.", ""))
+                        str(param.dtype).replace("torch.", ""),
+                        weights.format if weights is not None else None)
