@@ -263,3 +263,40 @@ def test_calib_with_self_samples_tunes_on_the_models_own_text(llama_folder, long
     manifest = read_manifest(out)
     assert manifest.calibration["spec"].endswith("+self=0.5")
     assert manifest.tuning["stages"]
+
+
+def test_weights_int4_gptq_and_a_converted_folder_quantized_as_it_is(llama_folder, converted,
+                                                                     long_text, tmp_path):
+    """convert --weights int4 (GPTQ on the calibration windows) writes a quantized folder that
+    loads and generates; a converted folder as MODEL keeps its steps and gets int8 weights; a
+    quantized folder as MODEL is refused in one line."""
+    import torch
+
+    from cqil_cli.convert import pipeline as conv
+    from cqil_cli.inputs.models import load_model
+    from cqil_cli.runtime.quant_cqil import QuantLinear
+
+    opts = conv.ConvertOptions(out=tmp_path / "q4", groups="1-2", bypass=1, tune_steps=0,
+                               tune_minutes=None, calib=str(long_text), eval=str(long_text),
+                               weights="int4", weight_group_size=32, weight_windows=4)
+    manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
+    w = manifest.weights
+    assert (w["format"], w["group_size"], w["method"], w["head"], w["windows"]) == ("int4", 32, "gptq", "int8", 4)
+    assert w["linear_bytes_after"] < 0.3 * w["linear_bytes_before"]
+    assert manifest.predicted["latency_model"]["weights"] == "int4"  # budgets in the format
+    assert manifest.quality["ppl_tuned"] < 2 * manifest.quality["ppl_untuned"]
+    loaded = load_model(str(tmp_path / "q4"))
+    assert loaded.model.config.weights["format"] == "int4"
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 5 * 7 + 1
+    with torch.no_grad():
+        assert loaded.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+    opts = conv.ConvertOptions(out=tmp_path / "c8", weights="int8", weight_method="rtn",
+                               calib=str(long_text), eval=str(long_text))
+    again = conv.run_convert(str(converted), opts, {"device": "cpu"}, conv.Callbacks())
+    assert again.steps == read_manifest(converted).steps and again.weights["format"] == "int8"
+    opts = conv.ConvertOptions(out=tmp_path / "twice", weights="int8", calib=str(long_text),
+                               eval=str(long_text))
+    with pytest.raises(CqilError, match="already quantized"):
+        conv.run_convert(str(tmp_path / "q4"), opts, {"device": "cpu"}, conv.Callbacks())
+    assert not (tmp_path / "twice").exists()

@@ -212,3 +212,26 @@ def test_latency_model_times_the_variants_in_the_weights_format():
     assert all(v > 0 for v in model.step_ms.values()) and model.original_ms > 0
     assert not any(isinstance(m, QuantLinear) for m in base.modules())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32)])
+def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(fmt, group):
+    """GPTQ chooses codes for the layer's output on the inputs H was built from: its output
+    error ‖X (Ŵ − W)ᵀ‖ is below round to nearest's (inputs of uneven scale and correlated, as
+    activations are); its codes stay in the format's range."""
+    from cqil_cli.calibrate.quantize import gptq_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    x = torch.randn(512, 16) @ torch.randn(16, 128) + 0.1 * torch.randn(512, 128) * torch.rand(128) * 4
+    bits = 8 if fmt == "int8" else 4
+
+    def out_error(stored):
+        q = stored["qweight"] if bits == 8 else unpack_int4(stored["qweight"])
+        deq = dequantize_codes(q, bits, stored["scales"], stored.get("zeros"), group)
+        return ((x @ (deq - w).t()).norm() / (x @ w.t()).norm()).item()
+
+    gptq = gptq_weight(w, x.t() @ x, fmt, group)
+    rtn = quantize_weight(w, fmt, group)
+    assert out_error(gptq) < 0.8 * out_error(rtn)
+    assert gptq["scales"].shape == rtn["scales"].shape and gptq["qweight"].dtype == rtn["qweight"].dtype

@@ -23,8 +23,6 @@ import torch.nn as nn
 
 from ..runtime.quant_cqil import (
     WeightScheme,
-    codes_for,
-    dequantize_codes,
     int4_params,
     int8_scales,
     pack_int4,
@@ -96,13 +94,19 @@ def collect_hessians(model, targets: dict[str, nn.Linear], calib_ids: torch.Tens
 def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, fmt: str, group_size: int | None,
                 block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP) -> dict:
     """GPTQ's codes for w [out, in] given H [in, in] -> the stored tensors (quantize_weight's
-    form: qweight, scales[, zeros])."""
-    W = w.detach().float().clone()
+    form: qweight, scales[, zeros]).
+
+    Works on the transpose Wt [in, out], so that the column being quantized and the rows of the
+    rank-1 updates are contiguous; the column loop (hundreds of small ops per layer) runs on
+    one thread: at this size a second thread's synchronisation costs more than the op
+    (measured 25 ms against 15 µs per op on a busy 2-core machine); the block updates keep
+    every thread."""
+    Wt = w.detach().float().t().contiguous()  # [in, out]
     H = hessian.clone()
-    cols = W.shape[1]
+    cols = Wt.shape[0]
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    Wt[dead, :] = 0.0
     H.diagonal().add_(damp * torch.diag(H).mean())
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -110,40 +114,48 @@ def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, fmt: str, group_size: in
         from ..runtime.quant_cqil import quantize_weight
         return quantize_weight(w, fmt, group_size)
     bits = 8 if fmt == "int8" else 4
+    out = Wt.shape[1]
     if bits == 4:
         block = max(group_size, block // group_size * group_size)  # groups never straddle blocks
-        scales = torch.empty(W.shape[0], cols // group_size)
-        zeros = torch.empty_like(scales)
+        scales_t = torch.empty(cols // group_size, out)  # [groups, out], transposed at the end
+        zeros_t = torch.empty_like(scales_t)
     else:
-        scales, zeros = int8_scales(W), None
-    codes = torch.empty(W.shape, dtype=torch.int8 if bits == 8 else torch.uint8)
+        scales = int8_scales(w.detach().float())  # [out, 1]
+        s_row = scales[:, 0]
+    codes_t = torch.empty(cols, out, dtype=torch.int8 if bits == 8 else torch.uint8)
+    threads = torch.get_num_threads()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [b, out]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if bits == 4 and col % group_size == 0:  # the group's range as updated so far
-                g = col // group_size
-                s, z = int4_params(W1[:, i: i + group_size], group_size)
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            if bits == 4:
-                g = col // group_size
-                s_col, z_col = scales[:, g: g + 1], zeros[:, g: g + 1]
-                q = codes_for(W1[:, i: i + 1], 4, s_col, z_col, 1)
-                deq = dequantize_codes(q, 4, s_col, z_col, 1)[:, 0]
-            else:
-                q = codes_for(W1[:, i: i + 1], 8, scales, None, None)
-                deq = dequantize_codes(q, 8, scales, None, None)[:, 0]
-            codes[:, col] = q[:, 0]
-            err = (W1[:, i] - deq) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        torch.set_num_threads(1)
+        try:
+            for i in range(i2 - i1):
+                col = i1 + i
+                if bits == 4:
+                    g = col // group_size
+                    if col % group_size == 0:  # the group's range as updated so far
+                        s, z = int4_params(W1[i: i + group_size].t(), group_size)
+                        scales_t[g], zeros_t[g] = s[:, 0], z[:, 0]
+                    s_col, z_col = scales_t[g], zeros_t[g]
+                    q = torch.clamp(torch.round((W1[i] - z_col) / s_col) + 8, 0, 15)
+                    deq = (q - 8.0) * s_col + z_col  # dequantize_codes' arithmetic, one column
+                else:
+                    q = torch.clamp(torch.round(W1[i] / s_row), -127, 127)
+                    deq = q * s_row
+                codes_t[col] = q.to(codes_t.dtype)
+                err = (W1[i] - deq) / Hinv1[i, i]
+                W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+                Err1[i] = err
+        finally:
+            torch.set_num_threads(threads)
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+    codes = codes_t.t().contiguous()
     if bits == 8:
         return {"qweight": codes, "scales": scales}
-    return {"qweight": pack_int4(codes), "scales": scales, "zeros": zeros}
+    return {"qweight": pack_int4(codes), "scales": scales_t.t().contiguous(),
+            "zeros": zeros_t.t().contiguous()}
 
 
 def quantize_model(model, scheme: WeightScheme, calib_ids: torch.Tensor | None = None,
