@@ -80,7 +80,8 @@ class ConvertOptions:
                        section=WHAT)
     # How many steps: one of budget / speedup / steps / groups / start+end.
     budget: float | None = option(
-        None, "Decode latency as a fraction of the original's on the --engine (whole model). "
+        None, "Decode latency as a fraction of the original's on the --engine (whole model; "
+        "with --weights on the fused engine, the original quantized alike). "
         f"Default when nothing else is given: {DEFAULT_BUDGET}.", min=0, max=1, min_open=True,
         section=GROUP, kind=float)
     speedup: float | None = option(None, "Decode speed-up instead of --budget (1/budget).",
