@@ -139,7 +139,11 @@ def entry_json(entry: Entry) -> dict:
     groups = getattr(config, "groups", None) if converted else None
     skipped = list(getattr(config, "skip_layers", None) or []) if converted else []
     model = entry.runner.model
-    params = sum(p.numel() for p in model.parameters())
+    from ..runtime.quant_cqil import quantized_linears
+
+    # the weights a quantized linear stands for are buffers (its codes): counted as parameters
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in quantized_linears(model))
     # parameters and buffers (a quantized folder's codes and scales are buffers), each once
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -50,7 +50,7 @@ def collect_hessians(model, targets: dict[str, nn.Linear], calib_ids: torch.Tens
     """H = sum of x^T x [in, in] (fp32) over every calibration token each target layer sees.
 
     Layers reading the same input (q, k and v; gate and up) share one matrix: the hook keys it by
-    the input tensor, so a 1B model holds about three per layer instead of seven."""
+    the input tensor, so a model holds four per layer (q/k/v, o, gate/up, down) instead of seven."""
     sums: dict[str, torch.Tensor] = {}
     # id(input) -> (the input, the layer that recorded it); holding the input keeps its memory
     # from being reused by a later activation within the batch (ids stay unique)
@@ -162,7 +162,8 @@ def quantize_model(model, scheme: WeightScheme, calib_ids: torch.Tensor | None =
                    on_layer=None, on_batch=None) -> dict:
     """Quantize model's linears in place (scheme.method: gptq needs calib_ids) and mark its
     config (weights; an untied head when the head is quantized: the embedding stays dense).
-    Returns {seconds, layers, bytes_before, bytes_after}."""
+    Returns {seconds, layers, linear_bytes_before (weights), linear_bytes_after (codes, scales,
+    zeros and biases)}."""
     started = time.perf_counter()
     targets = linear_targets(model, scheme)
     dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in targets.values())

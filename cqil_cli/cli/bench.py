@@ -72,7 +72,7 @@ def bench(state: shared.State, models, baseline, device, dtype, trust_remote_cod
     if len(set(dtypes)) != len(dtypes):
         raise CqilError(f"--dtype {dtype}: a dtype is named twice")
     if len(dtypes) > 1 and devices > 1:
-        raise CqilError("--devices times one dtype: give --dtype a single value")
+        raise CqilError("--ranks W times the models in one dtype: give --dtype a single value")
     models = list(models)
     baseline_spec, source = resolve_baseline(models, baseline)
     ranks_on = "cpu"

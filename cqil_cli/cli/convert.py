@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..convert.options import GROUP, OUTPUT, TUNE, WHAT, ConvertOptions
+from ..convert.options import GROUP, OUTPUT, TUNE, WEIGHTS, WHAT, ConvertOptions
 from .declare import SectionedCommand, build, dataclass_options, global_flags
 from .options import (
     WHERE,
@@ -19,7 +19,7 @@ from .options import (
 )
 
 
-@click.command(cls=SectionedCommand, sections=(WHAT, GROUP, TUNE, WHERE, OUTPUT))
+@click.command(cls=SectionedCommand, sections=(WHAT, GROUP, TUNE, WEIGHTS, WHERE, OUTPUT))
 @click.argument("model")
 @dataclass_options(ConvertOptions)
 @encoding_option(section=WHAT)

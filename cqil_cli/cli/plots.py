@@ -100,18 +100,19 @@ def tradeoff_chart(report: BenchReport, path: Path) -> None:
                    color=color, edgecolors="black", linewidths=0.6, zorder=3)
         seen_engines.add(engine)
         points.append((x, y))
-        if strategy in strategy_colors:
-            by_strategy.setdefault(strategy, []).append((x, y))
+        if strategy in strategy_colors:  # one line per strategy and format
+            by_strategy.setdefault((strategy, weights_format(row)), []).append((x, y))
         short = label if len(label) <= 40 else "…" + label[-39:]
         ax.annotate(short, (x, y), textcoords="offset points", xytext=(6, 6 + 10 * (i % 2)),
                     fontsize=8)
     handles = []
     from matplotlib.lines import Line2D
 
-    for strategy, pts in sorted(by_strategy.items()):
+    for (strategy, _fmt), pts in sorted(by_strategy.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=strategy_colors[strategy],
                 linewidth=1.2, zorder=2)
+    for strategy in sorted({s for s, _ in by_strategy}):
         handles.append(Line2D([], [], color=strategy_colors[strategy], marker="o",
                               markeredgecolor="black", label=strategy))
     front = pareto_front(points)
