@@ -240,3 +240,21 @@ def test_the_pinned_build_in_the_cache_is_found_first(monkeypatch, tmp_path):
     assert llamacpp.find_build(None, tmp_path, "0.3.36") == pinned
     assert llamacpp.find_build(str(other), tmp_path / "elsewhere") == other  # --llama-cpp wins
     assert llamacpp.source_version(pinned) == "0.3.36"
+
+
+def test_a_folder_in_a_chosen_dtype(monkeypatch, tmp_path, capsys):
+    """--with-cqil FOLDER@DTYPE loads that folder in that dtype (the same folder may come twice);
+    an unknown dtype is one line."""
+    bin_dir = fake_build(tmp_path / "bin")
+    loads = []
+
+    def fake_load(spec, dtype=None):
+        loads.append((spec, dtype))
+        raise CqilError("stop here")
+
+    monkeypatch.setattr(llamacpp, "load_cqil", fake_load)
+    assert llamacpp.main(["--llama-cpp", str(bin_dir), "--with-cqil", "o4@bf16"]) == 2
+    assert loads == [("o4", "bf16")]
+    assert llamacpp.main(["--llama-cpp", str(bin_dir), "--with-cqil", "o4@int3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dtype 'int3'" in err and "Traceback" not in err

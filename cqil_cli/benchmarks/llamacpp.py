@@ -2,7 +2,7 @@
 
     python -m cqil_cli.benchmarks.llamacpp [--llama-cpp BIN_DIR | --build] [-r REPEATS]
         [--threads N] [--formats Q4_1,Q8_0,F16,F32] [--no-prefill] [--cache DIR]
-        [--with-cqil FOLDER [FOLDER ...]] [--dtype DTYPE] [--baseline FORMAT] [--json FILE]
+        [--with-cqil FOLDER[@DTYPE] [...]] [--dtype DTYPE] [--baseline FORMAT] [--json FILE]
 
 llama.cpp: the build in --llama-cpp BIN_DIR (a folder holding llama-bench and llama-quantize),
 else one built earlier in the cache (--cache, default $CQIL_HOME/llamacpp), else one on PATH;
@@ -20,7 +20,7 @@ the usable cores; torch's too). llama.cpp: `llama-bench -p 0 -n NEW_TOKENS -d PR
 -o json` (-d fills the context before the timed generation), decode ms/token = 1000 / avg_ts,
 the run's mean; prefill: `-p PROMPT_LEN -n 0`, ms = 1000 * PROMPT_LEN / avg_ts. cqil, for each
 --with-cqil folder (loaded as `cqil bench` loads it, inputs/models.load_model, in its own dtype
-or --dtype): FastGenerator timed by runtime.time_fastgen, decode = the median per-token time of
+or --dtype, or the DTYPE of FOLDER@DTYPE): FastGenerator timed by runtime.time_fastgen, decode = the median per-token time of
 a run, prefill = prompt forward + first token. Runs are interleaved (one of every llama.cpp
 format and every folder per repeat; cqil after one warm-up run, llama-bench warms up itself),
 and the medians over repeats are reported. Each folder is divided by the llama.cpp format of its
@@ -383,7 +383,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help=f"llama.cpp formats, comma-separated (default {','.join(FORMATS)})")
     parser.add_argument("--no-prefill", action="store_true", help="time llama.cpp's decode only")
-    parser.add_argument("--with-cqil", nargs="+", default=[], metavar="FOLDER",
+    parser.add_argument("--with-cqil", nargs="+", default=[], metavar="FOLDER[@DTYPE]",
                         help="cqil-converted folders (or any model spec) timed on cqil's fast path in the same run")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="the dtype --with-cqil folders run in (default: each its own; a "
@@ -418,12 +418,17 @@ def run(args: argparse.Namespace) -> dict:
     print(f"llama.cpp: {bin_dir}", file=sys.stderr, flush=True)
     import torch
 
+    from ..inputs.models import DTYPES
+
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     weights, dtypes, gens = {}, {}, {}
-    for spec in args.with_cqil:
+    for spec in args.with_cqil:  # FOLDER or FOLDER@DTYPE (the same folder in two dtypes)
+        path, _, own = spec.partition("@")
+        if own and own not in DTYPES:
+            raise CqilError(f"--with-cqil {spec}: unknown dtype '{own}' (float32, bfloat16, float16)")
         print(f"cqil: loading {spec}", file=sys.stderr, flush=True)
-        weights[spec], dtypes[spec], gens[spec] = load_cqil(spec, args.dtype)
+        weights[spec], dtypes[spec], gens[spec] = load_cqil(path, own or args.dtype)
     formats = list(args.formats)
     for spec in gens:  # a folder's llama.cpp format is timed even when --formats leaves it out
         fmt = paired_format(weights[spec], args.baseline)
