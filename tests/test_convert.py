@@ -278,7 +278,8 @@ def test_weights_int4_gptq_and_a_converted_folder_quantized_as_it_is(llama_folde
 
     opts = conv.ConvertOptions(out=tmp_path / "q4", groups="1-2", bypass=1, tune_steps=0,
                                tune_minutes=None, calib=str(long_text), eval=str(long_text),
-                               weights="int4", weight_group_size=32, weight_windows=4)
+                               weights="int4", weight_group_size=32, weight_windows=4,
+                               weight_method="gptq")
     manifest = conv.run_convert(str(llama_folder), opts, {"device": "cpu"}, conv.Callbacks())
     w = manifest.weights
     assert (w["format"], w["group_size"], w["method"], w["head"], w["windows"]) == ("int4", 32, "gptq", "int8", 4)
@@ -291,10 +292,12 @@ def test_weights_int4_gptq_and_a_converted_folder_quantized_as_it_is(llama_folde
     with torch.no_grad():
         assert loaded.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
-    opts = conv.ConvertOptions(out=tmp_path / "c8", weights="int8", weight_method="rtn",
-                               calib=str(long_text), eval=str(long_text))
+    opts = conv.ConvertOptions(out=tmp_path / "c8", weights="int8", weight_method="local",
+                               weight_minutes=0.05, weight_windows=4, calib=str(long_text),
+                               eval=str(long_text))
     again = conv.run_convert(str(converted), opts, {"device": "cpu"}, conv.Callbacks())
     assert again.steps == read_manifest(converted).steps and again.weights["format"] == "int8"
+    assert again.weights["method"] == "local" and again.weights["local"]["windows"] <= 4
     opts = conv.ConvertOptions(out=tmp_path / "twice", weights="int8", calib=str(long_text),
                                eval=str(long_text))
     with pytest.raises(CqilError, match="already quantized"):

@@ -113,3 +113,26 @@ def test_fastgen_layer_skipping_equals_generate():
     want = greedy_generate(model, ids, mask, 12)
     got = FastGenerator(model).generate(ids, mask, max_new_tokens=12).tokens
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_compiled_decode_is_one_graph_and_equals_eager(weights):
+    """compile=True: the decode step compiles without a graph break (a break made torch.compile
+    give up on the rest of the step, which then ran eagerly) and gives the eager greedy tokens,
+    for a grouped model dense and with int4 weights."""
+    model = build_cqil_model(tiny("llama-gqa"), "1-2,3-4", 1)
+    randomise_bypass(model, low=0.6, high=1.2)
+    if weights:
+        from cqil_cli.calibrate.quantize import quantize_model
+        from cqil_cli.runtime.quant_cqil import WeightScheme
+
+        quantize_model(model, WeightScheme(weights, 32))
+    model.eval()
+    ids, mask = padded_batch()
+    want = FastGenerator(model).generate(ids, attention_mask=mask, max_new_tokens=6).tokens
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    got = FastGenerator(model, compile=True).generate(ids, attention_mask=mask, max_new_tokens=6).tokens
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(got, want)

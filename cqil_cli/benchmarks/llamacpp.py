@@ -21,7 +21,7 @@ the usable cores; torch's too). llama.cpp: `llama-bench -p 0 -n NEW_TOKENS -d PR
 the run's mean; prefill: `-p PROMPT_LEN -n 0`, ms = 1000 * PROMPT_LEN / avg_ts. cqil, for each
 --with-cqil folder (loaded as `cqil bench` loads it, inputs/models.load_model, in its own dtype
 or --dtype, or the DTYPE of FOLDER@DTYPE): FastGenerator timed by runtime.time_fastgen, decode = the median per-token time of
-a run, prefill = prompt forward + first token. Runs are interleaved (one of every llama.cpp
+a run (--compile: its decode step under torch.compile), prefill = prompt forward + first token. Runs are interleaved (one of every llama.cpp
 format and every folder per repeat; cqil after one warm-up run, llama-bench warms up itself),
 and the medians over repeats are reported. Each folder is divided by the llama.cpp format of its
 weights (PAIRS: int4 -> Q4_1, int8 -> Q8_0, bf16 -> F16, fp32 -> F32; --baseline FORMAT for all).
@@ -276,10 +276,11 @@ def paired_format(weights: str, baseline: str | None = None) -> str:
     return PAIRS[weights]
 
 
-def load_cqil(spec: str, dtype: str | None = None):
+def load_cqil(spec: str, dtype: str | None = None, compile: bool = False):
     """(weight format, dtype, FastGenerator) of a model spec, loaded as `cqil bench` loads one
     (inputs/models.load_model), in `dtype` or else its own (a quantized folder: the dtype of its
-    other tensors; its linears stay int8/int4). A dense model's format is the dtype it runs in."""
+    other tensors; its linears stay int8/int4). A dense model's format is the dtype it runs in.
+    compile: its decode step under torch.compile (compiled in the warm-up run)."""
     from ..inputs.models import DTYPES, load_model, peek_config
     from ..runtime.fastgen import FastGenerator
 
@@ -288,7 +289,7 @@ def load_cqil(spec: str, dtype: str | None = None):
     dtype = DTYPES.get(dtype, dtype) if dtype else (own if own in ("bfloat16", "float16") else "float32")
     weights = folder_format(raw) if raw and raw.get("weights") else dtype
     loaded = load_model(spec, device="cpu", dtype=dtype)
-    return weights, dtype, FastGenerator(loaded.model)
+    return weights, dtype, FastGenerator(loaded.model, compile=compile)
 
 
 # ------------------------------------------------------------------ the run
@@ -391,6 +392,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline", default=None, choices=FORMATS,
                         help="the llama.cpp format every --with-cqil folder is divided by "
                              "(default: by its weights, int4 Q4_1, int8 Q8_0, bf16 F16, fp32 F32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the --with-cqil folders' decode step under torch.compile "
+                             "(compiled during their warm-up run)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -428,7 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         if own and own not in DTYPES:
             raise CqilError(f"--with-cqil {spec}: unknown dtype '{own}' (float32, bfloat16, float16)")
         print(f"cqil: loading {spec}", file=sys.stderr, flush=True)
-        weights[spec], dtypes[spec], gens[spec] = load_cqil(path, own or args.dtype)
+        weights[spec], dtypes[spec], gens[spec] = load_cqil(path, own or args.dtype, args.compile)
     formats = list(args.formats)
     for spec in gens:  # a folder's llama.cpp format is timed even when --formats leaves it out
         fmt = paired_format(weights[spec], args.baseline)
@@ -441,7 +445,7 @@ def run(args: argparse.Namespace) -> dict:
     for spec, row in cqil_results.items():
         row["dtype"] = dtypes[spec]
     return {"machine": cpu_name(), "threads": threads, "torch": torch.__version__,
-            "repeats": args.repeats, "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+            "repeats": args.repeats, "compile": args.compile, "prompt_tokens": PROMPT_LEN, "new_tokens": NEW_TOKENS,
             "llama_cpp": version, "llama_cpp_results": llama_results, "cqil_results": cqil_results}
 
 

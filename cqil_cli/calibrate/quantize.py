@@ -29,7 +29,7 @@ from ..runtime.quant_cqil import (
     swap_linears,
 )
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "local", "rtn")  # local: calibrate/quantize_local.py
 GPTQ_BLOCK = 128  # columns updated together (lazy batch updates); a multiple of every group size used
 GPTQ_DAMP = 0.01  # H += 1% of its mean diagonal: keeps H^-1 stable for rarely-active inputs
 

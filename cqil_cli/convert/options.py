@@ -36,7 +36,7 @@ ENGINES = ("fused", "distributed")  # what a --budget is measured on (docs/conve
 SENSITIVITY_SAMPLE_TOKENS = 128  # convert's own sensitivity windows: analyze's --seq-len default
 
 WEIGHT_FORMATS = ("int8", "int4")  # runtime/quant_cqil.py FORMATS (torch-free here)
-WEIGHT_METHODS = ("gptq", "rtn")  # calibrate/quantize.py METHODS
+WEIGHT_METHODS = ("gptq", "local", "rtn")  # calibrate/quantize.py METHODS
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel runs (others: the reference)
 
 WHAT, GROUP, TUNE, WEIGHTS, OUTPUT = ("What to convert", "How to group", "How to tune",
@@ -156,12 +156,20 @@ class ConvertOptions:
         32, "int4: input columns per scale and zero (32, 64, 128 or 256 run the fast CPU "
         "kernel; it must divide every layer's input width).", metavar="G", min=2,
         section=WEIGHTS)
-    weight_method: str = option(
-        "gptq", "How the codes are chosen: gptq (each column's rounding error spread over the "
-        "columns not yet rounded, using the calibration windows' statistics) or rtn (round to "
-        "nearest).", choices=WEIGHT_METHODS, section=WEIGHTS)
-    weight_windows: int = option(
-        64, "Calibration windows GPTQ reads, at most.", metavar="N", min=1, section=WEIGHTS)
+    weight_method: str | None = option(
+        None, "How the codes are chosen (default: local for int4, gptq for int8, each the one "
+        "that recovered most on the default model): local (every step's weights trained on the "
+        "calibration windows with the rounding in the loop, straight-through, for "
+        "--weight-minutes, then rounded to nearest: what is trained is what is stored), gptq "
+        "(each column's rounding error spread over the columns not yet rounded, using the "
+        "calibration windows' statistics) or rtn (round to nearest, no calibration).",
+        choices=WEIGHT_METHODS, section=WEIGHTS, kind=str)
+    weight_windows: int | None = option(
+        None, "Calibration windows the method reads, at most (default: local 16, gptq 64).",
+        metavar="N", min=1, section=WEIGHTS, kind=int)
+    weight_minutes: float = option(
+        1.5, "local: minutes of training, caching included.", metavar="M", min=0,
+        min_open=True, section=WEIGHTS)
     force: bool = option(False, "Replace a non-empty --out folder.", section=OUTPUT)
     calib_samples: int = 8  # sensitivity samples when no --analysis is given
     candidates: int = 4  # best partitions re-measured whole

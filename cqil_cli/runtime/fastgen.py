@@ -116,6 +116,7 @@ class FastGenerator:
         self._graph_logits: torch.Tensor | None = None
         self._cache: StaticKVCache | None = None
         self._tables: dict | None = None  # layer type -> RoPE tables (cos, sin) [max_len, 1, r]
+        self._one_rope = True  # sliding layers use the full layers' tables
         self._lm_w, self._lm_key = None, None
 
     # -- pieces of one forward
@@ -140,7 +141,8 @@ class FastGenerator:
             full = self._tables[FULL]
             out = {FULL: (full[0][positions], full[1][positions])}
             local = self._tables[SLIDING]
-            out[SLIDING] = out[FULL] if local is full else (local[0][positions], local[1][positions])
+            # a plain bool (torch.compile cannot trace `is` between tuples: it fell back to eager)
+            out[SLIDING] = out[FULL] if self._one_rope else (local[0][positions], local[1][positions])
             return out
         dummy = torch.empty(1, dtype=dtype, device=positions.device)
         ropes = rope_by_type(rotaries_of(self.model.model), dummy, positions)
@@ -251,6 +253,7 @@ class FastGenerator:
                 or self._cache.k[0].dtype != dtype or self._cache.k[0].device != device:
             self._cache = StaticKVCache(model, B, max_len, dtype, device)
             self._tables = self._rope(max_len, device, dtype)
+            self._one_rope = self._tables is not None and self._tables[SLIDING] is self._tables[FULL]
             # Decode inputs, preallocated and updated in place (a CUDA graph reads these addresses).
             self._tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] current token
             self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1] its RoPE position
@@ -297,6 +300,12 @@ class FastGenerator:
         decode = self._decode
         if self.compile:
             if self._decode_fn is None:
+                # every generator's _decode is one code object to dynamo: each model (and batch
+                # size, or length) is a recompilation of it, and past the limit (8) it would
+                # silently run eagerly
+                limit = torch._dynamo.config
+                limit.recompile_limit = max(limit.recompile_limit, 64)
+                limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 512)
                 self._decode_fn = torch.compile(self._decode, dynamic=False)
             decode = self._decode_fn
         use_graph = self.cuda_graph if self.cuda_graph is not None else device.type == "cuda"

@@ -45,7 +45,7 @@ class WeightScheme:
 
     format: int8 | int4 for the layers' linears; head: the lm_head's format (int8, or None to
     keep it dense); group_size: int4's input columns per scale; method: how the codes were
-    chosen (rtn: round to nearest; gptq), recorded for people, not needed to load.
+    chosen (rtn: round to nearest; gptq; local: trained through the rounding), recorded for people, not needed to load.
     """
 
     format: str
