@@ -33,8 +33,8 @@ from torch.nn.utils import parametrize
 from ..runtime.quant_cqil import WeightScheme, codes_for, dequantize_codes, int4_params, int8_scales
 from .blocks import Block, Blocks
 from .options import LocalOptions
-from .reconstruct import reconstruct
 from .quantize import quantize_model
+from .reconstruct import reconstruct
 
 LOCAL_LR = 5e-4  # AdamW's step on the dense weights. Measured on the default model's 24-step
 # folder, int4, 16 windows, 1.5 min: 1e-4 +1.93 % held-out (few steps on 64 windows), 5e-4 +0.77 %,

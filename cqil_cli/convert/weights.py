@@ -17,7 +17,6 @@ import dataclasses
 from ..core.errors import CqilError
 from ..runtime.manifest import Manifest, read_manifest
 
-
 # calibration windows per method, when --weight-windows is not given: measured on the default
 # model (docs/quality.md, 2026-12-05): local trains ~20x more steps in its minutes on 16 windows
 # than on 64 and recovers more; GPTQ's Hessians want many tokens
