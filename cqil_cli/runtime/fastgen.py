@@ -162,9 +162,10 @@ class FastGenerator:
         w = head.weight
         if self._lm_key != (w.data_ptr(), w._version, w.dtype):
             with torch.no_grad():
-                if not FusedLinear.packs(w):
+                if self.compile or not FusedLinear.packs(w):
                     pack_members([[w]])  # re-points w.data: the old storage is freed
-                self._lm_w, self._lm_key = FusedLinear(w), (w.data_ptr(), w._version, w.dtype)
+                self._lm_w = FusedLinear(w, prepack=not self.compile)
+                self._lm_key = (w.data_ptr(), w._version, w.dtype)
         return self._lm_w
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -262,7 +263,7 @@ class FastGenerator:
                                for kind in sorted(set(cfg.layer_types))}  # additive masks
             self._decode_fn = None  # shapes changed: a compiled step would recompile
             self._graph = None
-        self._steps = model.model.fused_steps()
+        self._steps = model.model.fused_steps(prepack=not self.compile)
         # Unified Layer Skipping: the prompt runs through every step, decoding skips these.
         skipped = set(cfg.skip_layers or [])
         self._decode_steps = [(s, step, [cfg.layer_types[i] for i in cfg.groups[s]])

@@ -175,8 +175,10 @@ class FusedLinear:
     def packs(w: torch.Tensor) -> bool:
         return w.device.type == "cpu" and w.dtype == torch.bfloat16 and _packed_bf16_available()
 
-    def __init__(self, w_out_in: torch.Tensor, bias: torch.Tensor | None = None):
-        self.packed = self.packs(w_out_in)
+    def __init__(self, w_out_in: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = True):
+        # prepack False: dense even where oneDNN would pack (torch.compile cannot trace the
+        # packed weight, an opaque oneDNN tensor; inductor packs bf16 linears itself)
+        self.packed = prepack and self.packs(w_out_in)
         if self.packed:
             self.w = torch.ops.mkldnn._reorder_linear_weight(w_out_in.contiguous(), 1)
         else:
@@ -269,7 +271,7 @@ class MemberLinear:
         else:
             self.each = None
             self.w = pack_members(blocks)  # [P, in, out]
-        self.single = (self.each[0] if prepacked else FusedLinear(self.w[0].t(), biases[0])) \
+        self.single = (self.each[0] if prepacked else FusedLinear(self.w[0].t(), biases[0], prepack=False)) \
             if len(blocks) == 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +304,7 @@ class FusedStep:
     CqilModel.fused_steps does after any parameter changed.
     """
 
-    def __init__(self, layers, config):
+    def __init__(self, layers, config, prepack: bool = True):
         L = layers
         self.P = P = len(L)
         self.H, self.G, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -325,7 +327,7 @@ class FusedStep:
             return (g if self.fp32_gains else g.to(dtype))[:, None, :].contiguous()
 
         quantized = is_quantized(att[0].o_proj)
-        prepacked = not quantized and FusedLinear.packs(att[0].o_proj.weight)
+        prepacked = prepack and not quantized and FusedLinear.packs(att[0].o_proj.weight)
         self.batched = not (prepacked or quantized)  # one bmm over the members; False: P calls
         if quantized:  # one kernel per member and matrix, over its stacked q/k/v (gate/up) rows
             # (measured: one call over all members' rows with P input rows is slower than P
