@@ -68,6 +68,7 @@ def test_options_and_defaults():
     args = llamacpp.parse_args([])
     assert args.formats == list(llamacpp.FORMATS) and args.repeats == 5
     assert args.llama_cpp is None and not args.build and args.with_cqil == [] and args.baseline is None
+    assert not args.compile and llamacpp.parse_args(["--compile"]).compile
     args = llamacpp.parse_args(["-r", "3", "--formats", "F32,Q4_1", "--with-cqil", "a", "b",
                                 "--baseline", "Q8_0", "--threads", "1", "--json", "out.json"])
     assert (args.repeats, args.formats, args.with_cqil, args.baseline, args.threads, args.json) == \
@@ -248,13 +249,14 @@ def test_a_folder_in_a_chosen_dtype(monkeypatch, tmp_path, capsys):
     bin_dir = fake_build(tmp_path / "bin")
     loads = []
 
-    def fake_load(spec, dtype=None):
+    def fake_load(spec, dtype=None, compile=False):
         loads.append((spec, dtype))
+        assert compile is False
         raise CqilError("stop here")
 
     monkeypatch.setattr(llamacpp, "load_cqil", fake_load)
     assert llamacpp.main(["--llama-cpp", str(bin_dir), "--with-cqil", "o4@bf16"]) == 2
-    assert loads == [("o4", "bf16")]
+    assert loads == [("o4", "bf16")]  # --compile is passed on (default False)
     assert llamacpp.main(["--llama-cpp", str(bin_dir), "--with-cqil", "o4@int3"]) == 2
     err = capsys.readouterr().err
     assert "unknown dtype 'int3'" in err and "Traceback" not in err
