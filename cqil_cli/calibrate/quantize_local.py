@@ -23,6 +23,7 @@ bypass weights β, γ train with the block and stay dense. The head is rounded t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..runtime.quant_cqil import WeightScheme, codes_for, dequantize_codes, int4_params, int8_scales
+from ..runtime.quant_cqil import WeightScheme, dequantize_codes, round_to_nearest
 from .blocks import Block, Blocks
 from .options import LocalOptions
 from .quantize import quantize_model
@@ -74,11 +75,8 @@ class RoundTrip(nn.Module):
 def rounded(w: torch.Tensor, fmt: str, group_size: int | None) -> torch.Tensor:
     """Q(w) for w [out, in]: round to nearest in fmt, dequantized to w's dtype (exactly what
     QuantLinear.dequantize gives for quantize_weight's tensors)."""
-    if fmt == "int8":
-        s = int8_scales(w)
-        return dequantize_codes(codes_for(w, 8, s, None, None), 8, s, None, None, w.dtype)
-    s, z = int4_params(w, group_size)
-    return dequantize_codes(codes_for(w, 4, s, z, group_size), 4, s, z, group_size, w.dtype)
+    q, s, z = round_to_nearest(w, fmt, group_size)
+    return dequantize_codes(q, 8 if fmt == "int8" else 4, s, z, group_size, w.dtype)
 
 
 def _layer_linears(model) -> list[nn.Linear]:
@@ -138,7 +136,7 @@ def quantize_local(model, scheme: WeightScheme, calib_ids: torch.Tensor, minutes
     if result.saved is not None:
         result.saved.close()  # the stage is kept: its undo is not needed
         result.saved = None
-    record = quantize_model(model, WeightScheme(scheme.format, scheme.group_size, scheme.head, "rtn"))
+    record = quantize_model(model, dataclasses.replace(scheme, method="rtn"))
     model.config.weights = {**scheme.to_json(), "method": "local"}  # how the codes were chosen
     record["local"] = {"steps": result.steps, "seconds": round(result.seconds, 1), "windows": result.samples,
                        "nmse_start": _rounded(result.loss_start), "nmse_end": _rounded(result.loss_end)}

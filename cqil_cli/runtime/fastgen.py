@@ -304,9 +304,9 @@ class FastGenerator:
                 # every generator's _decode is one code object to dynamo: each model (and batch
                 # size, or length) is a recompilation of it, and past the limit (8) it would
                 # silently run eagerly
-                limit = torch._dynamo.config
-                limit.recompile_limit = max(limit.recompile_limit, 64)
-                limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 512)
+                dynamo = torch._dynamo.config
+                dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+                dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
                 self._decode_fn = torch.compile(self._decode, dynamic=False)
             decode = self._decode_fn
         use_graph = self.cuda_graph if self.cuda_graph is not None else device.type == "cuda"

@@ -45,7 +45,8 @@ class WeightScheme:
 
     format: int8 | int4 for the layers' linears; head: the lm_head's format (int8, or None to
     keep it dense); group_size: int4's input columns per scale; method: how the codes were
-    chosen (rtn: round to nearest; gptq; local: trained through the rounding), recorded for people, not needed to load.
+    chosen (rtn: round to nearest; gptq; local: trained through the rounding), recorded for
+    people, not needed to load.
     """
 
     format: str
@@ -134,15 +135,24 @@ def dequantize_codes(q: torch.Tensor, bits: int, scales: torch.Tensor, zeros: to
     return ((q.float() - 8.0) * s + z).to(dtype)
 
 
-def quantize_weight(w: torch.Tensor, fmt: str, group_size: int | None = None) -> dict:
-    """Round-to-nearest: w [out, in] -> the stored tensors {qweight, scales[, zeros]} (fp32 scales)."""
+def round_to_nearest(w: torch.Tensor, fmt: str, group_size: int | None = None) -> tuple:
+    """w [out, in] -> (codes [out, in]: int8, or int4's unpacked to uint8 0..15; scales; zeros
+    or None), round to nearest's choice (fp32 scales holding bf16 values)."""
     if fmt == "int8":
         s = int8_scales(w)
-        return {"qweight": codes_for(w, 8, s, None, None), "scales": s}
+        return codes_for(w, 8, s, None, None), s, None
     if w.shape[1] % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the {w.shape[1]} input columns")
     s, z = int4_params(w, group_size)
-    return {"qweight": pack_int4(codes_for(w, 4, s, z, group_size)), "scales": s, "zeros": z}
+    return codes_for(w, 4, s, z, group_size), s, z
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int | None = None) -> dict:
+    """Round-to-nearest: w [out, in] -> the stored tensors {qweight, scales[, zeros]} (fp32 scales)."""
+    q, s, z = round_to_nearest(w, fmt, group_size)
+    if fmt == "int8":
+        return {"qweight": q, "scales": s}
+    return {"qweight": pack_int4(q), "scales": s, "zeros": z}
 
 
 # ----------------------------------------------------------------------------- modules
@@ -379,4 +389,5 @@ def check_quantized(model: nn.Module, where: str) -> None:
 
 
 __all__ = ["FORMATS", "QuantKernel", "QuantLinear", "WeightScheme", "check_quantized", "dequantize_codes",
-           "is_quantized", "pack_int4", "quantize_weight", "quantized_linears", "swap_linears", "unpack_int4"]
+           "is_quantized", "pack_int4", "quantize_weight", "quantized_linears", "round_to_nearest",
+           "swap_linears", "unpack_int4"]
